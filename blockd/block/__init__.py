@@ -1,0 +1,1 @@
+"""The block layer: nodes, their drivers and the graph that links them."""

@@ -1,0 +1,158 @@
+"""The block driver interface: what every driver implements and nothing more.
+
+A driver gives one node its behaviour: a protocol driver (``file``) talks to the host, a
+format driver (``raw``, ``qcow2``) interprets its ``file`` child's bytes, a filter
+(``copy-on-read``, ``blkdebug``) shows its one child's data unchanged while acting on the
+requests that pass.
+
+Division of labour (mirrors the contract of QEMU's ``struct BlockDriver``):
+
+* :class:`~blockd.block.node.BlockNode` checks every request once before a driver sees
+  it: bounds against the node's length, read-only, the driver's alignment. A driver may
+  assume ``0 <= offset`` and ``offset + len <= length()`` for reads and writes of format
+  and filter nodes; protocol nodes may be written past their end (the file grows) and read
+  past it (the node fills with zeros).
+* Only :mod:`blockd.block.graph` opens, attaches or detaches children. A driver reaches
+  its children through ``self.node.file`` and ``self.node.backing`` (``BlockNode`` or
+  ``None``), calling the node's public methods, never another driver directly.
+* :meth:`block_status` answers for this node's own layer only; walking a backing chain
+  (``is_allocated_above``) is the graph's job.
+* I/O failures are raised as ``OSError`` with the errno (error policies depend on it);
+  broken image metadata as :class:`~blockd.errors.ImageError`.
+
+Buffers: reads fill a caller-provided ``memoryview`` so the copy path can reuse one large
+buffer; writes take any bytes-like object.
+"""
+
+from __future__ import annotations
+
+import enum
+from abc import ABC, abstractmethod
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar
+
+if TYPE_CHECKING:
+    from blockd.block.node import BlockNode
+
+
+class Status(enum.Flag):
+    """Block status flags of one layer, with QEMU's meaning (``BDRV_BLOCK_*``)."""
+
+    NONE = 0
+    #: reads return data (not necessarily non-zero) that this layer or the layers
+    #: below it store; without DATA and without ZERO the range is unallocated here
+    DATA = enum.auto()
+    #: reads return zeros
+    ZERO = enum.auto()
+    #: this layer decides the contents (data or a zero cluster that shadows the backing
+    #: file); the range is "allocated" in the sense of ``bdrv_is_allocated``
+    ALLOCATED = enum.auto()
+    #: ``offset_in_file`` below is valid: the bytes live at that offset of ``file_node``
+    OFFSET_VALID = enum.auto()
+
+
+@dataclass(frozen=True, slots=True)
+class BlockStatus:
+    """The status of the run ``[offset, offset + length)`` of one layer.
+
+    ``length`` is at least 1 and at most what was asked for; the whole run shares the
+    same status. When ``OFFSET_VALID`` is set, the run is stored contiguously in
+    ``file_node`` from ``offset_in_file`` on (the copy path uses this to copy file extents
+    directly).
+    """
+
+    status: Status
+    length: int
+    offset_in_file: int = 0
+    file_node: BlockNode | None = None
+
+    @property
+    def allocated(self) -> bool:
+        return Status.ALLOCATED in self.status
+
+
+class Driver(ABC):
+    """One node's behaviour. Subclasses set the class attributes and the methods below.
+
+    A driver instance is created by :meth:`open` for one node and lives as long as the
+    node is open. ``node.file``/``node.backing`` are attached before :meth:`open` runs,
+    except the backing of a format driver whose image header names it: the graph opens
+    that after :meth:`open`, from :meth:`header_backing`.
+    """
+
+    #: the QMP driver name, also ``drv`` in query-named-block-nodes
+    format_name: ClassVar[str]
+    #: set for protocol drivers (``file``): the node talks to the host directly
+    protocol_name: ClassVar[str | None] = None
+    #: filters forward reads and writes to their one child with the data unchanged
+    is_filter: ClassVar[bool] = False
+    #: format drivers that can have a ``backing`` child (qcow2)
+    supports_backing: ClassVar[bool] = False
+    #: the role name of the child a format or filter driver sits on
+    child_role: ClassVar[str] = "file"
+
+    def __init__(self, node: BlockNode) -> None:
+        self.node = node
+
+    @classmethod
+    @abstractmethod
+    async def open(cls, node: BlockNode, options: Mapping[str, Any]) -> Driver:
+        """Open the driver for ``node`` with the blockdev ``options`` of its driver.
+
+        Raises:
+            RequestError, ImageError, HostError: with QEMU's text; nothing was written.
+        """
+
+    @abstractmethod
+    def length(self) -> int:
+        """The node's size in bytes (virtual size for formats)."""
+
+    @property
+    def request_alignment(self) -> int:
+        """Requests are aligned to this many bytes (the node splits or pads for it)."""
+        return 1
+
+    @abstractmethod
+    async def read(self, offset: int, buf: memoryview) -> None:
+        """Fill ``buf`` with the node's contents at ``offset``."""
+
+    async def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
+        """Store ``data`` at ``offset``; stable only after :meth:`flush`."""
+        raise OSError(13, "Permission denied")  # EACCES: the driver cannot write
+
+    async def flush(self) -> None:
+        """Make every completed write stable on disk, in this node and its children."""
+
+    @abstractmethod
+    async def block_status(self, offset: int, length: int) -> BlockStatus:
+        """The status of this layer at ``offset`` for a run of at most ``length`` bytes."""
+
+    async def close(self) -> None:
+        """Write back cached metadata and release the node's resources."""
+
+    # -- image headers (format drivers only) ---------------------------------------
+
+    def header_backing(self) -> tuple[str, str | None] | None:
+        """The backing file name and format recorded in the image header, if any."""
+        return None
+
+    async def change_backing_file(self, backing_file: str | None, backing_fmt: str | None) -> None:
+        """Rewrite the header's backing file name and format (``None`` clears both).
+
+        Raises:
+            OSError: ``ENOTSUP`` when the format has no backing file, ``EINVAL`` or
+                ``ENOSPC`` when the name does not fit (QEMU's limits).
+        """
+        raise OSError(95, "Operation not supported")
+
+    def image_info(self) -> dict[str, Any]:
+        """Driver-specific members of ImageInfo (``cluster-size``, ``format-specific``,
+        ``dirty-flag``, ...) for query-named-block-nodes."""
+        return {}
+
+    @property
+    def filename(self) -> str:
+        """The node's filename as QEMU reports it (a plain path or a ``json:`` name)."""
+        child = self.node.file
+        return child.filename if child is not None else ""

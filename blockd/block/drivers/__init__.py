@@ -1,0 +1,1 @@
+"""Block drivers, one module each; ``DRIVERS`` maps QMP driver names to classes."""

@@ -1,0 +1,153 @@
+"""A node of the block graph: one driver instance plus its children and bookkeeping.
+
+Every request goes through the node's public methods, which do the checks QEMU's
+``block/io.c`` does once for all drivers: bounds, read-only, request alignment (unaligned
+requests are widened with read-modify-write), then call the driver.
+
+Bounds (as QEMU): format and filter nodes refuse requests past their length with
+``EINVAL``. Protocol nodes are different: a read past the end returns zeros and a write
+past the end grows the node, which is how format drivers append clusters to their file.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+from blockd.block.driver import BlockStatus, Driver, Status
+
+
+def _error(code: int) -> OSError:
+    return OSError(code, os.strerror(code))
+
+
+@dataclass(eq=False)
+class BlockNode:
+    """One node. ``driver`` is set by the graph right after the node is created.
+
+    Attributes:
+        name: the unique ``node-name`` (generated ``#blockNNN`` when not given).
+        options: the blockdev options it was opened with (wire names).
+        read_only: the node refuses writes.
+        children: attached children by role (``file``, ``backing``, ``image``).
+        parents: nodes that have this one as a child (by identity).
+        monitor_owned: created by a top-level ``blockdev-add`` or ``--blockdev``.
+        implicit_backing: the backing child was opened from the image header (not given
+            in ``backing``), which changes how ``base`` names are matched.
+        blockers: reasons operations on this node are refused (``"block device is in use
+            by block job: stream"``); empty when free.
+    """
+
+    name: str
+    options: dict[str, Any]
+    read_only: bool = False
+    driver: Driver = field(init=False)
+    children: dict[str, BlockNode] = field(default_factory=dict)
+    parents: list[BlockNode] = field(default_factory=list)
+    monitor_owned: bool = False
+    implicit_backing: bool = False
+    blockers: list[str] = field(default_factory=list)
+
+    # -- topology -------------------------------------------------------------------
+
+    @property
+    def file(self) -> BlockNode | None:
+        """The child the driver reads its data from (``file`` or ``image``)."""
+        return self.children.get(self.driver.child_role) if hasattr(self, "driver") else None
+
+    @property
+    def backing(self) -> BlockNode | None:
+        return self.children.get("backing")
+
+    @property
+    def drv(self) -> str:
+        return self.driver.format_name
+
+    @property
+    def is_filter(self) -> bool:
+        return self.driver.is_filter
+
+    @property
+    def is_protocol(self) -> bool:
+        return self.driver.protocol_name is not None
+
+    @property
+    def filename(self) -> str:
+        return self.driver.filename
+
+    @property
+    def filtered(self) -> BlockNode | None:
+        """The child whose data this node shows: the filtered child of a filter, the
+        backing (COW) child of a format node, else ``None``."""
+        return self.file if self.is_filter else self.backing
+
+    def skip_filters(self) -> BlockNode:
+        """This node, or the first non-filter node below it."""
+        node = self
+        while node.is_filter and node.file is not None:
+            node = node.file
+        return node
+
+    # -- I/O ------------------------------------------------------------------------
+
+    def length(self) -> int:
+        return self.driver.length()
+
+    def _check(self, offset: int, length: int, *, write: bool) -> None:
+        if offset < 0 or length < 0:
+            raise _error(errno.EINVAL)
+        if write and self.read_only:
+            raise _error(errno.EPERM)
+        if not self.is_protocol and offset + length > self.length():
+            raise _error(errno.EINVAL)
+
+    async def read(self, offset: int, buf: memoryview | bytearray) -> None:
+        """Fill ``buf`` with the contents at ``offset`` (zeros past a protocol node's end)."""
+        view = memoryview(buf).cast("B")
+        self._check(offset, len(view), write=False)
+        if not view:
+            return
+        align = self.driver.request_alignment
+        if offset % align or len(view) % align:
+            start = offset - offset % align
+            end = -(-(offset + len(view)) // align) * align
+            bounce = bytearray(end - start)
+            await self.driver.read(start, memoryview(bounce))
+            view[:] = bounce[offset - start : offset - start + len(view)]
+            return
+        await self.driver.read(offset, view)
+
+    async def pread(self, offset: int, length: int) -> bytes:
+        """Convenience: read ``length`` bytes into a new buffer."""
+        buf = bytearray(length)
+        await self.read(offset, buf)
+        return bytes(buf)
+
+    async def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
+        """Write ``data`` at ``offset``."""
+        view = memoryview(data).cast("B")
+        self._check(offset, len(view), write=True)
+        if not view:
+            return
+        align = self.driver.request_alignment
+        if offset % align or len(view) % align:
+            start = offset - offset % align
+            end = -(-(offset + len(view)) // align) * align
+            bounce = bytearray(end - start)
+            await self.driver.read(start, memoryview(bounce))
+            bounce[offset - start : offset - start + len(view)] = view
+            await self.driver.write(start, bounce)
+            return
+        await self.driver.write(offset, view)
+
+    async def flush(self) -> None:
+        await self.driver.flush()
+
+    async def block_status(self, offset: int, length: int) -> BlockStatus:
+        """This layer's status of ``[offset, offset + length)``, clamped to the node."""
+        size = self.length()
+        if offset >= size:
+            return BlockStatus(Status.NONE, 0)
+        return await self.driver.block_status(offset, min(length, size - offset))

@@ -1,0 +1,92 @@
+"""The error tree of blockd.
+
+Every error that reaches a QMP client is a :class:`QMPError`: it carries the QMP error
+class and the human-readable ``desc`` that the reply needs. Only the dispatcher turns one
+into ``{"error": {...}}``. The subclasses say whose fault the error is::
+
+    BlockdError
+    └── QMPError                 anything a client may see as {"error": ...}
+        ├── RequestError         the request is wrong (bad arguments, bad state)  GenericError
+        │   ├── CommandNotFound  unknown command, wrong negotiation mode         CommandNotFound
+        │   ├── DeviceNotFound   QEMU's DeviceNotFound (rare: not block-stream)   DeviceNotFound
+        │   └── DeviceNotActive  block-job-* on an unknown job                    DeviceNotActive
+        ├── PeerError            the peer's bytes are not a QMP message          GenericError
+        ├── ImageError           an image's contents are corrupt or unsupported  GenericError
+        └── HostError            the host failed us (I/O error, no space)        GenericError
+
+I/O failures inside the block layer stay ``OSError`` with their ``errno`` (the
+``on-error: enospc`` policy needs it); code that reports them to a client wraps them in
+:class:`HostError` ``from`` the original.
+"""
+
+from __future__ import annotations
+
+import errno as _errno
+import os
+from typing import ClassVar
+
+
+class BlockdError(Exception):
+    """Base class of every error blockd raises on purpose."""
+
+
+class QMPError(BlockdError):
+    """An error a QMP client may receive.
+
+    Args:
+        desc: the human-readable text sent as ``error.desc``; clients match on it, so it
+            follows QEMU's wording exactly where QEMU has one.
+    """
+
+    error_class: ClassVar[str] = "GenericError"
+
+    def __init__(self, desc: str) -> None:
+        super().__init__(desc)
+        self.desc = desc
+
+    def to_qmp(self) -> dict[str, str]:
+        """The ``error`` member of a QMP error reply."""
+        return {"class": self.error_class, "desc": self.desc}
+
+
+class RequestError(QMPError):
+    """The client asked for something invalid; nothing was changed."""
+
+
+class CommandNotFound(RequestError):
+    error_class = "CommandNotFound"
+
+
+class DeviceNotFound(RequestError):
+    error_class = "DeviceNotFound"
+
+
+class DeviceNotActive(RequestError):
+    error_class = "DeviceNotActive"
+
+
+class PeerError(QMPError):
+    """The bytes the peer sent are not a well-formed QMP message (JSON parse errors)."""
+
+
+class ImageError(QMPError):
+    """An image file is corrupt, truncated or uses a feature blockd does not support."""
+
+
+class HostError(QMPError):
+    """The host failed an operation: an ``OSError`` shown to a client.
+
+    Args:
+        desc: the text for the client; defaults to ``strerror(errno)``, as QEMU prints it.
+        errno: the errno value, kept for error policies.
+    """
+
+    def __init__(self, desc: str | None = None, *, errno: int = _errno.EIO) -> None:
+        super().__init__(desc if desc is not None else os.strerror(errno))
+        self.errno = errno
+
+    @classmethod
+    def from_oserror(cls, exc: OSError, prefix: str = "") -> HostError:
+        """Wrap ``exc``; ``prefix`` is put before its strerror text."""
+        code = exc.errno if exc.errno is not None else _errno.EIO
+        return cls(prefix + os.strerror(code), errno=code)

@@ -1,0 +1,1 @@
+"""Jobs: QEMU's job state machine, its policies, and the jobs blockd runs (stream)."""
