@@ -1,0 +1,150 @@
+"""``copy-on-read``: a filter that stores what it reads from below into its child.
+
+Reads through this filter return the ``file`` child's data, as any filter does; on the
+way, every range the child does not store itself (it is read from the child's backing
+chain) is written into the child. With ``bottom``, only ranges that some layer from the
+child's backing down to ``bottom`` (inclusive) stores are copied; data of the layers
+below ``bottom`` stays where it is. This is how ``block-stream`` copies (QEMU behaviour
+§4.4, §6.2; QEMU's ``block/copy-on-read.c`` and ``bdrv_co_do_copy_on_readv``).
+
+:meth:`CopyOnReadDriver.prefetch` does the copying without returning data: the stream
+job's read.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, ClassVar, Final
+
+from blockd.block import chain
+from blockd.block.driver import BlockStatus, Driver
+from blockd.block.node import BlockNode
+from blockd.errors import RequestError
+
+#: the largest piece copied in one read/write pair (bounds the bounce buffer)
+MAX_BOUNCE: Final = 1024 * 1024
+
+
+def _find_below(start: BlockNode, name: str) -> BlockNode | None:
+    node: BlockNode | None = start
+    while node is not None:
+        if node.name == name:
+            return node
+        node = node.filtered
+    return None
+
+
+class CopyOnReadDriver(Driver):
+    """The ``copy-on-read`` filter over its ``file`` child."""
+
+    format_name: ClassVar[str] = "copy-on-read"
+    is_filter: ClassVar[bool] = True
+
+    def __init__(self, node: BlockNode, bottom: BlockNode | None) -> None:
+        super().__init__(node)
+        #: the lowest layer whose data is copied; ``None`` = every layer
+        self.bottom = bottom
+
+    @classmethod
+    async def open(cls, node: BlockNode, options: Mapping[str, Any]) -> CopyOnReadDriver:
+        child = node.file
+        if child is None:
+            raise RequestError("Parameter 'file' is missing")
+        bottom: BlockNode | None = None
+        name = options.get("bottom")
+        if name is not None:
+            bottom = _find_below(child, str(name))
+            if bottom is None:
+                raise RequestError(f"Bottom node '{name}' not found")
+            if not hasattr(bottom, "driver"):
+                raise RequestError(f"Bottom node '{name}' not opened")
+            if bottom.is_filter:
+                raise RequestError(f"Bottom node '{name}' is a filter")
+        return cls(node, bottom)
+
+    @property
+    def _child(self) -> BlockNode:
+        child = self.node.file
+        assert child is not None
+        return child
+
+    def length(self) -> int:
+        return self._child.length()
+
+    @property
+    def request_alignment(self) -> int:
+        return self._child.driver.request_alignment
+
+    async def _copy_decision(self, offset: int, length: int) -> tuple[bool, int]:
+        """Whether to copy ``[offset, offset + n)``, and ``n``; ``n == 0`` means the
+        rest of the range lies past the end of a shorter backing chain."""
+        top = self._child
+        allocated, n = await chain.is_allocated(top, offset, length)
+        if allocated:
+            return False, n
+        if self.bottom is None:
+            return True, n
+        below = chain.backing_chain_next(top)
+        if below is None:
+            return False, n
+        try:
+            allocated, n = await chain.is_allocated_above(below, self.bottom, True, offset, n)
+        except OSError:
+            # Let the copying read report the error, as QEMU does.
+            return True, n
+        return allocated, n
+
+    async def _copy(self, offset: int, length: int, buf: memoryview | None) -> None:
+        """Read ``[offset, offset + length)`` through the child and store it there."""
+        top = self._child
+        bounce = buf if buf is not None else memoryview(bytearray(min(MAX_BOUNCE, length)))
+        done = 0
+        while done < length:
+            piece = min(len(bounce), length - done)
+            view = bounce[done : done + piece] if buf is not None else bounce[:piece]
+            await top.read(offset + done, view)
+            await top.write(offset + done, view)
+            done += piece
+
+    async def read(self, offset: int, buf: memoryview) -> None:
+        end = offset + len(buf)
+        pos = offset
+        while pos < end:
+            copy, n = await self._copy_decision(pos, end - pos)
+            if n == 0:
+                # Past the end of a shorter backing chain: nothing to copy.
+                await self._child.read(pos, buf[pos - offset :])
+                return
+            view = buf[pos - offset : pos - offset + n]
+            if copy:
+                await self._copy(pos, n, view)
+            else:
+                await self._child.read(pos, view)
+            pos += n
+
+    async def prefetch(self, offset: int, length: int) -> None:
+        """Copy what a read of ``[offset, offset + length)`` would copy; return nothing.
+
+        Raises:
+            OSError: a read or the copy's write failed (the range may be partly copied).
+        """
+        if offset < 0 or length < 0 or offset + length > self.length():
+            raise OSError(22, "Invalid argument")
+        end = offset + length
+        pos = offset
+        while pos < end:
+            copy, n = await self._copy_decision(pos, end - pos)
+            if n == 0:
+                return
+            if copy:
+                await self._copy(pos, n, None)
+            pos += n
+
+    async def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
+        await self._child.write(offset, data)
+
+    async def flush(self) -> None:
+        await self._child.flush()
+
+    async def block_status(self, offset: int, length: int) -> BlockStatus:
+        return await self._child.block_status(offset, length)
