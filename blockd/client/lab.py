@@ -1,0 +1,133 @@
+"""A scratch lab for examples and tests: a qcow2 chain made by qemu-img and a daemon.
+
+:func:`make_chain` builds ``base ← mid ← top`` with ``qemu-img``/``qemu-io`` so that each
+layer holds different data; :func:`running_daemon` starts blockd (or any
+qemu-storage-daemon binary, which takes the same options) with one QMP socket and stops it
+on exit. Both are synchronous and meant to run before or around an event loop.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+#: Seconds a daemon may take to create its socket.
+START_TIMEOUT = 15.0
+
+
+class LabError(RuntimeError):
+    """A tool or the daemon failed; the message includes its stderr."""
+
+
+def _run(*argv: str) -> str:
+    proc = subprocess.run(argv, capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        raise LabError(f"{' '.join(argv)} failed: {proc.stderr.strip() or proc.stdout.strip()}")
+    return proc.stdout
+
+
+def make_chain(directory: Path, size: str = "16M", *, qemu_img: str = "qemu-img") -> list[Path]:
+    """Create ``base.qcow2 ← mid.qcow2 ← top.qcow2`` in ``directory``; return them top first.
+
+    ``base`` is filled with byte 0x11 over its whole size, ``mid`` overwrites the second
+    quarter with 0x22, and ``top`` overwrites the first cluster with 0x33, so a stream has
+    data from every layer to copy and the result is easy to check with ``qemu-img compare``.
+    """
+    qemu_io = str(Path(qemu_img).with_name("qemu-io")) if os.sep in qemu_img else "qemu-io"
+    base, mid, top = (directory / f"{n}.qcow2" for n in ("base", "mid", "top"))
+    _run(qemu_img, "create", "-q", "-f", "qcow2", str(base), size)
+    _run(qemu_io, "-f", "qcow2", "-c", f"write -P 0x11 0 {size}", str(base))
+    _run(qemu_img, "create", "-q", "-f", "qcow2", "-b", base.name, "-F", "qcow2", str(mid))
+    virtual = int(json.loads(_run(qemu_img, "info", "--output=json", str(base)))["virtual-size"])
+    _run(qemu_io, "-f", "qcow2", "-c", f"write -P 0x22 {virtual // 4} {virtual // 4}", str(mid))
+    _run(qemu_img, "create", "-q", "-f", "qcow2", "-b", mid.name, "-F", "qcow2", str(top))
+    _run(qemu_io, "-f", "qcow2", "-c", "write -P 0x33 0 64k", str(top))
+    return [top, mid, base]
+
+
+def daemon_argv(program: str | None, socket_path: Path) -> list[str]:
+    """The command line that serves QMP on ``socket_path``.
+
+    ``program`` is ``None`` or ``"blockd"`` for this blockd (run with the current Python),
+    ``"qemu-storage-daemon"``, or a path to a qemu-storage-daemon binary.
+    """
+    if program in (None, "blockd"):
+        head = [sys.executable, "-m", "blockd"]
+    else:
+        found = shutil.which(program)
+        if found is None:
+            raise LabError(f"{program}: not found")
+        head = [found]
+    return [
+        *head,
+        "--chardev",
+        f"socket,id=mon0,path={socket_path},server=on,wait=off",
+        "--monitor",
+        "chardev=mon0",
+    ]
+
+
+@dataclass
+class DaemonProcess:
+    """A daemon started by :func:`running_daemon`; its stderr goes to ``log``."""
+
+    process: subprocess.Popen[bytes]
+    socket: Path
+    argv: Sequence[str]
+    log: Path
+
+
+def _wait_ready(proc: subprocess.Popen[bytes], path: Path, log: Path, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            err = log.read_text(errors="replace").strip()
+            raise LabError(f"daemon exited with status {proc.returncode}: {err}")
+        if path.exists():
+            probe = socket.socket(socket.AF_UNIX)
+            try:
+                probe.connect(str(path))
+                return
+            except OSError:
+                pass
+            finally:
+                probe.close()
+        time.sleep(0.02)
+    raise LabError(f"daemon did not open {path} within {timeout:g}s")
+
+
+@contextmanager
+def running_daemon(
+    directory: Path, program: str | None = None, *, extra: Sequence[str] = ()
+) -> Iterator[DaemonProcess]:
+    """Run a daemon serving QMP on ``directory/qmp.sock`` for the duration of the block.
+
+    Raises:
+        LabError: the daemon could not be started or did not open its socket.
+    """
+    path = directory / "qmp.sock"
+    log = directory / "daemon.log"
+    argv = [*daemon_argv(program, path), *extra]
+    with log.open("wb") as err:
+        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=err, stderr=err)
+    try:
+        _wait_ready(proc, path, log, START_TIMEOUT)
+        yield DaemonProcess(proc, path, argv, log)
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
