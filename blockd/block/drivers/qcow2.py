@@ -1,0 +1,597 @@
+"""The ``qcow2`` format driver: versions 2 and 3, reads and allocating writes.
+
+Theory of operation:
+
+* Open reads the header cluster, the active L1 table and the refcount table, and refuses
+  (``ImageError``, nothing written) anything it does not fully understand: see
+  :func:`~blockd.block.qcow2_format.validate_header` and :meth:`Qcow2Driver._check_tables`.
+* Guest requests are split per L2 table. Clusters whose L2 entry is a normal cluster with
+  the COPIED flag (refcount 1) are rewritten in place; every other cluster touched by a
+  write (unallocated, zero, compressed, or shared with an internal snapshot) gets a new
+  host cluster. All new clusters of one request and one L2 table are allocated as one
+  contiguous run and written with one file write; partial clusters at its ends are
+  completed from the old contents (copy-on-write from the old cluster or the backing node).
+* Metadata lives in write-back caches (L2 tables here, refcount blocks in
+  :class:`~blockd.block.qcow2_refcount.Refcounts`) and reaches the disk in QEMU's
+  dependency order: data and refcount increments, flush; L2 tables, flush; L1 entries,
+  flush; then the decrements of clusters the new tables no longer reference. A crash at
+  any point can leak clusters but never leaves a reference without its refcount.
+* Every request holds one lock, so the caches are never seen half-updated.
+
+References:
+    - qemu/qemu: docs/interop/qcow2.txt; block/qcow2.c (``qcow2_do_open``,
+      ``qcow2_co_preadv_part``, ``qcow2_co_block_status``, ``qcow2_change_backing_file``);
+      block/qcow2-cluster.c (``qcow2_alloc_host_offset``, ``l2_allocate``,
+      ``perform_cow``); block/qcow2-cache.c.
+"""
+
+from __future__ import annotations
+
+import errno
+import importlib
+import os
+import zlib
+from array import array
+from collections import OrderedDict
+from collections.abc import Mapping
+from dataclasses import replace
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import trio
+
+from blockd.block import qcow2_format as fmt
+from blockd.block.driver import BlockStatus, Driver, Status
+from blockd.block.qcow2_format import ClusterKind, Extension, Header
+from blockd.block.qcow2_refcount import Refcounts
+from blockd.errors import ImageError
+
+if TYPE_CHECKING:
+    from blockd.block.node import BlockNode
+
+#: bytes of L2 tables kept in the cache
+L2_CACHE_BYTES = 32 * 1024 * 1024
+
+_KIND = fmt.cluster_kind
+_NORMAL = ClusterKind.NORMAL
+_UNALLOCATED = ClusterKind.UNALLOCATED
+_COMPRESSED = ClusterKind.COMPRESSED
+
+
+def _zstd_module() -> Any:
+    try:
+        return importlib.import_module("zstandard")
+    except ImportError:
+        return None
+
+
+class Qcow2Driver(Driver):
+    """A qcow2 image on the node's ``file`` child, with an optional ``backing`` node."""
+
+    format_name: ClassVar[str] = "qcow2"
+    supports_backing: ClassVar[bool] = True
+
+    def __init__(self, node: BlockNode) -> None:
+        super().__init__(node)
+        self._lock = trio.Lock()
+        self.header: Header
+        self.extensions: list[Extension] = []
+        self.backing_name: str | None = None
+        self.backing_format: str | None = None
+        self.l1: array[int] = array("Q")
+        self._l1_dirty: set[int] = set()
+        self._l2: OrderedDict[int, array[int]] = OrderedDict()
+        self._l2_dirty: set[int] = set()
+        self._l2_limit = 4
+        self.refcounts: Refcounts
+        self._geometry: fmt.CompressedGeometry
+        self._header_area_len = 0
+        self._prepared = False
+        self._zstd: Any = None
+        self._last_compressed: tuple[int, bytes] | None = None
+
+    # -- open ----------------------------------------------------------------------
+
+    @classmethod
+    async def open(cls, node: BlockNode, options: Mapping[str, Any]) -> Qcow2Driver:
+        drv = cls(node)
+        await drv._open()
+        return drv
+
+    @property
+    def _file(self) -> BlockNode:
+        file = self.node.file
+        if file is None:
+            raise ImageError("qcow2 node has no file child")
+        return file
+
+    async def _open(self) -> None:
+        file = self._file
+        flen = file.length()
+        first = await file.pread(0, min(max(flen, 0), fmt.V3_HEADER_LENGTH_QEMU))
+        header = fmt.parse_header(first)
+        if not fmt.MIN_CLUSTER_BITS <= header.cluster_bits <= fmt.MAX_CLUSTER_BITS:
+            raise ImageError(f"Unsupported cluster size: 2^{header.cluster_bits}")
+        cs = header.cluster_size
+        cluster0 = await file.pread(0, cs)
+        header = fmt.parse_header(cluster0)
+        fmt.validate_header(header, flen)
+        if header.incompatible_features & fmt.INCOMPAT_DIRTY and not self.node.read_only:
+            raise ImageError(
+                "qcow2: image has the dirty bit set (lazy refcounts need a repair: "
+                "run 'qemu-img check -r all'); cannot be opened read/write"
+            )
+        if header.compression_type == fmt.COMPRESSION_ZSTD:
+            self._zstd = _zstd_module()
+            if self._zstd is None:
+                raise ImageError(
+                    "qcow2: zstd compressed images need the 'zstandard' Python package"
+                )
+        ext_end = header.backing_file_offset or cs
+        self.extensions = fmt.parse_extensions(cluster0, header.header_length, ext_end)
+        for ext in self.extensions:
+            if ext.type == fmt.EXT_BACKING_FORMAT:
+                if len(ext.data) >= 16:
+                    raise ImageError(
+                        f"ERROR: ext_backing_format: len={len(ext.data)} too large (>=16)"
+                    )
+                self.backing_format = ext.data.decode("utf-8", "replace")
+            elif ext.type in (fmt.EXT_CRYPTO, fmt.EXT_DATA_FILE):
+                raise ImageError("qcow2: unsupported header extension (encryption/data file)")
+        if header.backing_file_offset:
+            raw = cluster0[
+                header.backing_file_offset : header.backing_file_offset + header.backing_file_size
+            ]
+            self.backing_name = raw.decode("utf-8", "surrogateescape")
+        self.header = header
+        self._header_area_len = self._used_header_len(cluster0, header)
+        self._geometry = fmt.CompressedGeometry.for_cluster_bits(header.cluster_bits)
+        self._l2_limit = max(4, L2_CACHE_BYTES // cs)
+        if header.l1_size:
+            self.l1 = fmt.decode_table(await file.pread(header.l1_table_offset, header.l1_size * 8))
+        table = Refcounts.decode_table(
+            await file.pread(header.refcount_table_offset, header.refcount_table_clusters * cs)
+        )
+        self.refcounts = Refcounts(
+            file,
+            header.cluster_bits,
+            header.refcount_order,
+            header.refcount_table_offset,
+            header.refcount_table_clusters,
+            table,
+            flen,
+        )
+        self._check_tables(flen, table)
+
+    @staticmethod
+    def _used_header_len(cluster0: bytes, header: Header) -> int:
+        end = header.header_length + len(
+            fmt.serialize_extensions(
+                fmt.parse_extensions(cluster0, header.header_length, header.cluster_size)
+            )
+        )
+        if header.backing_file_offset:
+            end = max(end, header.backing_file_offset + header.backing_file_size)
+        return end
+
+    def _check_tables(self, flen: int, reftable: list[int]) -> None:
+        """Refuse L2 and refcount block offsets that are unaligned, past the end of the
+        file, or inside the header, L1 or refcount table (QEMU's overlap checks)."""
+        h = self.header
+        cs = h.cluster_size
+        reserved = {0}
+        if h.l1_size:
+            first = h.l1_table_offset // cs
+            reserved.update(range(first, first + -(-h.l1_size * 8 // cs)))
+        first = h.refcount_table_offset // cs
+        reserved.update(range(first, first + h.refcount_table_clusters))
+        limit = -(-flen // cs)
+        for i, entry in enumerate(self.l1):
+            off = entry & fmt.OFFSET_MASK
+            if not off:
+                continue
+            if off % cs:
+                raise ImageError(f"L2 table offset {off:#x} unaligned (L1 index: {i:#x})")
+            if off // cs >= limit:
+                raise ImageError(f"qcow2: L2 table at {off:#x} is beyond the end of the file")
+            if off // cs in reserved:
+                raise ImageError(f"qcow2: L2 table at {off:#x} overlaps other metadata")
+        for i, off in enumerate(reftable):
+            if not off:
+                continue
+            if off % cs:
+                raise ImageError(f"Refblock offset {off:#x} unaligned (reftable index: {i:#x})")
+            if off // cs >= limit:
+                raise ImageError(f"qcow2: refcount block at {off:#x} is beyond the end of the file")
+            if off // cs in reserved:
+                raise ImageError(f"qcow2: refcount block at {off:#x} overlaps other metadata")
+
+    # -- simple queries --------------------------------------------------------------
+
+    def length(self) -> int:
+        return self.header.size
+
+    def header_backing(self) -> tuple[str, str | None] | None:
+        if not self.backing_name:
+            return None
+        return self.backing_name, self.backing_format
+
+    def image_info(self) -> dict[str, Any]:
+        h = self.header
+        return {
+            "cluster-size": h.cluster_size,
+            "dirty-flag": bool(h.incompatible_features & fmt.INCOMPAT_DIRTY),
+            "format-specific": fmt.format_specific(h),
+        }
+
+    # -- the L2 cache ----------------------------------------------------------------
+
+    async def _load_l2(self, offset: int) -> array[int]:
+        table = self._l2.get(offset)
+        if table is not None:
+            self._l2.move_to_end(offset)
+            return table
+        cs = self.header.cluster_size
+        if offset % cs:
+            raise ImageError(f"L2 table offset {offset:#x} unaligned")
+        table = fmt.decode_table(await self._file.pread(offset, cs))
+        await self._cache_l2(offset, table)
+        return table
+
+    async def _cache_l2(self, offset: int, table: array[int]) -> None:
+        self._l2[offset] = table
+        self._l2.move_to_end(offset)
+        while len(self._l2) > self._l2_limit:
+            victim = next(iter(self._l2))
+            if victim in self._l2_dirty:
+                # an L2 table may only reach the disk after the refcounts it relies on
+                await self.refcounts.write_back()
+                await self._file.write(victim, fmt.encode_table(self._l2[victim]))
+                self._l2_dirty.discard(victim)
+            del self._l2[victim]
+
+    def _l2_changed(self, offset: int, table: array[int]) -> None:
+        if offset not in self._l2:
+            self._l2[offset] = table
+        self._l2_dirty.add(offset)
+
+    # -- read ------------------------------------------------------------------------
+
+    async def read(self, offset: int, buf: memoryview) -> None:
+        async with self._lock:
+            await self._read(offset, buf)
+
+    async def _read(self, offset: int, buf: memoryview) -> None:
+        h = self.header
+        cb = h.cluster_bits
+        cs = h.cluster_size
+        span_bits = cb + h.l2_bits
+        n = len(buf)
+        pos = 0
+        while pos < n:
+            cur = offset + pos
+            l1i = cur >> span_bits
+            span_end = min(((l1i + 1) << span_bits) - offset, n)
+            l2off = self.l1[l1i] & fmt.OFFSET_MASK if l1i < len(self.l1) else 0
+            if not l2off:
+                await self._read_backing(cur, buf[pos:span_end])
+                pos = span_end
+                continue
+            table = await self._load_l2(l2off)
+            mask = (1 << h.l2_bits) - 1
+            while pos < span_end:
+                cur = offset + pos
+                idx = (cur >> cb) & mask
+                entry = table[idx]
+                kind = _KIND(entry)
+                # extend the run over following clusters of the same kind
+                run_end = min(((cur >> cb) + 1) << cb, offset + span_end)
+                if kind is _NORMAL:
+                    host = (entry & fmt.OFFSET_MASK) + (cur & (cs - 1))
+                    nxt = (entry & fmt.OFFSET_MASK) + cs
+                    while run_end < offset + span_end:
+                        e = table[(run_end >> cb) & mask]
+                        if _KIND(e) is not _NORMAL or e & fmt.OFFSET_MASK != nxt:
+                            break
+                        nxt += cs
+                        run_end = min(run_end + cs, offset + span_end)
+                    await self._file.read(host, buf[pos : run_end - offset])
+                elif kind is _COMPRESSED:
+                    data = await self._decompress(entry)
+                    intra = cur & (cs - 1)
+                    buf[pos : run_end - offset] = data[intra : intra + run_end - cur]
+                else:
+                    while (
+                        run_end < offset + span_end and _KIND(table[(run_end >> cb) & mask]) is kind
+                    ):
+                        run_end = min(run_end + cs, offset + span_end)
+                    if kind is _UNALLOCATED:
+                        await self._read_backing(cur, buf[pos : run_end - offset])
+                    else:
+                        buf[pos : run_end - offset] = bytes(run_end - cur)
+                pos = run_end - offset
+
+    async def _read_backing(self, offset: int, view: memoryview) -> None:
+        """Unallocated data: the backing node's, zeros past its end or without one."""
+        backing = self.node.backing
+        avail = 0
+        if backing is not None:
+            avail = max(0, min(len(view), backing.length() - offset))
+            if avail:
+                await backing.read(offset, view[:avail])
+        if avail < len(view):
+            view[avail:] = bytes(len(view) - avail)
+
+    async def _decompress(self, entry: int) -> bytes:
+        cached = self._last_compressed
+        if cached is not None and cached[0] == entry:
+            return cached[1]
+        cs = self.header.cluster_size
+        coffset, csize = self._geometry.parse(entry)
+        raw = await self._file.pread(coffset, csize)
+        try:
+            if self.header.compression_type == fmt.COMPRESSION_ZSTD:
+                data = self._zstd.ZstdDecompressor().decompressobj().decompress(raw)
+            else:
+                data = zlib.decompressobj(-12).decompress(raw, cs)
+        except Exception as exc:
+            raise OSError(errno.EIO, os.strerror(errno.EIO)) from exc
+        if len(data) < cs:
+            raise OSError(errno.EIO, os.strerror(errno.EIO))
+        data = bytes(data[:cs])
+        self._last_compressed = (entry, data)
+        return data
+
+    async def _old_cluster(self, guest: int, entry: int, out: memoryview) -> None:
+        """Fill ``out`` with the current contents of the guest bytes at ``guest``
+        (inside one cluster whose L2 entry is ``entry``): the COW source."""
+        kind = _KIND(entry)
+        cs = self.header.cluster_size
+        if kind is _NORMAL:
+            await self._file.read((entry & fmt.OFFSET_MASK) + (guest & (cs - 1)), out)
+        elif kind is _COMPRESSED:
+            data = await self._decompress(entry)
+            intra = guest & (cs - 1)
+            out[:] = data[intra : intra + len(out)]
+        elif kind is _UNALLOCATED:
+            await self._read_backing(guest, out)
+        else:
+            out[:] = bytes(len(out))
+
+    # -- block status ----------------------------------------------------------------
+
+    async def block_status(self, offset: int, length: int) -> BlockStatus:
+        async with self._lock:
+            h = self.header
+            cb = h.cluster_bits
+            cs = h.cluster_size
+            span_bits = cb + h.l2_bits
+            mask = (1 << h.l2_bits) - 1
+            end = offset + length
+
+            async def entry_at(pos: int) -> int:
+                l1i = pos >> span_bits
+                l2off = self.l1[l1i] & fmt.OFFSET_MASK if l1i < len(self.l1) else 0
+                if not l2off:
+                    return 0
+                return (await self._load_l2(l2off))[(pos >> cb) & mask]
+
+            first = await entry_at(offset)
+            kind = _KIND(first)
+            run_end = min(((offset >> cb) + 1) << cb, end)
+            nxt = (first & fmt.OFFSET_MASK) + cs
+            while run_end < end:
+                e = await entry_at(run_end)
+                if _KIND(e) is not kind:
+                    break
+                if kind is _NORMAL:
+                    if e & fmt.OFFSET_MASK != nxt:
+                        break
+                    nxt += cs
+                run_end = min(run_end + cs, end)
+            run = run_end - offset
+            if kind is _NORMAL:
+                return BlockStatus(
+                    Status.DATA | Status.ALLOCATED | Status.OFFSET_VALID,
+                    run,
+                    (first & fmt.OFFSET_MASK) + (offset & (cs - 1)),
+                    self.node.file,
+                )
+            if kind is _COMPRESSED:
+                return BlockStatus(Status.DATA | Status.ALLOCATED, run)
+            if kind is _UNALLOCATED:
+                return BlockStatus(Status.NONE, run)
+            return BlockStatus(Status.ZERO | Status.ALLOCATED, run)
+
+    # -- write -----------------------------------------------------------------------
+
+    async def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
+        if self.node.read_only:
+            raise OSError(errno.EPERM, os.strerror(errno.EPERM))
+        async with self._lock:
+            await self._prepare_write()
+            view = memoryview(data).cast("B")
+            h = self.header
+            span = 1 << (h.cluster_bits + h.l2_bits)
+            pos = 0
+            while pos < len(view):
+                cur = offset + pos
+                step = min(span - (cur & (span - 1)), len(view) - pos)
+                await self._write_in_table(cur, view[pos : pos + step])
+                pos += step
+
+    async def _prepare_write(self) -> None:
+        """Before the first write: clear autoclear bits we do not maintain (bitmaps)."""
+        if self._prepared:
+            return
+        if self.header.autoclear_features:
+            await self._rewrite_header(
+                replace(self.header, autoclear_features=0),
+                self.extensions,
+                (self.backing_name or "").encode("utf-8", "surrogateescape"),
+            )
+        self._prepared = True
+
+    async def _table_for_write(self, l1i: int) -> tuple[int, array[int]]:
+        """The L2 table of ``l1i``, made writable (allocated, or copied when shared)."""
+        entry = self.l1[l1i]
+        old = entry & fmt.OFFSET_MASK
+        if old and entry & fmt.OFLAG_COPIED:
+            return old, await self._load_l2(old)
+        if old:
+            new_table = array("Q", await self._load_l2(old))
+        else:
+            new_table = array("Q", [0]) * (1 << self.header.l2_bits)
+        cluster = await self.refcounts.allocate(1)
+        new = cluster << self.header.cluster_bits
+        await self._cache_l2(new, new_table)
+        self._l2_dirty.add(new)
+        self.l1[l1i] = new | fmt.OFLAG_COPIED
+        self._l1_dirty.add(l1i)
+        if old:
+            self.refcounts.release(old >> self.header.cluster_bits)
+        return new, new_table
+
+    async def _write_in_table(self, offset: int, data: memoryview) -> None:
+        """Write ``data`` (within one L2 table's span) at guest ``offset``."""
+        h = self.header
+        cb = h.cluster_bits
+        cs = h.cluster_size
+        mask = (1 << h.l2_bits) - 1
+        l2off, table = await self._table_for_write(offset >> (cb + h.l2_bits))
+        end = offset + len(data)
+        first = offset >> cb
+        last = (end - 1) >> cb
+        c = first
+        while c <= last:
+            entry = table[c & mask]
+            in_place = entry & fmt.OFLAG_COPIED and _KIND(entry) is _NORMAL
+            d = c + 1
+            if in_place:
+                nxt = (entry & fmt.OFFSET_MASK) + cs
+                while d <= last:
+                    e = table[d & mask]
+                    if not (e & fmt.OFLAG_COPIED and _KIND(e) is _NORMAL) or (
+                        e & fmt.OFFSET_MASK != nxt
+                    ):
+                        break
+                    nxt += cs
+                    d += 1
+                g0 = max(offset, c << cb)
+                g1 = min(end, d << cb)
+                host = (entry & fmt.OFFSET_MASK) + (g0 & (cs - 1))
+                await self._file.write(host, data[g0 - offset : g1 - offset])
+            else:
+                while d <= last:
+                    e = table[d & mask]
+                    if e & fmt.OFLAG_COPIED and _KIND(e) is _NORMAL:
+                        break
+                    d += 1
+                await self._allocating_write(l2off, table, c, d, offset, data)
+            c = d
+
+    async def _allocating_write(
+        self, l2off: int, table: array[int], c0: int, c1: int, offset: int, data: memoryview
+    ) -> None:
+        """Give guest clusters ``[c0, c1)`` new host clusters holding ``data``'s part,
+        completed from the old contents, then point the L2 entries at them."""
+        h = self.header
+        cb = h.cluster_bits
+        mask = (1 << h.l2_bits) - 1
+        count = c1 - c0
+        g0, g1 = c0 << cb, c1 << cb
+        d0, d1 = max(offset, g0), min(offset + len(data), g1)
+        host = (await self.refcounts.allocate(count)) << cb
+        if d0 == g0 and d1 == g1:
+            payload: bytes | bytearray | memoryview = data[d0 - offset : d1 - offset]
+        else:
+            buf = bytearray(g1 - g0)
+            mv = memoryview(buf)
+            if d0 > g0:
+                await self._old_cluster(g0, table[c0 & mask], mv[: d0 - g0])
+            if d1 < g1:
+                await self._old_cluster(d1, table[(c1 - 1) & mask], mv[d1 - g0 :])
+            mv[d0 - g0 : d1 - g0] = data[d0 - offset : d1 - offset]
+            payload = buf
+        await self._file.write(host, payload)
+        for k in range(count):
+            i = (c0 + k) & mask
+            old = table[i]
+            table[i] = (host + (k << cb)) | fmt.OFLAG_COPIED
+            self._release_entry(old)
+        self._l2_changed(l2off, table)
+
+    def _release_entry(self, entry: int) -> None:
+        kind = _KIND(entry)
+        if kind is _NORMAL or kind is ClusterKind.ZERO_ALLOC:
+            self.refcounts.release((entry & fmt.OFFSET_MASK) >> self.header.cluster_bits)
+        elif kind is _COMPRESSED:
+            for cluster in self._geometry.host_clusters(entry, self.header.cluster_bits):
+                self.refcounts.release(cluster)
+
+    # -- flush and close -------------------------------------------------------------
+
+    async def flush(self) -> None:
+        async with self._lock:
+            await self._write_back()
+            await self._file.flush()
+
+    async def _write_back(self) -> None:
+        """Metadata to disk in dependency order (see the module docstring)."""
+        file = self._file
+        await self.refcounts.write_back()
+        if self._l2_dirty:
+            for off in sorted(self._l2_dirty):
+                await file.write(off, fmt.encode_table(self._l2[off]))
+            self._l2_dirty.clear()
+            await file.flush()
+        if self._l1_dirty:
+            per_sector = 64
+            l1off = self.header.l1_table_offset
+            for chunk in sorted({i // per_sector for i in self._l1_dirty}):
+                part = self.l1[chunk * per_sector : (chunk + 1) * per_sector]
+                await file.write(l1off + chunk * per_sector * 8, fmt.encode_table(part))
+            self._l1_dirty.clear()
+            await file.flush()
+        if self.refcounts.has_releases:
+            await self.refcounts.apply_releases()
+            await self.refcounts.write_back()
+
+    async def close(self) -> None:
+        if self.node.read_only or not self._prepared:
+            return
+        await self.flush()
+
+    # -- header rewrite --------------------------------------------------------------
+
+    async def _rewrite_header(self, header: Header, exts: list[Extension], name: bytes) -> None:
+        """Rewrite header, extensions and backing name with one write at offset 0."""
+        new_header, area = fmt.build_header_area(header, exts, name)
+        padded = area + bytes(max(0, self._header_area_len - len(area)))
+        await self._file.write(0, padded)
+        await self._file.flush()
+        self.header = new_header
+        self.extensions = list(exts)
+        self._header_area_len = len(area)
+
+    async def change_backing_file(self, backing_file: str | None, backing_fmt: str | None) -> None:
+        """Record a new backing file name and format in the header (``None`` clears both).
+
+        Raises:
+            OSError: ``EINVAL`` when the name is longer than 1023 bytes, ``ENOSPC`` when
+                header, extensions and name do not fit in the first cluster, ``EPERM`` on
+                a read-only node. The image is unchanged then.
+        """
+        if self.node.read_only:
+            raise OSError(errno.EPERM, os.strerror(errno.EPERM))
+        name = (backing_file or "").encode("utf-8", "surrogateescape")
+        if len(name) > fmt.MAX_BACKING_NAME:
+            raise OSError(errno.EINVAL, os.strerror(errno.EINVAL))
+        exts = [e for e in self.extensions if e.type != fmt.EXT_BACKING_FORMAT]
+        if name and backing_fmt:
+            exts.insert(0, Extension(fmt.EXT_BACKING_FORMAT, backing_fmt.encode()))
+        else:
+            backing_fmt = None
+        async with self._lock:
+            await self._rewrite_header(self.header, exts, name)
+        self.backing_name = backing_file if name else None
+        self.backing_format = backing_fmt
