@@ -1,24 +1,684 @@
 """The block graph: every open node by name, and the only code that opens, links and
-closes nodes."""
+closes nodes.
+
+Theory of operation
+===================
+
+**Opening** (:meth:`Graph.open_node`, QEMU's ``bdrv_open``). A node's children are opened
+first (``file``/``image``: an inline options object, or the name of an existing node),
+then the node gets its name, its permissions are taken, the driver opens, and last the
+``backing`` child of a format that has one (§6.2: from the image header when ``backing``
+is left out, none for ``null``, an existing node for a name). A failure anywhere closes
+every node the call opened and leaves the graph as it was.
+
+**Names** (§6.1). A top-level node must have a ``node-name``; nested nodes without one
+get ``#block<counter><2 random digits>``. Names are unique, well formed and short.
+
+**Inheritance.** Children inherit ``read-only``, ``auto-read-only``, ``cache`` and
+``discard`` unless they set them; backing nodes are read-only unless they say otherwise.
+
+**References.** A node lives while anything holds it: the monitor (top-level
+``blockdev-add``), parent nodes (one per link) or users. When the last reference goes the
+node is flushed and closed, then its children lose a reference in turn. ``blockdev-del``
+removes the monitor's reference (§6.5).
+
+**Permissions** (QEMU's ``BLK_PERM_*``, §4.4-4.6). Each link from a parent and each
+:class:`~blockd.block.node.NodeUser` uses some permissions and shares some with others.
+A node's cumulative ``perm``/``shared`` come from all of them; the rules per link are
+QEMU's defaults: filters and ``raw`` pass their parents' needs down; a format's ``file``
+(metadata) link adds ``consistent read`` and, when the node is writable, ``write`` and
+``resize``, and shares neither; a ``backing`` link uses at most ``consistent read`` and
+shares writes only if the parents do. Every change is checked as a whole before anything
+is applied: a user that needs ``write`` on a read-only node gets
+``Block node is read-only``; two users that disagree get QEMU's
+``Permission conflict on node ...`` text. ``file`` nodes then mirror their cumulative
+permissions into QEMU-compatible lock bytes (:mod:`blockd.block.locking`), so other QEMU
+processes see them, and refuse what another process holds (``Failed to get "write"
+lock``).
+
+API for jobs
+============
+
+* ``node.block(reason)`` / ``node.unblock(reason)``: operation blockers. ``blockdev-del``
+  and :meth:`BlockNode.check_not_busy` refuse with ``Node '<n>' is busy: <reason>``.
+* :meth:`Graph.add_user` / :meth:`Graph.remove_user` with a
+  :class:`~blockd.block.node.NodeUser` (``perm``/``shared`` as
+  :class:`~blockd.block.locking.Perm`): a job's hold on a node; a writer takes
+  ``Perm.WRITE`` and leaves it out of ``shared`` to be the only writer.
+* :meth:`Graph.freeze_chain` / :meth:`Graph.unfreeze_chain`: frozen links between ``top``
+  and ``base``; :meth:`Graph.set_child`, :meth:`Graph.insert_filter` and
+  :meth:`Graph.remove_filter` refuse to change them.
+* :meth:`Graph.reopen` turns a node (and the children that inherited it) read-write or
+  read-only, e.g. a read-only top for a stream.
+* :meth:`Graph.generate_name` gives the next ``#block...`` name (for an implicit filter).
+"""
 
 from __future__ import annotations
 
-from blockd.block.node import BlockNode
+import contextlib
+import json
+import os
+import random
+import re
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, replace
+from typing import Any, Final
+
+import trio
+
+from blockd.block.driver import Driver
+from blockd.block.drivers import DRIVERS
+from blockd.block.locking import PERM_ALL, PERM_NONE, LockError, Perm, perm_names
+from blockd.block.node import BlockNode, NodeUser
+from blockd.errors import HostError, QMPError, RequestError
 from blockd.events import EventBus
+
+NODE_NAME_MAX: Final = 31
+_WELLFORMED: Final = re.compile(r"[A-Za-z][A-Za-z0-9._-]*\Z")
+_PROTOCOL_PREFIX: Final = re.compile(r"[A-Za-z0-9_+.-]+:")
+QCOW2_MAGIC: Final = b"QFI\xfb"
+_WRITES: Final = Perm.WRITE | Perm.WRITE_UNCHANGED
+
+
+@dataclass(frozen=True)
+class _Inherit:
+    """Options a child takes from its parent unless it sets them itself."""
+
+    read_only: bool = False
+    auto_read_only: bool = False
+    cache: Mapping[str, bool] | None = None
+    discard: str | None = None
+
+
+@dataclass(frozen=True)
+class _Use:
+    """One user of a node in the permission check: a parent link or a NodeUser."""
+
+    description: str
+    child_name: str
+    perm: Perm
+    shared: Perm
+
+
+def resolve_backing_path(image_filename: str, backing: str) -> str:
+    """The backing file name ``backing`` as seen from the image ``image_filename``:
+    relative names are relative to the image's directory (QEMU's ``path_combine``)."""
+    if os.path.isabs(backing) or _PROTOCOL_PREFIX.match(backing) or not image_filename:
+        return backing
+    return os.path.join(os.path.dirname(image_filename), backing)
+
+
+def _unflatten(flat: Mapping[str, Any]) -> dict[str, Any]:
+    tree: dict[str, Any] = {}
+    for key, value in flat.items():
+        parts = key.split(".")
+        where = tree
+        for part in parts[:-1]:
+            where = where.setdefault(part, {})
+        where[parts[-1]] = _unflatten(value) if isinstance(value, dict) else value
+    return tree
+
+
+def _probe_format(path: str) -> str:
+    try:
+        with open(path, "rb") as image:
+            magic = image.read(4)
+    except OSError:
+        return "raw"  # the open proper reports the error
+    return "qcow2" if magic == QCOW2_MAGIC else "raw"
 
 
 class Graph:
-    """All nodes of the daemon, newest last."""
+    """All nodes of the daemon, oldest first in :attr:`nodes`; see the module docstring."""
 
     def __init__(self, events: EventBus) -> None:
         self.events = events
         self.nodes: dict[str, BlockNode] = {}
+        self._classes: dict[BlockNode, type[Driver]] = {}
+        self._inherits_ro: set[BlockNode] = set()  # opened inline without 'read-only'
+        self._counter = 0
+        self._random = random.Random()
+
+    # -- lookup ----------------------------------------------------------------------
 
     def find(self, name: str) -> BlockNode | None:
         return self.nodes.get(name)
 
+    def newest_first(self) -> list[BlockNode]:
+        """Every node, newest first (the order of query-named-block-nodes)."""
+        return list(reversed(self.nodes.values()))
+
+    # -- names -----------------------------------------------------------------------
+
+    def generate_name(self) -> str:
+        """A fresh ``#block<counter><2 random digits>`` name (QEMU's ``id_generate``)."""
+        while True:
+            name = f"#block{self._counter}{self._random.randrange(100):02d}"
+            self._counter += 1
+            if name not in self.nodes:
+                return name
+
+    def check_name(self, name: str) -> None:
+        """Raise QEMU's error for an unusable user-given ``node-name`` (§6.1)."""
+        if not _WELLFORMED.match(name):
+            raise RequestError(f"Invalid node-name: '{name}'")
+        if name in self.nodes:
+            raise RequestError(f"Duplicate nodes with node-name='{name}'")
+        if len(name) > NODE_NAME_MAX:
+            raise RequestError("Node name too long")
+
+    # -- opening ---------------------------------------------------------------------
+
+    async def open_node(self, options: Mapping[str, Any], *, top_level: bool) -> BlockNode:
+        """Open the node tree ``options`` (blockdev-add's arguments, wire names).
+
+        A ``top_level`` node must be named and becomes owned by the monitor (only such
+        nodes can be removed with ``blockdev-del``).
+
+        Raises:
+            QMPError: QEMU's text; every node this call opened is closed again.
+        """
+        if top_level and options.get("node-name") is None:
+            raise RequestError("'node-name' must be specified for the root node")
+        node = await self._open(options, _Inherit())
+        if top_level:
+            node.monitor_owned = True
+        else:
+            # nothing holds a nested-only open yet: the caller takes it over via a link
+            node.monitor_owned = False
+        return node
+
+    async def _open_ref(self, ref: Any, inherit: _Inherit) -> BlockNode:
+        if isinstance(ref, str):
+            node = self.find(ref)
+            if node is None:
+                raise RequestError(f"Cannot find device='' nor node-name='{ref}'")
+            return node
+        return await self._open(ref, inherit)
+
+    async def _open(self, options: Mapping[str, Any], inherit: _Inherit) -> BlockNode:
+        driver_name = options.get("driver")
+        cls = DRIVERS.get(str(driver_name))
+        if cls is None:
+            raise RequestError(f"Unknown driver '{driver_name}'")
+        opts = dict(options)
+        opts.setdefault("read-only", inherit.read_only)
+        opts.setdefault("auto-read-only", inherit.auto_read_only)
+        if inherit.discard is not None:
+            opts.setdefault("discard", inherit.discard)
+        cache = dict(inherit.cache or {})
+        cache.update(options.get("cache") or {})
+        if cache:
+            opts["cache"] = cache
+        read_only = bool(opts["read-only"])
+        if opts.get("force-share") and not read_only:
+            raise RequestError("force-share=on can only be used with read-only images")
+        detect = opts.get("detect-zeroes", "off")
+        if detect == "unmap" and opts.get("discard", "ignore") != "unmap":
+            raise RequestError(
+                "setting detect-zeroes to unmap is not allowed without setting discard "
+                "operation to unmap"
+            )
+        child_inherit = _Inherit(
+            read_only, bool(opts["auto-read-only"]), cache or None, opts.get("discard")
+        )
+
+        child: BlockNode | None = None
+        if cls.child_role in options:
+            child = await self._open_ref(options[cls.child_role], child_inherit)
+        try:
+            name = options.get("node-name")
+            if name is None:
+                name = self.generate_name()
+            else:
+                self.check_name(str(name))
+        except BaseException:
+            if child is not None:
+                await self._unref(child)
+            raise
+        node = BlockNode(str(name), opts, read_only=read_only)
+        node.child_role = cls.child_role
+        self.nodes[node.name] = node
+        self._classes[node] = cls
+        if "read-only" not in options:
+            self._inherits_ro.add(node)
+        if child is not None:
+            self._attach(node, cls.child_role, child)
+        try:
+            if "backing" in options and not cls.supports_backing:
+                raise RequestError(
+                    f"Driver '{cls.format_name}' of node '{node.name}' does not support "
+                    "backing files"
+                )
+            self.refresh_permissions()
+            node.driver = await cls.open(node, opts)
+            if cls.supports_backing:
+                await self._open_backing(node, options, child_inherit)
+        except BaseException:
+            with trio.CancelScope(shield=True):
+                await self._unref(node)
+            raise
+        return node
+
+    async def _open_backing(
+        self, node: BlockNode, options: Mapping[str, Any], inherit: _Inherit
+    ) -> None:
+        backing_inherit = replace(inherit, read_only=True, auto_read_only=False)
+        if "backing" in options:
+            ref = options["backing"]
+            if ref is None or ref == "":
+                return
+            child = await self._open_ref(ref, backing_inherit)
+            try:
+                self._check_cycle(node, "backing", child)
+            except RequestError:
+                await self._unref(child)
+                raise
+        else:
+            header = node.driver.header_backing()
+            if header is None or not header[0]:
+                return
+            backing_options = self.header_backing_options(node, *header)
+            try:
+                child = await self._open(backing_options, backing_inherit)
+            except QMPError as exc:
+                raise type(exc)(f"Could not open backing file: {exc.desc}") from exc
+            node.implicit_backing = True
+        self._attach(node, "backing", child)
+        self.refresh_permissions()
+
+    def header_backing_options(self, node: BlockNode, name: str, fmt: str | None) -> dict[str, Any]:
+        """The blockdev options that open the backing file ``name`` recorded in the
+        header of ``node`` with format ``fmt`` (probed as qcow2 or raw when ``None``)."""
+        if name.startswith("json:"):
+            try:
+                parsed = json.loads(name[5:])
+            except ValueError as exc:
+                raise RequestError(f"Could not parse the JSON options: {exc}") from exc
+            if not isinstance(parsed, dict):
+                raise RequestError("Invalid JSON object given")
+            opts = _unflatten(parsed)
+            if fmt and "driver" not in opts:
+                opts["driver"] = fmt
+            return opts
+        path = resolve_backing_path(node.filename, name)
+        if fmt is None:
+            fmt = _probe_format(path)
+        cls = DRIVERS.get(fmt)
+        if cls is not None and cls.protocol_name is not None:
+            return {"driver": fmt, "filename": path}
+        return {"driver": fmt, "file": {"driver": "file", "filename": path}}
+
+    # -- links and references --------------------------------------------------------
+
+    @staticmethod
+    def _below(node: BlockNode) -> Iterator[BlockNode]:
+        seen: set[int] = set()
+        stack = list(node.children.values())
+        while stack:
+            current = stack.pop()
+            if id(current) in seen:
+                continue
+            seen.add(id(current))
+            yield current
+            stack.extend(current.children.values())
+
+    def _check_cycle(self, parent: BlockNode, role: str, child: BlockNode) -> None:
+        if child is parent or any(n is parent for n in self._below(child)):
+            raise RequestError(
+                f"Making '{child.name}' a {role} child of '{parent.name}' would create a cycle"
+            )
+
+    @staticmethod
+    def _attach(parent: BlockNode, role: str, child: BlockNode) -> None:
+        parent.children[role] = child
+        child.parents.append(parent)
+
+    @staticmethod
+    def _detach(parent: BlockNode, role: str) -> BlockNode | None:
+        child = parent.children.pop(role, None)
+        if child is not None:
+            child.parents.remove(parent)
+        return child
+
+    async def _unref(self, node: BlockNode) -> None:
+        """Drop a reference; close ``node`` (then its orphaned children) when none is left."""
+        if node.parents or node.users or node.monitor_owned:
+            return
+        if self.nodes.get(node.name) is node:
+            del self.nodes[node.name]
+        self._classes.pop(node, None)
+        self._inherits_ro.discard(node)
+        if hasattr(node, "driver"):
+            with contextlib.suppress(OSError):  # as QEMU: a failed flush does not keep it open
+                await node.driver.flush()
+            await node.driver.close()
+        for role in list(node.children):
+            child = self._detach(node, role)
+            if child is not None:
+                await self._unref(child)
+
+    # -- blockdev-del ----------------------------------------------------------------
+
+    async def delete(self, name: str) -> None:
+        """``blockdev-del``: remove the monitor's node ``name`` (§6.5, QEMU's order).
+
+        On success the node is flushed and closed, its lock bytes released, and its
+        children closed too unless something else holds them.
+
+        Raises:
+            RequestError: not found, busy (a blocker), not monitor-owned, in use.
+        """
+        node = self.find(name)
+        if node is None:
+            raise RequestError(f"Failed to find node with node-name='{name}'")
+        node.check_not_busy()
+        if not node.monitor_owned:
+            raise RequestError(f"Node {name} is not owned by the monitor")
+        if node.in_use:
+            raise RequestError(f"Block device {name} is in use")
+        node.monitor_owned = False
+        with trio.CancelScope(shield=True):
+            await self._unref(node)
+        self.refresh_permissions()
+
     async def close_all(self) -> None:
         """Flush and close every node, parents before their children."""
-        for node in reversed(list(self.nodes.values())):
-            await node.driver.close()
+        for node in self.newest_first():
+            node.monitor_owned = False
+            node.users.clear()
+        for node in self.newest_first():
+            if node.name in self.nodes and not node.parents:
+                await self._unref(node)
         self.nodes.clear()
+        self._classes.clear()
+        self._inherits_ro.clear()
+
+    # -- permissions -----------------------------------------------------------------
+
+    def _link_perms(
+        self, parent: BlockNode, role: str, perm: Perm, shared: Perm
+    ) -> tuple[Perm, Perm]:
+        # reference: QEMU bdrv_default_perms (filter / storage / cow children)
+        cls = self._classes.get(parent)
+        if role == "backing":
+            cow_shared = (Perm.WRITE | Perm.RESIZE) if shared & Perm.WRITE else PERM_NONE
+            return (
+                perm & Perm.CONSISTENT_READ,
+                cow_shared | Perm.CONSISTENT_READ | Perm.WRITE_UNCHANGED,
+            )
+        if cls is not None and cls.supports_backing:  # a format's metadata child
+            need = perm | Perm.CONSISTENT_READ
+            if not parent.read_only:
+                need |= Perm.WRITE | Perm.RESIZE
+            return need, shared & ~(Perm.WRITE | Perm.RESIZE)
+        return perm, shared  # filters and raw pass their parents' needs through
+
+    def _plan(self) -> dict[BlockNode, list[_Use]]:
+        uses: dict[BlockNode, list[_Use]] = {}
+        done: dict[BlockNode, tuple[Perm, Perm]] = {}
+
+        def cumulative(node: BlockNode) -> tuple[Perm, Perm]:
+            if node in done:
+                return done[node]
+            mine = [_Use(u.description, u.child_name, u.perm, u.shared) for u in node.users]
+            for parent in dict.fromkeys(node.parents):
+                p_perm, p_shared = cumulative(parent)
+                for role, child in parent.children.items():
+                    if child is node:
+                        perm, shared = self._link_perms(parent, role, p_perm, p_shared)
+                        mine.append(_Use(f"node '{parent.name}'", role, perm, shared))
+            if node.options.get("force-share"):
+                mine = [replace(use, shared=PERM_ALL) for use in mine]
+            total_perm, total_shared = PERM_NONE, PERM_ALL
+            for use in mine:
+                total_perm |= use.perm
+                total_shared &= use.shared
+            uses[node] = mine
+            done[node] = (total_perm, total_shared)
+            return done[node]
+
+        for node in self.nodes.values():
+            cumulative(node)
+        return uses
+
+    def refresh_permissions(self) -> None:
+        """Recompute every node's permissions, check them, then update lock bytes.
+
+        Raises:
+            RequestError: ``Block node is read-only`` or a permission conflict (4.6).
+            HostError: another process holds a lock byte we need; nothing changed.
+        """
+        plan = self._plan()
+        totals: dict[BlockNode, tuple[Perm, Perm]] = {}
+        for node, uses in plan.items():
+            perm, shared = PERM_NONE, PERM_ALL
+            for use in uses:
+                perm |= use.perm
+                shared &= use.shared
+            if perm & _WRITES and node.read_only:
+                raise RequestError("Block node is read-only")
+            for a in uses:
+                for b in uses:
+                    if a is not b and b.perm & ~a.shared:
+                        raise RequestError(
+                            f"Permission conflict on node '{node.name}': permissions "
+                            f"'{perm_names(b.perm & ~a.shared)}' are both required by "
+                            f"{b.description} (uses node '{node.name}' as '{b.child_name}' "
+                            f"child) and unshared by {a.description} (uses node "
+                            f"'{node.name}' as '{a.child_name}' child)."
+                        )
+            totals[node] = (perm, shared)
+        changed: list[tuple[Any, Perm, Perm]] = []
+        try:
+            for node, (perm, shared) in totals.items():
+                locks = getattr(getattr(node, "driver", None), "locks", None)
+                if locks is None:
+                    continue
+                if (locks.perm, locks.unshared) == (perm, PERM_ALL & ~shared):
+                    continue
+                locks.check(perm, shared)
+                changed.append((locks, locks.perm, PERM_ALL & ~locks.unshared))
+                locks.apply(perm, shared)
+        except (LockError, OSError) as exc:
+            for locks, perm, shared in reversed(changed):
+                locks.apply(perm, shared)
+            if isinstance(exc, LockError):
+                raise HostError(str(exc)) from exc
+            raise HostError.from_oserror(exc) from exc
+        for node, (perm, shared) in totals.items():
+            node.perm, node.shared = perm, shared
+
+    def add_user(self, node: BlockNode, user: NodeUser) -> None:
+        """Let ``user`` use ``node`` with its permissions.
+
+        Raises:
+            RequestError, HostError: as :meth:`refresh_permissions`; ``user`` is not added.
+        """
+        node.users.append(user)
+        try:
+            self.refresh_permissions()
+        except BaseException:
+            node.users.remove(user)
+            raise
+
+    async def remove_user(self, node: BlockNode, user: NodeUser) -> None:
+        """Drop ``user``; closes ``node`` if that was its last reference."""
+        if user in node.users:
+            node.users.remove(user)
+            with trio.CancelScope(shield=True):
+                await self._unref(node)
+            self.refresh_permissions()
+
+    # -- frozen links ----------------------------------------------------------------
+
+    @staticmethod
+    def _chain_links(top: BlockNode, base: BlockNode | None) -> Iterator[tuple[BlockNode, str]]:
+        node: BlockNode | None = top
+        while node is not None and node is not base:
+            role = node.child_role if node.is_filter else "backing"
+            child = node.children.get(role)
+            if child is None:
+                return
+            yield node, role
+            node = child
+
+    def freeze_chain(self, top: BlockNode, base: BlockNode | None) -> None:
+        """Freeze every filter/backing link from ``top`` down to ``base`` (exclusive).
+
+        Raises:
+            RequestError: ``Cannot change '<role>' link from '<a>' to '<b>'`` when a link
+                is frozen already, ``Cannot freeze '<role>' link to '<b>'`` for a node that
+                must never be frozen. Nothing is frozen then.
+        """
+        links = list(self._chain_links(top, base))
+        for node, role in links:
+            if role in node.frozen:
+                child = node.children[role]
+                raise RequestError(
+                    f"Cannot change '{role}' link from '{node.name}' to '{child.name}'"
+                )
+        for node, role in links:
+            child = node.children[role]
+            if child.never_freeze:
+                raise RequestError(f"Cannot freeze '{role}' link to '{child.name}'")
+        for node, role in links:
+            node.frozen.add(role)
+
+    def unfreeze_chain(self, top: BlockNode, base: BlockNode | None) -> None:
+        """Undo :meth:`freeze_chain` for the same ``top`` and ``base``."""
+        for node, role in list(self._chain_links(top, base)):
+            node.frozen.discard(role)
+
+    # -- graph changes ---------------------------------------------------------------
+
+    async def set_child(self, parent: BlockNode, role: str, child: BlockNode | None) -> None:
+        """Make ``child`` the ``role`` child of ``parent`` (``None`` removes the link).
+
+        The old child loses a reference (and is closed when that was its last).
+
+        Raises:
+            RequestError: the link is frozen, a cycle, or a permission problem; nothing
+                changed then.
+        """
+        old = parent.children.get(role)
+        if old is child:
+            return
+        if role in parent.frozen and old is not None:
+            target = child.name if child is not None else ""
+            raise RequestError(
+                f"Cannot change frozen '{role}' link from '{parent.name}' to '{target}'"
+            )
+        if child is not None:
+            self._check_cycle(parent, role, child)
+        self._detach(parent, role)
+        if child is not None:
+            self._attach(parent, role, child)
+        try:
+            self.refresh_permissions()
+        except BaseException:
+            self._detach(parent, role)
+            if old is not None:
+                self._attach(parent, role, old)
+            raise
+        if old is not None:
+            with trio.CancelScope(shield=True):
+                await self._unref(old)
+
+    def _move_parents(self, old: BlockNode, new: BlockNode, *, skip: BlockNode | None) -> None:
+        moves = [
+            (parent, role)
+            for parent in list(old.parents)
+            if parent is not skip
+            for role, child in parent.children.items()
+            if child is old
+        ]
+        for parent, role in moves:
+            if role in parent.frozen:
+                raise RequestError(f"Cannot change '{role}' link to '{old.name}'")
+        for parent, role in moves:
+            self._detach(parent, role)
+            self._attach(parent, role, new)
+
+    async def insert_filter(self, options: Mapping[str, Any], above: BlockNode) -> BlockNode:
+        """Open filter ``options`` (its child being ``above``) and give it every parent of
+        ``above``. Without ``node-name`` the filter gets a generated name.
+
+        Raises:
+            QMPError: the filter cannot be opened or the parents cannot move (frozen
+                links, permissions); the graph is unchanged then.
+        """
+        filt = await self._open(options, _Inherit(read_only=above.read_only))
+        filt.users.append(NodeUser("graph change", "insert"))  # holds it while moving
+        try:
+            self._move_parents(above, filt, skip=filt)
+            self.refresh_permissions()
+        except BaseException:
+            self._move_parents(filt, above, skip=None)
+            filt.users.clear()
+            with trio.CancelScope(shield=True):
+                await self._unref(filt)
+            self.refresh_permissions()
+            raise
+        filt.users.clear()
+        return filt
+
+    async def remove_filter(self, filt: BlockNode) -> None:
+        """Give the parents of filter ``filt`` back to its child and close the filter.
+
+        Raises:
+            RequestError: a parent link is frozen or permissions refuse; nothing changed.
+        """
+        below = filt.file
+        if below is not None:
+            self._move_parents(filt, below, skip=None)
+        with trio.CancelScope(shield=True):
+            await self._unref(filt)
+        self.refresh_permissions()
+
+    async def reopen(self, node: BlockNode, *, read_only: bool) -> None:
+        """Reopen ``node`` read-only or read-write, with the children (not backing) that
+        inherited its mode; explicitly set children keep theirs.
+
+        Raises:
+            RequestError: ``Block node is read-only`` (a child set read-only explicitly)
+                or a permission conflict; the old mode stays then.
+            HostError: a file cannot be reopened in the new mode.
+        """
+        targets = [node]
+        stack = [node]
+        while stack:
+            current = stack.pop()
+            for role, child in current.children.items():
+                inherits = child in self._inherits_ro
+                if role != "backing" and inherits and child not in targets:
+                    targets.append(child)
+                    stack.append(child)
+        old = {n: n.read_only for n in targets}
+        changed = [n for n in targets if n.read_only != read_only]
+        if read_only:
+            for n in changed:
+                n.read_only = True
+            self.refresh_permissions()
+        reopened: list[BlockNode] = []
+        try:
+            for n in reversed(changed) if not read_only else changed:
+                hook = getattr(n.driver, "reopen", None)
+                if hook is not None:
+                    await hook(read_only)
+                    reopened.append(n)
+                n.read_only = read_only
+            if not read_only:
+                self.refresh_permissions()
+        except BaseException:
+            for n in reversed(reopened):
+                hook = getattr(n.driver, "reopen", None)
+                if hook is not None:
+                    with trio.CancelScope(shield=True):
+                        await hook(old[n])
+            for n, value in old.items():
+                n.read_only = value
+            self.refresh_permissions()
+            raise
+        for n in changed:
+            n.options["read-only"] = read_only

@@ -17,10 +17,32 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from blockd.block.driver import BlockStatus, Driver, Status
+from blockd.block.locking import PERM_ALL, PERM_NONE, Perm
+from blockd.errors import RequestError
 
 
 def _error(code: int) -> OSError:
     return OSError(code, os.strerror(code))
+
+
+@dataclass(eq=False)
+class NodeUser:
+    """A user of a node that is not another node: a job's hold on it, an export.
+
+    Users take part in the permission check (QEMU §4.6): every user of a node must share
+    what the others use. Add and remove them with ``Graph.add_user``/``remove_user``.
+
+    Attributes:
+        description: how conflict messages name the user (``stream job 'job0'``).
+        child_name: the role it uses the node in (``main node``, ``intermediate node``).
+        perm: the permissions it uses.
+        shared: the permissions it lets others use.
+    """
+
+    description: str
+    child_name: str
+    perm: Perm = PERM_NONE
+    shared: Perm = PERM_ALL
 
 
 @dataclass(eq=False)
@@ -37,7 +59,15 @@ class BlockNode:
         implicit_backing: the backing child was opened from the image header (not given
             in ``backing``), which changes how ``base`` names are matched.
         blockers: reasons operations on this node are refused (``"block device is in use
-            by block job: stream"``); empty when free.
+            by block job: stream"``); empty when free. See :meth:`block`.
+        users: non-node users (jobs), part of the permission check.
+        frozen: roles of child links that must not change (``backing`` of a streamed
+            chain); the graph refuses to replace or detach them.
+        never_freeze: links to this node cannot be frozen (a commit job's filter).
+        child_role: the role of the child the driver reads from (its ``child_role``),
+            set by the graph before the driver opens.
+        perm, shared: the node's cumulative permissions, as the graph last computed
+            them from all its parents and users.
     """
 
     name: str
@@ -49,13 +79,48 @@ class BlockNode:
     monitor_owned: bool = False
     implicit_backing: bool = False
     blockers: list[str] = field(default_factory=list)
+    users: list[NodeUser] = field(default_factory=list)
+    frozen: set[str] = field(default_factory=set)
+    never_freeze: bool = False
+    child_role: str = "file"
+    perm: Perm = PERM_NONE
+    shared: Perm = PERM_ALL
+
+    # -- blockers ---------------------------------------------------------------------
+
+    def block(self, reason: str) -> None:
+        """Refuse operations on this node (``blockdev-del``, new jobs) for ``reason``.
+
+        Each call must be paired with one :meth:`unblock` with the same reason.
+        """
+        self.blockers.append(reason)
+
+    def unblock(self, reason: str) -> None:
+        """Remove one blocker added with ``reason`` (no-op when there is none)."""
+        if reason in self.blockers:
+            self.blockers.remove(reason)
+
+    def check_not_busy(self, display_name: str | None = None) -> None:
+        """Raise ``Node '<name>' is busy: <reason>`` when a blocker is set.
+
+        Raises:
+            RequestError: QEMU's text with the first blocker's reason.
+        """
+        if self.blockers:
+            name = self.name if display_name is None else display_name
+            raise RequestError(f"Node '{name}' is busy: {self.blockers[0]}")
+
+    @property
+    def in_use(self) -> bool:
+        """Another node or a user references this node (``blockdev-del`` refuses it)."""
+        return bool(self.parents) or bool(self.users)
 
     # -- topology -------------------------------------------------------------------
 
     @property
     def file(self) -> BlockNode | None:
         """The child the driver reads its data from (``file`` or ``image``)."""
-        return self.children.get(self.driver.child_role) if hasattr(self, "driver") else None
+        return self.children.get(self.child_role)
 
     @property
     def backing(self) -> BlockNode | None:

@@ -1,1 +1,19 @@
-"""Block drivers, one module each; ``DRIVERS`` maps QMP driver names to classes."""
+"""Block drivers, one module each; ``DRIVERS`` maps QMP driver names to classes.
+
+A new driver registers itself with one additive line below (import and table entry).
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+from blockd.block.driver import Driver
+from blockd.block.drivers.file import FileDriver
+from blockd.block.drivers.qcow2 import Qcow2Driver
+from blockd.block.drivers.raw import RawDriver
+
+DRIVERS: Final[dict[str, type[Driver]]] = {
+    "file": FileDriver,
+    "raw": RawDriver,
+    "qcow2": Qcow2Driver,
+}

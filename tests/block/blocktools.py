@@ -1,0 +1,50 @@
+"""Helpers of the block-layer tests: the real ``qemu-img``/``qemu-io`` with timeouts.
+
+Imported as ``blocktools`` (pytest puts this directory on ``sys.path``).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+from typing import Any
+
+TIMEOUT = 30
+
+
+def run_tool(
+    *args: str | Path, check: bool = True, cwd: Path | None = None
+) -> subprocess.CompletedProcess[str]:
+    """Run ``args`` (``qemu-img``/``qemu-io``) and return the finished process."""
+    result = subprocess.run(
+        [str(a) for a in args], capture_output=True, text=True, timeout=TIMEOUT, cwd=cwd
+    )
+    if check and result.returncode != 0:
+        raise AssertionError(f"{args!r} failed: {result.stdout}{result.stderr}")
+    return result
+
+
+def qemu_img(*args: str | Path, check: bool = True) -> subprocess.CompletedProcess[str]:
+    return run_tool("qemu-img", *args, check=check)
+
+
+def qemu_io(*args: str | Path, check: bool = True) -> subprocess.CompletedProcess[str]:
+    return run_tool("qemu-io", *args, check=check)
+
+
+def image_info(path: Path, *, force_share: bool = True) -> dict[str, Any]:
+    """``qemu-img info --output=json`` of ``path``."""
+    args = ["info", "--output=json", *(["-U"] if force_share else []), str(path)]
+    info: dict[str, Any] = json.loads(qemu_img(*args).stdout)
+    return info
+
+
+def write_pattern(path: Path, fmt: str, offset: int, length: int, pattern: int) -> None:
+    """``qemu-io -c 'write -P pattern offset length'`` on ``path``."""
+    qemu_io("-f", fmt, "-c", f"write -P {pattern} {offset} {length}", str(path))
+
+
+def file_ref(path: Path) -> dict[str, Any]:
+    """Inline options of a ``file`` node over ``path``."""
+    return {"driver": "file", "filename": str(path)}
