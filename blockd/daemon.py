@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import trio
 
 from blockd.block.graph import Graph
 from blockd.events import EventBus
 from blockd.jobs.manager import JobManager
+
+if TYPE_CHECKING:
+    from blockd.qmp.schema import Schema
 
 
 class Daemon:
@@ -14,20 +19,51 @@ class Daemon:
 
     Use :meth:`run` as the body of the daemon's top-level task: it gives the job manager
     its nursery and, on shutdown, cancels jobs and closes every image.
+
+    Args:
+        schema: the QMP schema; loaded from ``schema/`` on first use when not given.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, schema: Schema | None = None) -> None:
         self.events = EventBus()
         self.graph = Graph(self.events)
         self.jobs = JobManager(self.events)
+        self._schema = schema
         self._shutdown = trio.Event()
+
+    @property
+    def schema(self) -> Schema:
+        """The QMP contract (``schema/``), loaded once."""
+        if self._schema is None:
+            from blockd.qmp.schema import Schema
+
+            self._schema = Schema.load()
+        return self._schema
 
     def request_shutdown(self) -> None:
         """Ask the daemon to stop (``quit``, SIGTERM); returns at once."""
         self._shutdown.set()
 
+    @property
+    def shutdown_requested(self) -> bool:
+        return self._shutdown.is_set()
+
     async def wait_shutdown(self) -> None:
         await self._shutdown.wait()
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Own the job nursery until shutdown is requested, then :meth:`aclose`.
+
+        Reports started once jobs can be run. Returns after every job has ended and every
+        image is closed. Cancelled from outside, it still cancels the jobs (they live in
+        its nursery) but images are then closed only if :meth:`aclose` is called.
+        """
+        async with trio.open_nursery() as nursery:
+            self.jobs.attach(nursery)
+            task_status.started()
+            await self.wait_shutdown()
+            await self.aclose()
+            nursery.cancel_scope.cancel()
 
     async def aclose(self) -> None:
         """Cancel running jobs, then flush and close every node."""

@@ -1,0 +1,46 @@
+"""Shared test configuration. The rules every test follows, so that the suite is
+deterministic and fast:
+
+1. **No real sleeping in unit tests.** Code that waits on time takes a clock or runs under
+   pytest-trio's ``autojump_clock``; ``trio.sleep`` in a test body is only for the fake clock.
+2. **Every real I/O wait is bounded**: ``with trio.fail_after(...)`` around socket and
+   subprocess waits, ``timeout=`` on ``subprocess.run``. A hang is a failure, not a stuck CI.
+3. **Everything lives in ``tmp_path``**: images, sockets (short paths: a UNIX socket path
+   has at most 107 bytes, see the ``sock_dir`` fixture), pidfiles. No fixed paths, no
+   ``/tmp`` names that two runs could share, no network.
+4. **Judge with the real tools**: images are made with ``qemu-img``/``qemu-io`` and results
+   checked with ``qemu-img check``/``compare``/``map``/``info --output=json``; protocol
+   behaviour is checked over real UNIX sockets and with real clients (``qemu.qmp``,
+   ``qmp-shell``). Fakes (memory drivers, blkdebug rules) serve unit tests only.
+5. **No hidden order or randomness**: tests do not depend on each other or on the order
+   they run in; hypothesis runs derandomized (the ``ci`` profile below) so a failure
+   reproduces.
+6. **Processes are always reaped**: a test that starts a daemon stops it in a ``finally``
+   (or a fixture) and waits for it, so no daemon outlives its test.
+7. **Pure modules stay pure**: the protocol core and the other pure modules are tested
+   without trio, from tables; trio tests use trio mode (``async def test_...``).
+8. **Warnings are errors** (``pyproject.toml``): fix the cause, do not filter it.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from hypothesis import settings
+
+settings.register_profile("ci", derandomize=True, deadline=None, max_examples=200)
+settings.load_profile("ci")
+
+
+@pytest.fixture
+def sock_dir() -> Iterator[Path]:
+    """A short private directory for UNIX sockets (``tmp_path`` may be too long)."""
+    path = Path(tempfile.mkdtemp(prefix="blockd-"))
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
