@@ -272,7 +272,8 @@ class Graph:
             try:
                 self._check_cycle(node, "backing", child)
             except RequestError:
-                await self._unref(child)
+                if not isinstance(ref, str):
+                    await self._unref(child)
                 raise
         else:
             header = node.driver.header_backing()
@@ -343,8 +344,8 @@ class Graph:
 
     async def _unref(self, node: BlockNode) -> None:
         """Drop a reference; close ``node`` (then its orphaned children) when none is left."""
-        if node.parents or node.users or node.monitor_owned:
-            return
+        if node.parents or node.users or node.monitor_owned or node not in self._classes:
+            return  # still referenced, or closed already
         if self.nodes.get(node.name) is node:
             del self.nodes[node.name]
         self._classes.pop(node, None)

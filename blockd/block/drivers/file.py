@@ -181,6 +181,9 @@ class FileDriver(Driver):
             hole = end
         return BlockStatus(data_flags, max(1, min(hole, end) - offset), offset, self.node)
 
+    def image_info(self) -> dict[str, Any]:
+        return {"format-specific": {"type": "file", "data": {}}}
+
     async def close(self) -> None:
         if self.fd >= 0:
             fd, self.fd = self.fd, -1
