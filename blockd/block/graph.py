@@ -14,8 +14,9 @@ every node the call opened and leaves the graph as it was.
 **Names** (§6.1). A top-level node must have a ``node-name``; nested nodes without one
 get ``#block<counter><2 random digits>``. Names are unique, well formed and short.
 
-**Inheritance.** Children inherit ``read-only``, ``auto-read-only``, ``cache`` and
-``discard`` unless they set them; backing nodes are read-only unless they say otherwise.
+**Inheritance.** Children inherit ``read-only``, ``auto-read-only``, ``cache``,
+``discard`` and ``force-share`` unless they set them; backing nodes are read-only unless
+they say otherwise.
 
 **References.** A node lives while anything holds it: the monitor (top-level
 ``blockdev-add``), parent nodes (one per link) or users. When the last reference goes the
@@ -88,6 +89,7 @@ class _Inherit:
     auto_read_only: bool = False
     cache: Mapping[str, bool] | None = None
     discard: str | None = None
+    force_share: bool = False
 
 
 @dataclass(frozen=True)
@@ -204,6 +206,8 @@ class Graph:
         opts = dict(options)
         opts.setdefault("read-only", inherit.read_only)
         opts.setdefault("auto-read-only", inherit.auto_read_only)
+        if inherit.force_share:
+            opts.setdefault("force-share", True)
         if inherit.discard is not None:
             opts.setdefault("discard", inherit.discard)
         cache = dict(inherit.cache or {})
@@ -220,7 +224,11 @@ class Graph:
                 "operation to unmap"
             )
         child_inherit = _Inherit(
-            read_only, bool(opts["auto-read-only"]), cache or None, opts.get("discard")
+            read_only,
+            bool(opts["auto-read-only"]),
+            cache or None,
+            opts.get("discard"),
+            bool(opts.get("force-share", False)),
         )
 
         child: BlockNode | None = None

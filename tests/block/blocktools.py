@@ -48,3 +48,21 @@ def write_pattern(path: Path, fmt: str, offset: int, length: int, pattern: int) 
 def file_ref(path: Path) -> dict[str, Any]:
     """Inline options of a ``file`` node over ``path``."""
     return {"driver": "file", "filename": str(path)}
+
+
+SCHEMA_DIR = Path(__file__).resolve().parents[2] / "schema"
+
+
+def schema_errors(relative: str, instance: Any) -> list[str]:
+    """Messages of ``instance`` failing ``schema/<relative>`` (jsonschema, file refs)."""
+    from jsonschema import Draft202012Validator
+    from referencing import Registry, Resource
+    from referencing.jsonschema import DRAFT202012
+
+    resources = [
+        (path.as_uri(), Resource.from_contents(json.loads(path.read_text()), DRAFT202012))
+        for path in SCHEMA_DIR.rglob("*.json")
+    ]
+    registry: Registry[Any] = Registry().with_resources(resources)
+    validator = Draft202012Validator({"$ref": (SCHEMA_DIR / relative).as_uri()}, registry=registry)
+    return [error.message for error in validator.iter_errors(instance)]
