@@ -93,24 +93,19 @@ def backing_chain_next(node: BlockNode) -> BlockNode | None:
     return below.skip_filters() if below is not None else None
 
 
-def find_overlay(top: BlockNode, base: BlockNode) -> BlockNode | None:
-    """The image (non-filter) whose COW child leads, through filters, to ``base``.
+def find_overlay(top: BlockNode, base: BlockNode | None) -> BlockNode | None:
+    """The image above ``base`` on ``top``'s chain (QEMU's ``bdrv_find_overlay``).
 
-    Returns ``None`` when ``base`` is not below ``top``.
+    Filters are skipped on both sides. With ``base`` ``None`` this is the lowest image of
+    the chain. Returns ``None`` when ``base`` is not below ``top``.
     """
+    wanted = base.skip_filters() if base is not None else None
     node: BlockNode | None = top.skip_filters()
     while node is not None:
-        below = node.backing
-        if below is None:
-            return None
-        walk: BlockNode | None = below
-        while walk is not None:
-            if walk is base:
-                return node
-            if not walk.is_filter:
-                break
-            walk = walk.file
-        node = below.skip_filters()
+        below = backing_chain_next(node)
+        if below is wanted:
+            return node
+        node = below
     return None
 
 

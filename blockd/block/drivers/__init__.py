@@ -8,6 +8,8 @@ from __future__ import annotations
 from typing import Final
 
 from blockd.block.driver import Driver
+from blockd.block.drivers.blkdebug import BlkdebugDriver
+from blockd.block.drivers.copy_on_read import CopyOnReadDriver
 from blockd.block.drivers.file import FileDriver
 from blockd.block.drivers.qcow2 import Qcow2Driver
 from blockd.block.drivers.raw import RawDriver
@@ -16,4 +18,6 @@ DRIVERS: Final[dict[str, type[Driver]]] = {
     "file": FileDriver,
     "raw": RawDriver,
     "qcow2": Qcow2Driver,
+    "blkdebug": BlkdebugDriver,
+    "copy-on-read": CopyOnReadDriver,
 }

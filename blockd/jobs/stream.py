@@ -1,0 +1,236 @@
+"""The ``stream`` job: copy a backing chain's data into its top image, then drop it.
+
+Theory of operation (QEMU behaviour §4.4; QEMU's ``block/stream.c``):
+
+* Names. *top* is the node being filled (``device``, filters skipped). *base-overlay*
+  is the lowest image whose data is copied; *above-base* the node (filters counted)
+  directly above the base. With ``bottom`` both are the bottom node. The base itself is
+  never read by the job and never changes.
+* Setup (in :mod:`blockd.commands.stream`): a ``copy-on-read`` filter with
+  ``bottom = base-overlay`` is inserted above the top and takes over all its parents;
+  the filter, the top and every node down to (not including) the base are blocked.
+* Run: the image is walked in steps of at most :data:`STREAM_CHUNK` bytes. A range the
+  top already stores is skipped; a range some layer from the top's backing down to the
+  base-overlay stores is copied by a prefetch read through the filter; a range nobody
+  above the base stores is skipped. Reaching the end of a shorter backing chain skips
+  the rest. Progress counts skipped bytes; only copied bytes are charged to the rate
+  limit. Errors go through the ``on-error`` policy (``stop`` retries the same offset
+  after the resume; ``ignore`` remembers the first error and goes on).
+* Prepare (success only): the copied data is flushed to stable storage first; then the
+  filter is removed, the top's backing link moves to the node below above-base (none
+  for a full stream) and the top's header gets the new backing file name and format.
+* Clean (always): the filter is removed if still there, the blockers are lifted, a
+  top that was read-only is made read-only again.
+"""
+
+from __future__ import annotations
+
+import errno
+from typing import TYPE_CHECKING, Any, ClassVar, Final
+
+import trio
+
+from blockd.block import chain
+from blockd.block.drivers.copy_on_read import CopyOnReadDriver
+from blockd.block.locking import PERM_ALL, PERM_NONE, Perm
+from blockd.block.node import BlockNode, NodeUser
+from blockd.jobs.job import Job
+
+if TYPE_CHECKING:
+    from blockd.block.graph import Graph
+    from blockd.jobs.manager import JobManager
+
+#: the most bytes one step of the run loop examines (QEMU's ``STREAM_CHUNK``)
+STREAM_CHUNK: Final = 512 * 1024
+
+#: the blocker reason put on every node the job holds (QEMU behaviour §4.4 step 5)
+BLOCKER: Final = "block device is in use by block job: stream"
+
+_BASIC: Final = Perm.CONSISTENT_READ | Perm.WRITE_UNCHANGED
+
+
+def backing_format(node: BlockNode, mask_protocol: bool) -> str:
+    """The format name recorded for ``node`` as a backing file (§4.4 prepare 4)."""
+    if mask_protocol and node.is_protocol:
+        return "raw"
+    return node.drv
+
+
+class StreamJob(Job):
+    """One block-stream job; built, held and started by the ``block-stream`` handler.
+
+    Args:
+        manager: the job manager.
+        job_id: the job's id.
+        graph: the block graph (for the filter and backing-link changes).
+        target: the ``device`` node (the filter's child).
+        filter_node: the inserted copy-on-read filter; its links down to
+            ``base_overlay`` are frozen by the caller and unfrozen by the job.
+        base_overlay: the lowest image whose data is copied.
+        above_base: the node directly above the base (filters counted).
+        backing_file: the header string to write instead of the base's filename.
+        backing_mask_protocol: write ``raw`` for a protocol base.
+        read_only: the target was read-only and was reopened read-write.
+    """
+
+    job_type: ClassVar[str] = "stream"
+
+    def __init__(
+        self,
+        manager: JobManager,
+        job_id: str,
+        *,
+        graph: Graph,
+        target: BlockNode,
+        filter_node: BlockNode,
+        base_overlay: BlockNode,
+        above_base: BlockNode,
+        backing_file: str | None = None,
+        backing_mask_protocol: bool = False,
+        read_only: bool = False,
+        **job_options: Any,
+    ) -> None:
+        super().__init__(manager, job_id, **job_options)
+        self.graph = graph
+        self.target = target
+        self.filter_node: BlockNode | None = filter_node
+        self.base_overlay = base_overlay
+        self.above_base = above_base
+        self.backing_file = backing_file
+        self.backing_mask_protocol = backing_mask_protocol
+        self.read_only = read_only
+        self._holds: list[tuple[BlockNode, NodeUser]] = []
+        self._frozen = False
+
+    # -- setup -----------------------------------------------------------------------
+
+    def freeze(self) -> None:
+        """Freeze the links from the filter down to the base-overlay, as the filter's
+        ``bottom`` does in QEMU; the link from the base-overlay to the base stays free.
+
+        Raises:
+            RequestError: a link is frozen already or must not be frozen.
+        """
+        assert self.filter_node is not None
+        self.graph.freeze_chain(self.filter_node, self.base_overlay)
+        self._frozen = True
+
+    def hold(self) -> None:
+        """Take the job's permissions and block the nodes it holds (§4.4 steps 4-5):
+        the filter, the top and every node strictly between the top and the base.
+
+        Raises:
+            RequestError: a permission conflict; whatever was taken is given back
+                (call :meth:`release` anyway, it is idempotent).
+        """
+        assert self.filter_node is not None
+        who = f"stream job '{self.id}'"
+        self._take(self.filter_node, NodeUser(who, "main node", PERM_NONE, PERM_ALL))
+        reader = NodeUser(who, "stream", Perm.CONSISTENT_READ, _BASIC | Perm.WRITE)
+        self._take(self.filter_node, reader)
+        self._take(self.target, NodeUser(who, "active node", PERM_NONE, _BASIC | Perm.WRITE))
+        base = self.above_base.filtered
+        walk = self.target.filtered
+        while walk is not None and walk is not base:
+            self._take(walk, NodeUser(who, "intermediate node", PERM_NONE, _BASIC))
+            walk = walk.filtered
+
+    def _take(self, node: BlockNode, user: NodeUser) -> None:
+        self.graph.add_user(node, user)
+        self._holds.append((node, user))
+        if not any(held is node for held, _ in self._holds[:-1]):
+            node.block(BLOCKER)
+
+    async def release(self) -> None:
+        """Give back every permission and blocker (idempotent)."""
+        holds, self._holds = self._holds, []
+        seen: list[BlockNode] = []
+        for node, user in reversed(holds):
+            if not any(n is node for n in seen):
+                node.unblock(BLOCKER)
+                seen.append(node)
+            await self.graph.remove_user(node, user)
+
+    async def drop_filter(self) -> None:
+        """Unfreeze the filter's chain and take the filter out of the graph (idempotent)."""
+        filt, self.filter_node = self.filter_node, None
+        if filt is None:
+            return
+        if self._frozen:
+            self._frozen = False
+            self.graph.unfreeze_chain(filt, self.base_overlay)
+        for node, user in [h for h in self._holds if h[0] is filt]:
+            self._holds.remove((node, user))
+            await self.graph.remove_user(node, user)
+        filt.unblock(BLOCKER)
+        await self.graph.remove_filter(filt)
+
+    # -- run -------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        top = self.target.skip_filters()
+        if top is self.base_overlay:
+            return  # nothing to stream: len and offset stay 0
+        length = self.target.length()
+        self.set_total(length)
+        assert self.filter_node is not None
+        cor = self.filter_node.driver
+        assert isinstance(cor, CopyOnReadDriver)
+        offset = 0
+        while offset < length:
+            await self.rate_limit_sleep()  # also the pause and cancel point
+            copy = False
+            n = min(STREAM_CHUNK, length - offset)
+            try:
+                allocated, n = await chain.is_allocated(top, offset, STREAM_CHUNK)
+                if not allocated:
+                    # reference: stream_run: copy if a layer down to base_overlay has it
+                    copy, n = await chain.is_allocated_above(
+                        top.backing, self.base_overlay, True, offset, n
+                    )
+                    if not copy and n == 0:
+                        n = length - offset  # the end of a shorter backing chain
+                if copy:
+                    await cor.prefetch(offset, n)
+            except OSError as exc:
+                action = await self.handle_io_error(exc)
+                if action == "retry":
+                    continue
+                if action == "report":
+                    return  # the engine fails the job with the remembered error
+            offset += n
+            self.advance(n)
+            if copy:
+                self.charge(n)
+
+    # -- completion ------------------------------------------------------------------
+
+    async def prepare(self) -> None:
+        top = self.target.skip_filters()
+        # Stable storage first: the header must never name the new backing file while
+        # data copied from the old chain could still be lost.
+        await top.flush()
+        await self.drop_filter()
+        if top.backing is None:
+            return
+        base = self.above_base.filtered
+        image = base.skip_filters() if base is not None else None
+        name: str | None = None
+        fmt: str | None = None
+        if image is not None:
+            name = self.backing_file if self.backing_file is not None else image.filename
+            fmt = backing_format(image, self.backing_mask_protocol)
+        try:
+            await self.graph.set_child(top, "backing", base)
+        except Exception as exc:
+            raise OSError(errno.EPERM, "Operation not permitted") from exc
+        with trio.CancelScope(shield=True):
+            await top.driver.change_backing_file(name, fmt)
+            await top.flush()
+
+    async def clean(self) -> None:
+        with trio.CancelScope(shield=True):
+            await self.drop_filter()
+            await self.release()
+            if self.read_only:
+                await self.graph.reopen(self.target, read_only=True)
