@@ -1,0 +1,667 @@
+"""The benchmark: blockd against qemu-storage-daemon, interleaved, medians, ratios (issue 6).
+
+    python -m benchmarks.run --quick            # under a minute: 64 MiB chains, 2 reps
+    python -m benchmarks.run                    # 1 GiB chains, 5 reps, scale up to 4 GiB
+    python -m benchmarks.run --qsd /usr/bin/qemu-storage-daemon --json out.json
+
+Theory of operation: inputs are built once (benchmarks/chains.py) and only read; each
+timed run streams a fresh copy of top in a fresh daemon process (benchmarks/figures.py).
+For every repetition, every test runs on the reference and then on blockd (A B A B ...),
+so slow drifts of the machine hit both alike; each figure is the median over the
+repetitions. A daemon that lacks a command a test needs (blockd before block-stream
+landed) is reported as unavailable for that test; a run that fails is reported as failed
+and the test is not retried on that daemon. Nothing is ever estimated or filled in.
+Progress goes to stderr; the table to stdout, and its last line is the summary.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+if __package__ in (None, ""):  # run as a script: python benchmarks/run.py
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks import figures
+from benchmarks.chains import Chain, GiB, MiB, build_chain, clone_chain
+from benchmarks.daemons import (
+    Daemon,
+    DaemonSpec,
+    blockd_spec,
+    default_reference,
+    reference_spec,
+)
+from benchmarks.noise import free_bytes, mem_available
+
+REPO = Path(__file__).resolve().parent.parent
+Record = dict[str, Any]
+
+STREAM_CMDS = frozenset({"blockdev-add", "blockdev-del", "block-stream"})
+RATE_CMDS = STREAM_CMDS | {"query-block-jobs"}
+QMP_CMDS = frozenset({"query-block-jobs"})
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What one invocation measures."""
+
+    quick: bool
+    reps: int
+    size: int  # figures 1 and 2
+    rate_size: int  # figure 3
+    speed: int  # figure 3
+    qmp_sequential: int  # figure 4
+    qmp_per_client: int  # figure 4, each of 10 clients
+    streams: int  # figure 5
+    stream_size: int  # figure 5, each chain
+    scale_sizes: tuple[int, ...]  # figure 7
+    verify: str  # "first" (first repetition only), "all" or "none"
+    figures: frozenset[int]
+    seed: int
+
+
+DaemonRun = Callable[[DaemonSpec, bool], Record]  # (daemon, verify outputs) -> record
+HostRun = Callable[[], Record]
+
+
+@dataclass
+class Test:
+    """One test: run against each daemon (``daemon_run``) or once on the host (``host_run``,
+    figure 2), with the QMP commands a daemon needs for it."""
+
+    name: str
+    figure: int
+    needs: frozenset[str] = frozenset()
+    daemon_run: DaemonRun | None = None
+    host_run: HostRun | None = None
+
+
+@dataclass
+class Outcome:
+    runs: list[Record] = field(default_factory=list)
+    failure: str | None = None
+    unavailable: str | None = None
+
+
+def _say(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+# -- setup ------------------------------------------------------------------------------------
+
+
+def probe(spec: DaemonSpec, work: Path) -> tuple[frozenset[str] | None, str]:
+    """Start ``spec`` once and ask ``query-commands``; (None, reason) if that fails."""
+    rundir = work / f"probe-{spec.key}"
+    try:
+        with Daemon(spec, rundir, timeout=30) as d, d.connect() as c:
+            names = frozenset(str(x["name"]) for x in c.execute("query-commands"))
+            return names, ""
+    except Exception as exc:
+        return None, f"{type(exc).__name__}: {exc}"
+    finally:
+        shutil.rmtree(rundir, ignore_errors=True)
+
+
+def _disk_needed(plan: Plan) -> int:
+    chains = [plan.size, plan.rate_size, *plan.scale_sizes]
+    need = int(1.6 * sum(set(chains)))  # base + mid + top of each distinct chain
+    if 5 in plan.figures:
+        need += plan.streams * int(2.6 * plan.stream_size)  # clones + their streamed tops
+    return need + 2 * max(chains) + GiB  # one run's outputs + convert/copy, and a margin
+
+
+def make_plan(args: argparse.Namespace) -> Plan:
+    quick: bool = args.quick
+    size = (args.size or (64 if quick else 1024)) * MiB
+    scale = () if quick else (256 * MiB, GiB, 4 * GiB)
+    figs = (
+        frozenset(int(x) for x in args.figures.split(","))
+        if args.figures
+        else frozenset(range(1, 8))
+    )
+    return Plan(
+        quick=quick,
+        reps=args.reps or (2 if quick else 5),
+        size=size,
+        rate_size=size if quick else 256 * MiB,
+        speed=64 * MiB,
+        qmp_sequential=500 if quick else 2000,
+        qmp_per_client=100 if quick else 500,
+        streams=16,
+        stream_size=64 * MiB,
+        scale_sizes=scale if 7 in figs else (),
+        verify=args.verify,
+        figures=figs,
+        seed=args.seed,
+    )
+
+
+# -- the measurement loop -----------------------------------------------------------------------
+
+
+def build_tests(plan: Plan, work: Path, qemu_img: str) -> list[Test]:
+    """Build the inputs and return the tests in the order each repetition runs them."""
+    inputs = work / "inputs"
+    built: dict[int, Chain] = {}
+
+    def chain(size: int) -> Chain:
+        if size not in built:
+            t0 = time.perf_counter()
+            built[size] = build_chain(inputs / f"chain-{size // MiB}M", size, seed=plan.seed)
+            _say(f"  built {size // MiB} MiB chain in {time.perf_counter() - t0:.1f} s")
+        return built[size]
+
+    def stream(ch: Chain, base_node: bool) -> DaemonRun:
+        def run(spec: DaemonSpec, verify: bool) -> Record:
+            return figures.stream_run(spec, work, ch, base_node=base_node, verify=verify)
+
+        return run
+
+    def rate(spec: DaemonSpec, verify: bool) -> Record:
+        ch = chain(plan.rate_size)
+        return figures.rate_run(spec, work, ch, speed=plan.speed, poll=0.02, verify=verify)
+
+    def qmp(spec: DaemonSpec, verify: bool) -> Record:
+        return figures.qmp_run(
+            spec, work, sequential=plan.qmp_sequential, per_client=plan.qmp_per_client
+        )
+
+    def concurrent(spec: DaemonSpec, verify: bool) -> Record:
+        return figures.concurrent_run(spec, work, clones, verify=verify)
+
+    tests: list[Test] = []
+    f = plan.figures
+    if f & {1, 6}:
+        tests.append(Test("full", 1, STREAM_CMDS, stream(chain(plan.size), False)))
+    if 1 in f:
+        tests.append(Test("to_base", 1, STREAM_CMDS, stream(chain(plan.size), True)))
+    if 2 in f:
+        main = chain(plan.size)
+        tests.append(Test("convert", 2, host_run=lambda: figures.convert_run(work, main, qemu_img)))
+        tests.append(Test("copy", 2, host_run=lambda: figures.plain_copy_run(work, main)))
+    if 3 in f:
+        chain(plan.rate_size)
+        tests.append(Test("rate", 3, RATE_CMDS, rate))
+    if 4 in f:
+        tests.append(Test("qmp", 4, QMP_CMDS, qmp))
+    clones: list[Chain] = []
+    if f & {5, 6}:
+        src = chain(plan.stream_size)
+        t0 = time.perf_counter()
+        clones += [clone_chain(src, inputs / f"clone-{i}") for i in range(plan.streams)]
+        dt = time.perf_counter() - t0
+        _say(f"  copied {plan.streams} chains of {plan.stream_size // MiB} MiB in {dt:.1f} s")
+        tests.append(Test("concurrent", 5, STREAM_CMDS, concurrent))
+    for size in plan.scale_sizes:
+        if size == plan.size and 1 in f:
+            continue  # figure 1's full stream is this point of the scale
+        free = free_bytes(work)
+        if size >= 4 * GiB and free < int(2.6 * size) + GiB:
+            _say(f"  skipping the {size // GiB} GiB scale point: {free / GiB:.1f} GiB free")
+            continue
+        tests.append(Test(f"scale_{size // MiB}", 7, STREAM_CMDS, stream(chain(size), False)))
+    return tests
+
+
+def measure(
+    plan: Plan,
+    tests: Sequence[Test],
+    daemons: Sequence[DaemonSpec],
+    commands: dict[str, frozenset[str] | None],
+    reasons: dict[str, str],
+) -> dict[str, dict[str, Outcome]]:
+    """Run every test ``plan.reps`` times, daemons interleaved; returns test -> key -> Outcome."""
+    out: dict[str, dict[str, Outcome]] = {t.name: {} for t in tests}
+    for t in tests:
+        if t.host_run is not None:
+            out[t.name]["host"] = Outcome()
+            continue
+        for d in daemons:
+            o = out[t.name][d.key] = Outcome()
+            cmds = commands[d.key]
+            if cmds is None:
+                o.unavailable = f"did not start: {reasons[d.key]}"
+            elif not t.needs <= cmds:
+                o.unavailable = "lacks " + ", ".join(sorted(t.needs - cmds))
+    for rep in range(plan.reps):
+        verify = plan.verify == "all" or (plan.verify == "first" and rep == 0)
+        for t in tests:
+            targets: list[DaemonSpec | None] = [None] if t.host_run else list(daemons)
+            for spec in targets:
+                key = "host" if spec is None else spec.key
+                o = out[t.name][key]
+                if o.unavailable or o.failure:
+                    continue
+                t0 = time.perf_counter()
+                try:
+                    if spec is None:
+                        assert t.host_run is not None
+                        rec = t.host_run()
+                    else:
+                        assert t.daemon_run is not None
+                        rec = t.daemon_run(spec, verify)
+                except figures.RunFailed as exc:
+                    o.failure = str(exc)
+                    _say(f"  rep {rep + 1} {t.name:10s} {key:9s} FAILED: {exc}")
+                    continue
+                o.runs.append(rec)
+                dt = time.perf_counter() - t0
+                _say(f"  rep {rep + 1} {t.name:10s} {key:9s} {_brief(rec)} ({dt:.1f} s)")
+    return out
+
+
+def _brief(rec: Record) -> str:
+    for k in ("virtual_mibps", "aggregate_virtual_mibps", "mibps", "readwrite_mibps"):
+        if k in rec:
+            return f"{rec[k]:.0f} MiB/s"
+    if "ratio" in rec:
+        return f"rate {rec['ratio']:.3f}"
+    if "seq_median_us" in rec:
+        return f"median {rec['seq_median_us']:.0f} us"
+    return ""
+
+
+# -- the table ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Row:
+    fig: str
+    label: str
+    test: str
+    key: str
+    fmt: str
+    target: str = ""
+
+
+def rows_for(plan: Plan, tests: Sequence[Test]) -> list[Row]:
+    names = {t.name for t in tests}
+    s = f"{plan.size // MiB} MiB"
+    r: list[Row] = []
+    if "full" in names and 1 in plan.figures:
+        r += [
+            Row(
+                "1",
+                f"full stream {s}: MiB/s of virtual size",
+                "full",
+                "virtual_mibps",
+                ".0f",
+                ">= 1.5x",
+            ),
+            Row(
+                "1",
+                f"full stream {s}: MiB/s of bytes copied",
+                "full",
+                "copied_mibps",
+                ".0f",
+                ">= 1.5x",
+            ),
+            Row("1", f"full stream {s}: seconds", "full", "seconds", ".3f"),
+        ]
+    if "to_base" in names:
+        r += [
+            Row("1", "base-node=base: MiB/s of virtual size", "to_base", "virtual_mibps", ".0f"),
+            Row("1", "base-node=base: MiB/s of bytes copied", "to_base", "copied_mibps", ".0f"),
+        ]
+    if "convert" in names:
+        r += [
+            Row("2", "qemu-img convert of the chain: MiB/s", "convert", "mibps", ".0f"),
+            Row("2", "sequential read+write (ceiling): MiB/s", "copy", "readwrite_mibps", ".0f"),
+            Row("2", "os.copy_file_range: MiB/s", "copy", "copy_file_range_mibps", ".0f"),
+        ]
+    if "rate" in names:
+        r += [
+            Row(
+                "3",
+                f"rate {plan.speed // MiB} MiB/s: achieved/requested",
+                "rate",
+                "ratio",
+                ".3f",
+                "0.98-1.02",
+            ),
+            Row("3", "rate: whole-job average/requested", "rate", "job_average_ratio", ".3f"),
+        ]
+    if "qmp" in names:
+        r += [
+            Row(
+                "4",
+                f"QMP 1 client x{plan.qmp_sequential}: median us",
+                "qmp",
+                "seq_median_us",
+                ".0f",
+                "<= 1.0x",
+            ),
+            Row("4", "QMP 1 client: p99 us", "qmp", "seq_p99_us", ".0f"),
+            Row("4", "QMP 1 client: commands/s", "qmp", "seq_cmds_per_s", ".0f"),
+            Row(
+                "4",
+                f"QMP 10 clients x{plan.qmp_per_client}: commands/s",
+                "qmp",
+                "conc_cmds_per_s",
+                ".0f",
+            ),
+            Row("4", "QMP 10 clients: median us", "qmp", "conc_median_us", ".0f"),
+            Row("4", "QMP 10 clients: p99 us", "qmp", "conc_p99_us", ".0f"),
+        ]
+    if "concurrent" in names:
+        n = f"{plan.streams}x{plan.stream_size // MiB} MiB"
+        r += [
+            Row("5", f"{n} concurrent: wall seconds", "concurrent", "seconds", ".3f"),
+            Row(
+                "5",
+                f"{n}: aggregate MiB/s (virtual)",
+                "concurrent",
+                "aggregate_virtual_mibps",
+                ".0f",
+                ">= 1.5x",
+            ),
+        ]
+    if "full" in names:
+        r += [
+            Row("6", "peak RSS during 1 (full stream): MiB", "full", "peak_rss_mib", ".1f"),
+            Row("6", "CPU seconds during 1", "full", "cpu_seconds", ".2f"),
+        ]
+    if "concurrent" in names:
+        r += [
+            Row(
+                "6",
+                "peak RSS during 5 (16 streams): MiB",
+                "concurrent",
+                "peak_rss_mib",
+                ".1f",
+                "<= 40 MiB",
+            ),
+            Row("6", "CPU seconds during 5", "concurrent", "cpu_seconds", ".2f"),
+        ]
+    for size in sorted(set(plan.scale_sizes)):
+        name = "full" if size == plan.size and 1 in plan.figures else f"scale_{size // MiB}"
+        if name in names:
+            label = f"{size // GiB} GiB" if size >= GiB else f"{size // MiB} MiB"
+            r.append(Row("7", f"scale {label}: seconds", name, "seconds", ".2f"))
+            r.append(
+                Row(
+                    "7",
+                    f"scale {label}: MiB/s of virtual size",
+                    name,
+                    "virtual_mibps",
+                    ".0f",
+                    "flat",
+                )
+            )
+    return r
+
+
+def median_of(outcome: Outcome | None, key: str) -> float | None:
+    if outcome is None or not outcome.runs:
+        return None
+    vals = [float(r[key]) for r in outcome.runs if key in r]
+    return statistics.median(vals) if vals else None
+
+
+def _cell(o: Outcome | None, key: str, fmt: str) -> str:
+    if o is None:
+        return "-"
+    v = median_of(o, key)
+    if v is not None:
+        return format(v, fmt)
+    if o.unavailable:
+        return "n/a"
+    if o.failure:
+        return "FAILED"
+    return "-"
+
+
+def render(
+    plan: Plan,
+    rows: Sequence[Row],
+    out: dict[str, dict[str, Outcome]],
+    daemons: Sequence[DaemonSpec],
+) -> tuple[list[str], list[Record]]:
+    ref, bd = daemons[0].key, daemons[1].key
+    lines = [
+        f"{'fig':3s} {'measure':44s} {'reference':>10s} {'blockd':>10s} {'blockd/ref':>10s}  target"
+    ]
+    table: list[Record] = []
+    for row in rows:
+        o = out.get(row.test, {})
+        if "host" in o:
+            v = median_of(o["host"], row.key)
+            cell = "-" if v is None else format(v, row.fmt)
+            lines.append(f"{row.fig:3s} {row.label:44s} {cell:>10s} {'(host)':>10s} {'':>10s}")
+            table.append({"figure": row.fig, "measure": row.label, "host": v})
+            continue
+        a, b = median_of(o.get(ref), row.key), median_of(o.get(bd), row.key)
+        ratio = f"{b / a:.2f}x" if a and b is not None else "-"
+        lines.append(
+            f"{row.fig:3s} {row.label:44s} {_cell(o.get(ref), row.key, row.fmt):>10s} "
+            f"{_cell(o.get(bd), row.key, row.fmt):>10s} {ratio:>10s}  {row.target}"
+        )
+        table.append(
+            {
+                "figure": row.fig,
+                "measure": row.label,
+                ref: a,
+                bd: b,
+                "ratio": (b / a if a and b is not None else None),
+                "target": row.target,
+            }
+        )
+    if "full" in out and "copy" in out:
+        ceiling = median_of(out["copy"].get("host"), "readwrite_mibps")
+        for spec in daemons:
+            v = median_of(out["full"].get(spec.key), "virtual_mibps")
+            if ceiling and v:
+                label = f"full stream / read+write ceiling, {spec.key}"
+                lines.append(f"{'2':3s} {label:44s} {v / ceiling:>10.2f}")
+    growth = [r for r in rows if r.fig == "7" and r.key == "seconds"]
+    if len(growth) >= 2:
+        first, last = growth[0], growth[-1]
+        sizes = sorted(set(plan.scale_sizes))
+        for spec in daemons:
+            t_small = median_of(out.get(first.test, {}).get(spec.key), "seconds")
+            t_big = median_of(out.get(last.test, {}).get(spec.key), "seconds")
+            if t_small and t_big:
+                label = f"time/size growth {sizes[0] // MiB}M->{sizes[-1] // MiB}M, {spec.key}"
+                growth_factor = t_big / t_small / (sizes[-1] / sizes[0])
+                lines.append(f"{'7':3s} {label:44s} {growth_factor:>10.2f}  (1.00 = linear)")
+    grouped: dict[tuple[str, str], list[str]] = {}
+    for t_name, per in out.items():
+        for key, oc in per.items():
+            if oc.unavailable:
+                grouped.setdefault((key, f"unavailable: {oc.unavailable}"), []).append(t_name)
+            elif oc.failure:
+                grouped.setdefault((key, f"FAILED: {oc.failure[:400]}"), []).append(t_name)
+    if grouped:
+        lines += ["", "not measured:"]
+        lines += [f"  {key} {', '.join(names)}: {why}" for (key, why), names in grouped.items()]
+    return lines, table
+
+
+def summary(plan: Plan, out: dict[str, dict[str, Outcome]], daemons: Sequence[DaemonSpec]) -> str:
+    ref, bd = daemons[0].key, daemons[1].key
+
+    def med(test: str, key: str, who: str) -> float | None:
+        return median_of(out.get(test, {}).get(who), key)
+
+    def ratio(test: str, key: str) -> str:
+        a, b = med(test, key, ref), med(test, key, bd)
+        return f"{b / a:.2f}x" if a and b is not None else "n/a"
+
+    rate = med("rate", "ratio", bd)
+    rss = med("concurrent", "peak_rss_mib", bd)
+    parts = [
+        f"stream {ratio('full', 'virtual_mibps')}",
+        f"rate {rate:.3f}" if rate is not None else "rate n/a",
+        f"qmp {ratio('qmp', 'seq_median_us')}",
+        f"16x {ratio('concurrent', 'aggregate_virtual_mibps')}",
+        f"rss {rss:.0f} MiB" if rss is not None else "rss n/a",
+    ]
+    line = "summary: " + ", ".join(parts)
+    missing = sorted(
+        {
+            o.unavailable or o.failure or ""
+            for per in out.values()
+            for k, o in per.items()
+            if k == bd and (o.unavailable or o.failure)
+        }
+    )
+    if missing:
+        rv = [
+            ("stream", med("full", "virtual_mibps", ref), "{:.0f} MiB/s"),
+            ("rate", med("rate", "ratio", ref), "{:.3f}"),
+            ("qmp", med("qmp", "seq_median_us", ref), "{:.0f} us"),
+            ("16x", med("concurrent", "aggregate_virtual_mibps", ref), "{:.0f} MiB/s"),
+            ("rss", med("concurrent", "peak_rss_mib", ref), "{:.0f} MiB"),
+        ]
+        shown = ", ".join(f"{n} {f.format(v)}" for n, v, f in rv if v is not None)
+        why = missing[0].split(";")[0][:100]
+        line += f" (blockd figures unavailable: {why}; reference alone: {shown})"
+    return line
+
+
+# -- main ---------------------------------------------------------------------------------------
+
+
+def _host_info() -> Record:
+    load = os.getloadavg()
+    return {
+        "cpus": os.cpu_count(),
+        "mem_available_gib": round(mem_available() / GiB, 1),
+        "loadavg": [round(x, 2) for x in load],
+        "kernel": os.uname().release,
+    }
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="python -m benchmarks.run",
+        description="Benchmark blockd against qemu-storage-daemon (issue 6).",
+    )
+    p.add_argument(
+        "--quick", action="store_true", help="64 MiB chains, 2 reps, no scale; under a minute"
+    )
+    p.add_argument("--reps", type=int, help="repetitions (default 2 quick, 5 full)")
+    p.add_argument(
+        "--size", type=int, help="chain size in MiB for figures 1-2 (default 64 quick, 1024 full)"
+    )
+    p.add_argument(
+        "--qsd",
+        type=Path,
+        default=None,
+        help="reference qemu-storage-daemon (default: QEMU 10.0's if unpacked, else /usr/bin's)",
+    )
+    p.add_argument(
+        "--qemu-img", default=None, help="qemu-img for figure 2 (default: beside --qsd, else PATH)"
+    )
+    p.add_argument(
+        "--blockd", default=None, help="command starting blockd (default: this python -m blockd)"
+    )
+    p.add_argument("--figures", default="", help="comma-separated subset of 1-7 (default all)")
+    p.add_argument("--json", type=Path, default=None, help="save all runs and the table here")
+    p.add_argument(
+        "--workdir",
+        type=Path,
+        default=None,
+        help="parent of the temporary directory (default $TMPDIR or /tmp)",
+    )
+    p.add_argument(
+        "--verify",
+        choices=("first", "all", "none"),
+        default="first",
+        help="check streamed images with qemu-img: first repetition (default), all, none",
+    )
+    p.add_argument("--seed", type=int, default=1)
+    return p.parse_args(argv)
+
+
+def _on_sigterm(signum: int, frame: FrameType | None) -> None:
+    raise SystemExit(128 + signum)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    plan = make_plan(args)
+    qsd = args.qsd or default_reference()
+    qemu_img = args.qemu_img or (
+        str(qsd.parent / "qemu-img") if (qsd.parent / "qemu-img").exists() else "qemu-img"
+    )
+    signal.signal(signal.SIGTERM, _on_sigterm)
+    started = time.perf_counter()
+    if args.workdir:
+        args.workdir.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix="blockd-bench-", dir=args.workdir))
+    try:
+        need, free = _disk_needed(plan), free_bytes(work)
+        if need > free:
+            dropped = tuple(s for s in plan.scale_sizes if s < 4 * GiB)
+            _say(f"only {free / GiB:.1f} GiB free in {work}, need about {need / GiB:.1f} GiB")
+            plan = Plan(**{**asdict(plan), "scale_sizes": dropped, "figures": plan.figures})
+            if _disk_needed(plan) > free:
+                print(
+                    f"not enough disk space in {work}: {free / GiB:.1f} GiB free", file=sys.stderr
+                )
+                return 2
+        daemons = [reference_spec(qsd), blockd_spec(args.blockd, REPO)]
+        host_before = _host_info()
+        _say(f"blockd benchmark ({'quick' if plan.quick else 'full'} mode) in {work}")
+        commands: dict[str, frozenset[str] | None] = {}
+        reasons: dict[str, str] = {}
+        for spec in daemons:
+            commands[spec.key], reasons[spec.key] = probe(spec, work)
+            status = "ok" if commands[spec.key] is not None else f"unusable: {reasons[spec.key]}"
+            _say(f"  {spec.key}: {spec.label}: {status}")
+        tests = build_tests(plan, work, qemu_img)
+        out = measure(plan, tests, daemons, commands, reasons)
+        host_after = _host_info()
+        rows = rows_for(plan, tests)
+        lines, table = render(plan, rows, out, daemons)
+        sizes = sorted({plan.size, plan.stream_size, *plan.scale_sizes})
+        size_list = ", ".join(f"{s // MiB} MiB" for s in sizes)
+        header = [
+            f"blockd benchmark, {'quick' if plan.quick else 'full'} mode: {plan.reps} repetitions, "
+            f"interleaved reference/blockd, medians; chains of {size_list}",
+            f"  reference: {daemons[0].label} ({' '.join(daemons[0].argv)})",
+            f"  blockd:    {daemons[1].label} ({' '.join(daemons[1].argv)})",
+            f"  host: {host_before['cpus']} CPUs, load average {host_before['loadavg'][0]} before, "
+            f"{host_after['loadavg'][0]} after (other work on the machine makes figures noisy); "
+            f"took {time.perf_counter() - started:.0f} s",
+            "",
+        ]
+        final = summary(plan, out, daemons)
+        print("\n".join([*header, *lines, "", final]), flush=True)
+        if args.json:
+            args.json.write_text(
+                json.dumps(
+                    {
+                        "plan": {**asdict(plan), "figures": sorted(plan.figures)},
+                        "daemons": [asdict(d) for d in daemons],
+                        "host": {"before": host_before, "after": host_after},
+                        "table": table,
+                        "runs": {
+                            t: {k: asdict(o) for k, o in per.items()} for t, per in out.items()
+                        },
+                        "summary": final,
+                    },
+                    indent=1,
+                )
+            )
+        return 0
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,153 @@
+"""The benchmark harness's own parts, on tiny inputs: the chain builder (judged by
+qemu-img), the raw QMP client and one measured run against a real qemu-storage-daemon
+(skipped when none is installed), and the rule that unavailable figures are never filled
+in. Nothing here asserts a speed."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+if str(REPO) not in sys.path:  # benchmarks/ is not an installed package
+    sys.path.insert(0, str(REPO))
+
+from benchmarks import figures, run  # noqa: E402
+from benchmarks.chains import MiB, build_chain, clone_chain  # noqa: E402
+from benchmarks.daemons import Daemon, DaemonSpec, default_reference, reference_spec  # noqa: E402
+from benchmarks.qmp_client import QMPError  # noqa: E402
+
+SIZE = 4 * MiB
+
+
+def qemu_img_json(*args: str) -> Any:
+    out = subprocess.run(
+        ["qemu-img", *args, "--output=json"], capture_output=True, text=True, timeout=60, check=True
+    )
+    return json.loads(out.stdout)
+
+
+def allocated(image: Path) -> list[tuple[int, int]]:
+    """(start, length) of the data extents of ``image``'s own layer."""
+    return [
+        (e["start"], e["length"])
+        for e in qemu_img_json("map", "-f", "qcow2", str(image))
+        if e["data"] and e["depth"] == 0
+    ]
+
+
+@pytest.mark.parametrize("method", ["random", "pattern"])
+def test_chain_layout(tmp_path: Path, method: str) -> None:
+    chain = build_chain(tmp_path / "c", SIZE, method=method)
+    info = qemu_img_json("info", "--backing-chain", "-f", "qcow2", str(chain.top))
+    assert [i["filename"] for i in info] == [str(chain.top), str(chain.mid), str(chain.base)]
+    assert {i["virtual-size"] for i in info} == {SIZE}
+    for image in chain.files():
+        subprocess.run(["qemu-img", "check", "-q", str(image)], timeout=60, check=True)
+    base_map = qemu_img_json("map", "-f", "qcow2", str(chain.base))
+    assert all(e["data"] and not e["zero"] for e in base_map)  # every cluster written
+    assert sum(n for _, n in allocated(chain.mid)) == SIZE // 2  # half, in 1 MiB extents
+    assert all(s % MiB == 0 and n % MiB == 0 for s, n in allocated(chain.mid))
+    top_bytes = sum(n for _, n in allocated(chain.top))
+    assert 0 < top_bytes < SIZE // 2
+    assert chain.copy_full == SIZE - top_bytes
+    assert 0 < chain.copy_to_base <= SIZE // 2
+
+
+def test_chain_is_reproducible_and_clonable(tmp_path: Path) -> None:
+    a = build_chain(tmp_path / "a", SIZE, seed=5)
+    b = build_chain(tmp_path / "b", SIZE, seed=5)
+    assert allocated(a.mid) == allocated(b.mid)
+    cmp = ["qemu-img", "compare", "-q", "-f", "qcow2", "-F", "qcow2"]
+    subprocess.run([*cmp, str(a.top), str(b.top)], timeout=60, check=True)
+    clone = clone_chain(a, tmp_path / "clone")
+    info = qemu_img_json("info", "--backing-chain", "-f", "qcow2", str(clone.top))
+    assert [i["filename"] for i in info] == [str(clone.top), str(clone.mid), str(clone.base)]
+    subprocess.run([*cmp, str(clone.top), str(a.top)], timeout=60, check=True)
+    fresh = a.fresh_top(tmp_path / "fresh.qcow2")
+    subprocess.run([*cmp, str(fresh), str(a.top)], timeout=60, check=True)
+
+
+def test_build_chain_rejects_bad_sizes(tmp_path: Path) -> None:
+    with pytest.raises(ValueError):
+        build_chain(tmp_path, MiB + 512)
+
+
+REFERENCE = default_reference()
+needs_qsd = pytest.mark.skipif(not REFERENCE.exists(), reason="no qemu-storage-daemon here")
+
+
+@pytest.fixture
+def qsd() -> DaemonSpec:
+    return reference_spec(REFERENCE)
+
+
+@needs_qsd
+def test_qmp_client_drives_a_stream(qsd: DaemonSpec, tmp_path: Path, sock_dir: Path) -> None:
+    chain = build_chain(tmp_path / "c", SIZE)
+    top = chain.fresh_top(tmp_path / "top.qcow2")
+    with Daemon(qsd, sock_dir) as d:
+        with d.connect(0) as c:
+            assert "block-stream" in {x["name"] for x in c.execute("query-commands")}
+            with pytest.raises(QMPError) as err:
+                c.execute("no-such-command")
+            assert err.value.error_class == "CommandNotFound"
+            figures.open_chain(c, "", chain.base, chain.mid, top)
+            c.execute("block-stream", {"job-id": "j", "device": "top"})
+            ev = c.wait_event("BLOCK_JOB_COMPLETED", device="j", timeout=60)
+            assert ev["data"]["offset"] == ev["data"]["len"] == SIZE
+            assert "error" not in ev["data"]
+            assert c.execute("query-block-jobs") == []
+            figures.close_chain(c, "")
+        clients = [d.connect(i) for i in range(len(d.sockets))]  # one per monitor, at once
+        try:
+            for c in clients:
+                assert c.execute("query-block-jobs") == []
+        finally:
+            for c in clients:
+                c.close()
+    figures.verify_stream(top, chain.top, None)
+
+
+@needs_qsd
+def test_roundtrip_returns_the_raw_reply(qsd: DaemonSpec, sock_dir: Path) -> None:
+    with Daemon(qsd, sock_dir) as d, d.connect() as c:
+        reply = c.roundtrip(b'{"execute": "query-block-jobs", "id": "x"}', "x")
+        assert reply == {"return": [], "id": "x"}
+        assert isinstance(c.greeting["QMP"]["version"], dict)
+
+
+@needs_qsd
+def test_measured_runs_on_a_tiny_chain(qsd: DaemonSpec, tmp_path: Path) -> None:
+    chain = build_chain(tmp_path / "c", SIZE)
+    rec = figures.stream_run(qsd, tmp_path, chain, base_node=True, verify=True)
+    assert rec["copied_bytes"] == chain.copy_to_base and rec["verified"]
+    assert rec["peak_rss_mib"] > 0 and rec["seconds"] > 0
+    q = figures.qmp_run(qsd, tmp_path, sequential=20, per_client=5)
+    assert q["seq_commands"] == 20 and q["conc_commands"] == 50
+    assert q["seq_p99_us"] >= q["seq_median_us"] > 0
+
+
+def test_unavailable_blockd_gets_no_numbers(tmp_path: Path) -> None:
+    plan = run.make_plan(run.parse_args(["--quick"]))
+    specs = [DaemonSpec("reference", "ref", ("x",)), DaemonSpec("blockd", "blockd", ("y",))]
+    ref_run = {"virtual_mibps": 1000.0, "copied_mibps": 900.0, "seconds": 0.1}
+    out = {
+        "full": {
+            "reference": run.Outcome(runs=[ref_run, ref_run]),
+            "blockd": run.Outcome(unavailable="lacks block-stream"),
+        }
+    }
+    tests = [run.Test("full", 1, run.STREAM_CMDS)]
+    lines, table = run.render(plan, run.rows_for(plan, tests), out, specs)
+    assert table[0]["reference"] == 1000.0 and table[0]["blockd"] is None
+    assert table[0]["ratio"] is None
+    assert any("lacks block-stream" in ln for ln in lines)
+    line = run.summary(plan, out, specs)
+    assert line.startswith("summary: stream n/a,")
+    assert "unavailable: lacks block-stream" in line and "stream 1000 MiB/s" in line
