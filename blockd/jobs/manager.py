@@ -1,7 +1,9 @@
 """The daemon's jobs.
 
 ``JobManager`` owns the daemon-wide nursery that runs every job: the one place a nursery
-crosses tasks, so that a job outlives the connection whose command started it.
+crosses tasks, so that a job outlives the connection whose command started it. It also
+keeps the job table (ids, lookups with QEMU's errors, queries newest first) and cancels
+every job on shutdown.
 """
 
 from __future__ import annotations
@@ -10,20 +12,123 @@ from typing import Any
 
 import trio
 
+from blockd.errors import DeviceNotActive, RequestError
 from blockd.events import EventBus
+from blockd.jobs.job import Job
+from blockd.jobs.state import COMPLETED, JobStatus, id_wellformed
 
 
 class JobManager:
-    """Every job the daemon knows, newest first in queries."""
+    """Every job the daemon knows.
+
+    Attributes:
+        events: the bus every job event goes to.
+        jobs: the jobs by id, oldest first (queries list them newest first, as QEMU).
+    """
 
     def __init__(self, events: EventBus) -> None:
         self.events = events
-        self.jobs: dict[str, Any] = {}
+        self.jobs: dict[str, Job] = {}
         self._nursery: trio.Nursery | None = None
 
     def attach(self, nursery: trio.Nursery) -> None:
         """Run jobs in ``nursery`` from now on (the daemon's top-level nursery)."""
         self._nursery = nursery
 
+    @property
+    def nursery(self) -> trio.Nursery:
+        """The nursery jobs run in.
+
+        Raises:
+            RuntimeError: :meth:`attach` was not called.
+        """
+        if self._nursery is None:
+            raise RuntimeError("JobManager has no nursery: call attach() first")
+        return self._nursery
+
+    # ------------------------------------------------------------------- creation
+
+    def create(self, job: Job) -> None:
+        """Register ``job``: id checks, ``JOB_STATUS_CHANGE created``, initial speed.
+
+        The caller then starts the job with :meth:`Job.start`, or drops it with
+        :meth:`Job.early_fail` (``created`` → ``null``) if its own set-up fails.
+
+        Raises:
+            RequestError: ``Invalid job ID '%s'`` or ``Job ID '%s' already in use`` (no
+                event emitted); ``Parameter 'speed' expects a non-negative value`` (after
+                ``created`` and ``null`` were emitted, as QEMU's early failure).
+        """
+        if not id_wellformed(job.id):
+            raise RequestError(f"Invalid job ID '{job.id}'")
+        if job.id in self.jobs:
+            raise RequestError(f"Job ID '{job.id}' already in use")
+        self.jobs[job.id] = job
+        job._transition(JobStatus.CREATED)
+        try:
+            job.set_speed(job.initial_speed)
+        except BaseException:
+            job.early_fail()
+            raise
+
+    def _remove(self, job: Job) -> None:
+        if self.jobs.get(job.id) is job:
+            del self.jobs[job.id]
+
+    # ------------------------------------------------------------------- lookups
+
+    def find(self, job_id: str) -> Job | None:
+        """The job called ``job_id``, or ``None``."""
+        return self.jobs.get(job_id)
+
+    def get(self, job_id: str) -> Job:
+        """The job for a ``job-*`` command.
+
+        Raises:
+            RequestError: ``Job not found``.
+        """
+        job = self.jobs.get(job_id)
+        if job is None:
+            raise RequestError("Job not found")
+        return job
+
+    def get_block_job(self, job_id: str) -> Job:
+        """The block job for a ``block-job-*`` command.
+
+        Raises:
+            DeviceNotActive: ``Block job '%s' not found`` (also for a job that is not a
+                block job).
+        """
+        job = self.jobs.get(job_id)
+        if job is None or not job.block_job:
+            raise DeviceNotActive(f"Block job '{job_id}' not found")
+        return job
+
+    def newest_first(self) -> list[Job]:
+        """Every job, newest first."""
+        return list(reversed(self.jobs.values()))
+
+    def query_jobs(self) -> list[dict[str, Any]]:
+        """``query-jobs``: a ``JobInfo`` per job, newest first."""
+        return [job.job_info() for job in self.newest_first()]
+
+    def query_block_jobs(self) -> list[dict[str, Any]]:
+        """``query-block-jobs``: a ``BlockJobInfo`` per block job, newest first."""
+        return [job.block_job_info() for job in self.newest_first() if job.block_job]
+
+    # ------------------------------------------------------------------- shutdown
+
     async def cancel_all(self) -> None:
-        """Cancel every running job and wait until each has ended."""
+        """Cancel every job that has not finished, and wait until each has ended.
+
+        Jobs that finished their work and wait for ``job-finalize`` are aborted too;
+        concluded jobs are left alone. Used by ``quit`` and SIGTERM (QEMU
+        ``job_cancel_sync_all``).
+        """
+        jobs = self.newest_first()
+        for job in jobs:
+            if job.completing or (job.status in COMPLETED and job.status is not JobStatus.PENDING):
+                continue
+            await job._cancel()
+        for job in jobs:
+            await job.wait_ended()
