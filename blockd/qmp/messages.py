@@ -1,0 +1,202 @@
+"""QMP output: QEMU's JSON encoding and the shapes of server messages.
+
+Encoding rules (qemu-behaviour.md §1.1, mirroring ``qemu/qemu: qobject/qjson.c``):
+
+* pure ASCII output: code points below 0x20 and from 0x7F up are written ``\\uXXXX`` with
+  **uppercase** hex, code points beyond the BMP as a surrogate pair; the named escapes are
+  ``\\"``, ``\\\\``, ``\\b``, ``\\f``, ``\\n``, ``\\r``, ``\\t``; ``/`` is not escaped; a
+  lone surrogate (undecodable bytes smuggled in a ``str``) becomes U+FFFD;
+* compact form ``{"a": 1, "b": [1, 2]}``, ``{}``, ``[]``; integers in decimal, floats
+  as C's ``%.17g``;
+* pretty form (``--monitor pretty=on``): one member or element per line, indented by 4,
+  an empty container as ``{`` newline ``}``, as QEMU's pretty monitor prints it;
+* every message is followed by a newline, and every newline is sent as CRLF.
+
+Members are written in the mapping's order; builders here put them in the order of the
+spec's table (success: ``return``, ``id``; error: ``id``, ``error``). Clients must not
+rely on order; only byte-for-byte comparisons with QEMU need more (§1.1).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any, Final
+
+from blockd import QEMU_VERSION, __version__
+
+__all__ = [
+    "NO_ID",
+    "encode",
+    "error_response",
+    "greeting",
+    "success_response",
+    "version_info",
+]
+
+
+class _NoId:
+    """The type of :data:`NO_ID`."""
+
+    _instance: _NoId | None = None
+
+    def __new__(cls) -> _NoId:
+        if cls._instance is None:
+            cls._instance = super().__new__(cls)
+        return cls._instance
+
+    def __repr__(self) -> str:
+        return "NO_ID"
+
+    def __reduce__(self) -> str:
+        return "NO_ID"
+
+
+#: Marks a request without an ``id`` member; its reply then has no ``id`` either.
+NO_ID: Final = _NoId()
+
+_NAMED: Final = {
+    '"': '\\"',
+    "\\": "\\\\",
+    "\b": "\\b",
+    "\f": "\\f",
+    "\n": "\\n",
+    "\r": "\\r",
+    "\t": "\\t",
+}
+_NEEDS_ESCAPE: Final = re.compile('[\x00-\x1f"\\\\\x7f-\U0010ffff]')
+
+
+def _escape_char(match: re.Match[str]) -> str:
+    char = match.group()
+    named = _NAMED.get(char)
+    if named is not None:
+        return named
+    cp = ord(char)
+    if 0xD800 <= cp <= 0xDFFF:
+        cp = 0xFFFD
+    if cp > 0xFFFF:
+        cp -= 0x10000
+        return f"\\u{0xD800 | cp >> 10:04X}\\u{0xDC00 | cp & 0x3FF:04X}"
+    return f"\\u{cp:04X}"
+
+
+def _string(text: str) -> str:
+    if text.isascii() and not _NEEDS_ESCAPE.search(text):
+        return f'"{text}"'
+    return '"' + _NEEDS_ESCAPE.sub(_escape_char, text) + '"'
+
+
+def _compact(value: Any, out: list[str]) -> None:
+    if isinstance(value, str):
+        out.append(_string(value))
+    elif value is True:
+        out.append("true")
+    elif value is False:
+        out.append("false")
+    elif value is None:
+        out.append("null")
+    elif isinstance(value, int):
+        out.append(str(int(value)))
+    elif isinstance(value, float):
+        out.append(format(value, ".17g"))
+    elif isinstance(value, Mapping):
+        if not value:
+            out.append("{}")
+            return
+        sep = "{"
+        for key, item in value.items():
+            out.append(sep)
+            out.append(_string(key))
+            out.append(": ")
+            _compact(item, out)
+            sep = ", "
+        out.append("}")
+    elif isinstance(value, list | tuple):
+        if not value:
+            out.append("[]")
+            return
+        sep = "["
+        for item in value:
+            out.append(sep)
+            _compact(item, out)
+            sep = ", "
+        out.append("]")
+    else:
+        raise TypeError(f"cannot encode {type(value).__name__} as JSON")
+
+
+def _pretty(value: Any, indent: int, out: list[str]) -> None:
+    # reference: to_json() with pretty=true in qobject/qjson.c
+    if isinstance(value, Mapping):
+        items: Iterable[tuple[str | None, Any]] = value.items()
+        opener, closer = "{", "}"
+    elif isinstance(value, list | tuple):
+        items = ((None, item) for item in value)
+        opener, closer = "[", "]"
+    else:
+        _compact(value, out)
+        return
+    out.append(opener)
+    first = True
+    for key, item in items:
+        if not first:
+            out.append(",")
+        first = False
+        out.append("\n" + " " * (4 * (indent + 1)))
+        if key is not None:
+            out.append(_string(key))
+            out.append(": ")
+        _pretty(item, indent + 1, out)
+    out.append("\n" + " " * (4 * indent))
+    out.append(closer)
+
+
+def encode(value: Any, *, pretty: bool = False) -> bytes:
+    """One QMP message: ``value`` as QEMU writes it, ending in CRLF.
+
+    Raises:
+        TypeError: ``value`` holds something that is not JSON (a bug in the caller).
+    """
+    out: list[str] = []
+    if pretty:
+        _pretty(value, 0, out)
+        return ("".join(out) + "\n").replace("\n", "\r\n").encode("ascii")
+    _compact(value, out)
+    out.append("\r\n")
+    return "".join(out).encode("ascii")
+
+
+def version_info() -> dict[str, Any]:
+    """The ``VersionInfo`` of the greeting and ``query-version`` (§1.2).
+
+    ``qemu`` is :data:`blockd.QEMU_VERSION`, the release whose behaviour blockd follows;
+    ``package`` names blockd itself.
+    """
+    major, minor, micro = QEMU_VERSION
+    return {
+        "qemu": {"micro": micro, "minor": minor, "major": major},
+        "package": f"blockd {__version__}",
+    }
+
+
+def greeting(version: Mapping[str, Any], capabilities: Sequence[str]) -> dict[str, Any]:
+    """The greeting object sent on connect (§1.2)."""
+    return {"QMP": {"version": dict(version), "capabilities": list(capabilities)}}
+
+
+def success_response(value: Any, id: Any = NO_ID) -> dict[str, Any]:
+    """``{"return": value, "id": id}``; no ``id`` member for :data:`NO_ID`."""
+    response: dict[str, Any] = {"return": value}
+    if id is not NO_ID:
+        response["id"] = id
+    return response
+
+
+def error_response(error_class: str, desc: str, id: Any = NO_ID) -> dict[str, Any]:
+    """``{"id": id, "error": {"class": ..., "desc": ...}}``; no ``id`` for :data:`NO_ID`."""
+    response: dict[str, Any] = {}
+    if id is not NO_ID:
+        response["id"] = id
+    response["error"] = {"class": error_class, "desc": desc}
+    return response

@@ -1,0 +1,627 @@
+"""The QMP contract in ``schema/``: loading, argument validation, introspection.
+
+Theory of operation
+-------------------
+Every command, event and named type is one JSON Schema (draft 2020-12) file; the
+conventions are in ``schema/README.md``. :meth:`Schema.load` reads them into a
+``referencing`` registry (each file gets a URI under :data:`BASE_URI`, so relative
+``$ref``\\ s between files resolve) and checks that every file sticks to the constructions
+the README allows, so a broken file fails loudly at start-up rather than at a client.
+
+**Validation** is jsonschema's (a draft 2020-12 validator whose ``integer`` is a JSON
+integer within int64/uint64, never ``1.0`` or ``true``). Its errors are then mapped to
+QEMU's texts (qemu-behaviour.md §1.6) and the one QEMU would report is chosen by
+simulating the order of QEMU's input visitor (``qemu/qemu: qapi/qobject-input-visitor.c``):
+members are visited in schema order (bases first, then own members, then the members of
+the selected union variant), an error inside a member comes before the next member, and
+unknown keys of an object are reported only after all its declared members. An alternate
+picks its branch by the value's JSON type, as QEMU does, and a value of no branch's type is
+``Invalid parameter type for '<name>', expected: <AlternateName>``.
+
+**Introspection** (:meth:`Schema.introspect`) walks commands and events and emits QEMU's
+``SchemaInfo`` list (§1.9): type names masked as decimal strings in first-use order,
+builtins by name, every integer type as ``int``, arrays as ``[T]``, optional members with
+``"default": null``, unions as objects with ``tag`` and ``variants``.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Final
+
+import jsonschema  # type: ignore[import-untyped]
+import referencing
+import referencing.jsonschema
+from jsonschema import Draft202012Validator
+from jsonschema.exceptions import ValidationError  # type: ignore[import-untyped]
+
+from blockd.errors import BlockdError, RequestError
+
+__all__ = ["BASE_URI", "Schema", "SchemaError"]
+
+#: The URI the schema directory is mounted at inside the registry.
+BASE_URI: Final = "https://blockd.invalid/schema/"
+_KINDS: Final = ("commands", "events", "types")
+_BIG: Final = 1 << 30
+
+_SCHEMA_KEYWORDS: Final = frozenset(
+    {
+        "$schema",
+        "$comment",
+        "$ref",
+        "description",
+        "title",
+        "examples",
+        "default",
+        "type",
+        "properties",
+        "required",
+        "additionalProperties",
+        "unevaluatedProperties",
+        "items",
+        "enum",
+        "const",
+        "allOf",
+        "oneOf",
+        "if",
+        "then",
+    }
+)
+_JSON_TYPES: Final = ("object", "array", "string", "integer", "number", "boolean", "null")
+_BUILTINS: Final = (
+    ("str", "string"),
+    ("int", "int"),
+    ("number", "number"),
+    ("bool", "boolean"),
+    ("null", "null"),
+    ("any", "value"),
+)
+_BUILTIN_OF_TYPE: Final = {
+    "string": "str",
+    "integer": "int",
+    "number": "number",
+    "boolean": "bool",
+    "null": "null",
+}
+
+Node = Mapping[str, Any]
+
+
+class SchemaError(BlockdError):
+    """A schema file is missing, malformed or breaks the ``schema/README.md`` rules."""
+
+
+def _is_integer(checker: Any, instance: object) -> bool:
+    return type(instance) is int and -(1 << 63) <= instance < (1 << 64)
+
+
+_Validator: Final = jsonschema.validators.extend(
+    Draft202012Validator,
+    type_checker=Draft202012Validator.TYPE_CHECKER.redefine("integer", _is_integer),
+)
+
+
+def _json_type(value: object) -> str:
+    if isinstance(value, dict):
+        return "object"
+    if isinstance(value, list):
+        return "array"
+    if isinstance(value, str):
+        return "string"
+    if isinstance(value, bool):
+        return "boolean"
+    if value is None:
+        return "null"
+    if isinstance(value, int):
+        return "integer"
+    return "number"
+
+
+def _path_name(path: Iterable[str | int]) -> str:
+    # reference: full_name_nth() in qapi/qobject-input-visitor.c
+    name = ""
+    for part in path:
+        if isinstance(part, int):
+            name += f"[{part}]"
+        else:
+            name = f"{name}.{part}" if name else part
+    return name
+
+
+def _own_name(path: list[str | int]) -> str:
+    # enum and alternate errors use the member's own name; list elements have none
+    return path[-1] if path and isinstance(path[-1], str) else "null"
+
+
+@dataclass(frozen=True)
+class _Entry:
+    uri: str
+    contents: Node
+    validator: Any
+
+
+@dataclass(frozen=True)
+class _Candidate:
+    key: tuple[int, ...]
+    desc: str
+
+
+class Schema:
+    """The loaded ``schema/`` directory. Build it with :meth:`load`.
+
+    Attributes:
+        commands: the command names.
+        events: the event names.
+    """
+
+    def __init__(self, files: Mapping[str, Mapping[str, Node]]) -> None:
+        resources = []
+        for kind in _KINDS:
+            for name, contents in files.get(kind, {}).items():
+                resource = referencing.jsonschema.DRAFT202012.create_resource(contents)
+                resources.append((f"{BASE_URI}{kind}/{name}.json", resource))
+        self._registry: referencing.Registry[Any] = referencing.Registry().with_resources(resources)
+        self._resolver = self._registry.resolver(BASE_URI)
+        self._entries: dict[str, dict[str, _Entry]] = {}
+        for kind in _KINDS:
+            table: dict[str, _Entry] = {}
+            for name, contents in sorted(files.get(kind, {}).items()):
+                uri = f"{BASE_URI}{kind}/{name}.json"
+                validator = _Validator({"$ref": uri}, registry=self._registry)
+                table[name] = _Entry(uri, contents, validator)
+            self._entries[kind] = table
+        self.commands: frozenset[str] = frozenset(self._entries["commands"])
+        self.events: frozenset[str] = frozenset(self._entries["events"])
+        self._alternates: dict[str, list[str]] = {}
+        for kind, table in self._entries.items():
+            for name, entry in table.items():
+                self._check(f"{kind}/{name}.json", entry)
+        self._introspection: list[dict[str, Any]] | None = None
+
+    @classmethod
+    def load(cls, directory: Path | None = None) -> Schema:
+        """Read ``commands/``, ``events/`` and ``types/`` under ``directory``.
+
+        Args:
+            directory: the schema directory; default: ``schema/`` at the repository top.
+
+        Raises:
+            SchemaError: a file is not valid JSON, not a valid draft 2020-12 schema, has a
+                ``$ref`` that does not resolve, or breaks the README's rules.
+        """
+        if directory is None:
+            import blockd
+
+            directory = Path(blockd.__file__).resolve().parent.parent / "schema"
+        if not directory.is_dir():
+            raise SchemaError(f"schema directory {directory} not found")
+        files: dict[str, dict[str, Node]] = {}
+        for kind in _KINDS:
+            files[kind] = {}
+            for path in sorted((directory / kind).glob("*.json")):
+                try:
+                    contents = json.loads(path.read_text(encoding="utf-8"))
+                except (OSError, ValueError) as exc:
+                    raise SchemaError(f"{kind}/{path.name}: {exc}") from exc
+                if not isinstance(contents, dict):
+                    raise SchemaError(f"{kind}/{path.name}: not a JSON object")
+                files[kind][path.stem] = contents
+        return cls(files)
+
+    # --- checks at load time ---------------------------------------------------------------
+    def _check(self, where: str, entry: _Entry) -> None:
+        try:
+            Draft202012Validator.check_schema(entry.contents)
+        except jsonschema.SchemaError as exc:
+            raise SchemaError(f"{where}: {exc.message}") from exc
+        if "$id" in entry.contents:
+            raise SchemaError(f"{where}: do not write $id")
+        resolver = self._registry.resolver(entry.uri)
+        self._walk(where, "", entry.contents, resolver)
+        returns = entry.contents.get("x-qmp-returns")
+        if returns is not None:
+            self._walk(where, "/x-qmp-returns", returns, resolver)
+        if not where.startswith("types/"):
+            node, _ = self._deref(entry.contents, resolver)
+            if self._kind_of(node) != "object":
+                raise SchemaError(f"{where}: must describe an object")
+
+    def _walk(self, where: str, pointer: str, node: Any, resolver: Any) -> None:
+        if not isinstance(node, dict):
+            if node is True or node == {}:
+                return
+            raise SchemaError(f"{where}{pointer}: a schema must be an object")
+        for key in node:
+            if key not in _SCHEMA_KEYWORDS and not key.startswith("x-"):
+                raise SchemaError(f"{where}{pointer}: unsupported keyword {key!r}")
+        for key in ("additionalProperties", "unevaluatedProperties"):
+            if key in node and node[key] is not False:
+                raise SchemaError(f"{where}{pointer}: {key} must be false")
+        if "$ref" in node:
+            try:
+                resolver.lookup(node["$ref"])
+            except referencing.exceptions.Unresolvable as exc:
+                raise SchemaError(f"{where}{pointer}: cannot resolve {node['$ref']!r}") from exc
+        if "x-qmp-alternate" in node:
+            self._alternates[node["x-qmp-alternate"]] = self._branch_types(where, node, resolver)
+        if "x-qmp-union" in node:
+            self._check_union(where + pointer, node)
+        for name, sub in node.get("properties", {}).items():
+            self._walk(where, f"{pointer}/properties/{name}", sub, resolver)
+        for key in ("allOf", "oneOf"):
+            for i, sub in enumerate(node.get(key, ())):
+                self._walk(where, f"{pointer}/{key}/{i}", sub, resolver)
+        for key in ("items", "then"):
+            if key in node:
+                self._walk(where, f"{pointer}/{key}", node[key], resolver)
+
+    def _check_union(self, where: str, node: Node) -> None:
+        tag = node["x-qmp-union"]
+        if tag not in node.get("properties", {}) or tag not in node.get("required", ()):
+            raise SchemaError(f"{where}: union tag {tag!r} must be a required member")
+        for branch in node.get("allOf", ()):
+            if "if" in branch and self._case_of(branch, tag) is None:
+                raise SchemaError(f"{where}: branch must test {tag!r} with const (README)")
+
+    @staticmethod
+    def _case_of(branch: Node, tag: str) -> str | None:
+        try:
+            value = branch["if"]["properties"][tag]["const"]
+        except (KeyError, TypeError):
+            return None
+        return value if isinstance(value, str) else None
+
+    def _branch_types(self, where: str, node: Node, resolver: Any) -> list[str]:
+        kinds = []
+        for branch in node.get("oneOf", ()):
+            resolved, _ = self._deref(branch, resolver)
+            kind = self._kind_of(resolved)
+            if kind == "alternate" or kind in kinds:
+                raise SchemaError(f"{where}: alternate branches need distinct JSON types")
+            kinds.append(kind)
+        return kinds
+
+    # --- structure helpers -----------------------------------------------------------------
+    @staticmethod
+    def _deref(node: Any, resolver: Any) -> tuple[Any, Any]:
+        while isinstance(node, dict) and "$ref" in node:
+            resolved = resolver.lookup(node["$ref"])
+            node, resolver = resolved.contents, resolved.resolver
+        return node, resolver
+
+    @staticmethod
+    def _kind_of(node: Any) -> str:
+        """The JSON type a (dereferenced) schema accepts, or ``alternate``/``any``."""
+        if not isinstance(node, dict):
+            return "any"
+        if "x-qmp-alternate" in node:
+            return "alternate"
+        kind = node.get("type")
+        if isinstance(kind, str):
+            return kind
+        if "enum" in node:
+            return "string"
+        if "properties" in node or "allOf" in node or "x-qmp-union" in node:
+            return "object"
+        return "any"
+
+    def _members(self, node: Any, resolver: Any, instance: Any) -> list[tuple[str, Any, Any]]:
+        """The declared members of an object schema in QEMU's visiting order."""
+        node, resolver = self._deref(node, resolver)
+        members: list[tuple[str, Any, Any]] = []
+        if not isinstance(node, dict):
+            return members
+        for sub in node.get("allOf", ()):
+            if "if" not in sub:
+                members += self._members(sub, resolver, instance)
+        for name, sub in node.get("properties", {}).items():
+            members.append((name, sub, resolver))
+        tag = node.get("x-qmp-union")
+        if tag is not None and isinstance(instance, dict) and tag in instance:
+            for branch in node.get("allOf", ()):
+                if "if" in branch and self._case_of(branch, tag) == instance[tag]:
+                    members += self._members(branch.get("then", {}), resolver, instance)
+        return members
+
+    def _select(self, node: Any, resolver: Any, instance: Any) -> tuple[Any, Any]:
+        """Dereference ``node``; for an alternate, the branch ``instance`` selects."""
+        node, resolver = self._deref(node, resolver)
+        if isinstance(node, dict) and "x-qmp-alternate" in node:
+            index = self._branch_index(node["x-qmp-alternate"], instance)
+            if index is not None:
+                return self._deref(node["oneOf"][index], resolver)
+        return node, resolver
+
+    def _branch_index(self, alternate: str, instance: Any) -> int | None:
+        kinds = self._alternates.get(alternate, [])
+        kind = _json_type(instance)
+        for wanted in (kind, "number" if kind == "integer" else None, "any"):
+            if wanted in kinds:
+                return kinds.index(wanted)
+        return None
+
+    # --- validation ------------------------------------------------------------------------
+    def validate_arguments(self, command: str, arguments: Mapping[str, Any]) -> None:
+        """Check a command's ``arguments`` object; return quietly when it is valid.
+
+        Raises:
+            KeyError: ``command`` is not in the schema.
+            RequestError: the first error QEMU would report, with its text (§1.6).
+        """
+        self._validate(self._entries["commands"][command], arguments, RequestError)
+
+    def validate_event(self, event: str, data: Mapping[str, Any]) -> None:
+        """Check an event's ``data`` (for tests: blockd's own events must conform).
+
+        Raises:
+            KeyError: unknown event. ValueError: ``data`` does not match the schema.
+        """
+        self._validate(self._entries["events"][event], data, ValueError)
+
+    def validate_return(self, command: str, value: Any) -> None:
+        """Check a command's return value against its ``x-qmp-returns`` (``{}`` if none).
+
+        Raises:
+            KeyError: unknown command. ValueError: ``value`` does not match.
+        """
+        entry = self._entries["commands"][command]
+        if "x-qmp-returns" not in entry.contents:
+            if value != {}:
+                raise ValueError(f"{command} returns {{}}, not {value!r}")
+            return
+        schema = {"$ref": f"{entry.uri}#/x-qmp-returns"}
+        returns = _Entry(entry.uri, schema, _Validator(schema, registry=self._registry))
+        self._validate(returns, value, ValueError)
+
+    def _validate(self, entry: _Entry, instance: Any, error: type[Exception]) -> None:
+        errors = iter(entry.validator.iter_errors(instance))
+        first = next(errors, None)
+        if first is None:
+            return
+        root, resolver = self._deref(entry.contents, self._registry.resolver(entry.uri))
+        candidates: list[_Candidate] = []
+        for exc in (first, *errors):
+            self._candidates(exc, root, resolver, instance, candidates)
+        if not candidates:  # an error kind the README does not allow; keep jsonschema's
+            raise error(first.message)
+        raise error(min(candidates, key=lambda c: c.key).desc)
+
+    def _candidates(
+        self, exc: ValidationError, root: Any, resolver: Any, instance: Any, out: list[_Candidate]
+    ) -> None:
+        path = list(exc.absolute_path)
+        keyword = exc.validator
+        value = exc.instance
+        if keyword == "oneOf" and isinstance(exc.schema, dict):
+            alternate = exc.schema.get("x-qmp-alternate")
+            if alternate is not None:
+                index = self._branch_index(alternate, value)
+                if index is None:
+                    desc = f"Invalid parameter type for '{_own_name(path)}', expected: {alternate}"
+                    out.append(_Candidate(self._key(root, resolver, instance, path, 0), desc))
+                else:
+                    for sub in exc.context or ():
+                        if sub.relative_schema_path and sub.relative_schema_path[0] == index:
+                            self._candidates(sub, root, resolver, instance, out)
+                return
+        if keyword == "type":
+            expected = exc.validator_value
+            if isinstance(expected, list):
+                expected = expected[0]
+            desc = f"Invalid parameter type for '{_path_name(path)}', expected: {expected}"
+            out.append(_Candidate(self._key(root, resolver, instance, path, 0), desc))
+        elif keyword in ("enum", "const"):
+            if isinstance(value, str):
+                desc = f"Parameter '{_own_name(path)}' does not accept value '{value}'"
+            else:
+                desc = f"Invalid parameter type for '{_path_name(path)}', expected: string"
+            out.append(_Candidate(self._key(root, resolver, instance, path, 1), desc))
+        elif keyword == "required" and isinstance(value, dict):
+            for name in exc.validator_value:
+                if name not in value:
+                    full = [*path, name]
+                    desc = f"Parameter '{_path_name(full)}' is missing"
+                    out.append(_Candidate(self._key(root, resolver, instance, full, 0), desc))
+        elif keyword in ("additionalProperties", "unevaluatedProperties"):
+            if not isinstance(value, dict):
+                return
+            where, node, node_resolver = self._locate(root, resolver, instance, path)
+            declared = {name for name, _, _ in self._members(node, node_resolver, value)}
+            for position, name in enumerate(value):
+                if name not in declared:
+                    desc = f"Parameter '{_path_name([*path, name])}' is unexpected"
+                    key = (*where, _BIG, position)
+                    out.append(_Candidate(key, desc))
+                    break
+
+    def _locate(
+        self, root: Any, resolver: Any, instance: Any, path: list[str | int]
+    ) -> tuple[list[int], Any, Any]:
+        """Walk ``path`` as QEMU's visitor would: the member positions level by level, and
+        the schema (alternates resolved) that applies at the end."""
+        key: list[int] = []
+        node, resolver = self._select(root, resolver, instance)
+        for part in path:
+            sub: Any = {}
+            if isinstance(part, int):
+                key.append(part)
+                if isinstance(node, dict):
+                    sub = node.get("items", {})
+            else:
+                members = self._members(node, resolver, instance)
+                names = [name for name, _, _ in members]
+                if part in names:
+                    index = names.index(part)
+                    key.append(index)
+                    sub, resolver = members[index][1], members[index][2]
+                else:
+                    key.append(_BIG - 1)
+            try:
+                instance = instance[part]
+            except (KeyError, IndexError, TypeError):
+                instance = None
+            node, resolver = self._select(sub, resolver, instance)
+        return key, node, resolver
+
+    def _key(
+        self, root: Any, resolver: Any, instance: Any, path: list[str | int], rank: int
+    ) -> tuple[int, ...]:
+        return (*self._locate(root, resolver, instance, path)[0], rank)
+
+    def allow_oob(self, command: str) -> bool:
+        """True when ``command`` may be run with ``exec-oob`` (``x-qmp-allow-oob``)."""
+        return bool(self._entries["commands"][command].contents.get("x-qmp-allow-oob", False))
+
+    def members(self, command: str) -> list[str]:
+        """The top-level argument names of ``command`` in schema order (base members of a
+        boxed union only)."""
+        entry = self._entries["commands"][command]
+        resolver = self._registry.resolver(entry.uri)
+        return [name for name, _, _ in self._members(entry.contents, resolver, {})]
+
+    def describe(self, kind: str, name: str) -> Mapping[str, Any]:
+        """The raw contents of ``<kind>/<name>.json`` (kind: commands, events, types)."""
+        return self._entries[kind][name].contents
+
+    # --- introspection ---------------------------------------------------------------------
+    def introspect(self) -> list[dict[str, Any]]:
+        """The ``query-qmp-schema`` return value (§1.9); computed once, then cached.
+
+        The list is a fresh copy each time, so callers may modify it.
+        """
+        if self._introspection is None:
+            self._introspection = _Introspector(self).run()
+        return json.loads(json.dumps(self._introspection))  # type: ignore[no-any-return]
+
+
+class _Introspector:
+    """Builds the SchemaInfo list; see :meth:`Schema.introspect`."""
+
+    def __init__(self, schema: Schema) -> None:
+        self.schema = schema
+        self.entities: list[dict[str, Any]] = [
+            {"name": name, "meta-type": "builtin", "json-type": json_type}
+            for name, json_type in _BUILTINS
+        ]
+        self.names: dict[int, str] = {}
+        self.keep: list[Any] = []
+        self.arrays: set[str] = set()
+        self.empty: str | None = None
+        self.counter = 0
+
+    def run(self) -> list[dict[str, Any]]:
+        schema = self.schema
+        for kind in ("commands", "events"):
+            for name, entry in schema._entries[kind].items():
+                resolver = schema._registry.resolver(entry.uri)
+                info: dict[str, Any] = {"name": name, "meta-type": kind[:-1]}
+                info["arg-type"] = self.type_name(entry.contents, resolver, root=True)
+                if kind == "commands":
+                    returns = entry.contents.get("x-qmp-returns")
+                    info["ret-type"] = (
+                        self.empty_type() if returns is None else self.type_name(returns, resolver)
+                    )
+                    if entry.contents.get("x-qmp-allow-oob"):
+                        info["allow-oob"] = True
+                self.features(info, entry.contents)
+                self.entities.append(info)
+        return self.entities
+
+    @staticmethod
+    def features(info: dict[str, Any], node: Any) -> None:
+        features = node.get("x-qmp-features") if isinstance(node, dict) else None
+        if features:
+            info["features"] = list(features)
+
+    def masked(self) -> str:
+        name = str(self.counter)
+        self.counter += 1
+        return name
+
+    def empty_type(self) -> str:
+        if self.empty is None:
+            self.empty = self.masked()
+            self.entities.append({"name": self.empty, "meta-type": "object", "members": []})
+        return self.empty
+
+    def type_name(self, node: Any, resolver: Any, *, root: bool = False) -> str:
+        named = isinstance(node, dict) and "$ref" in node
+        node, resolver = Schema._deref(node, resolver)
+        kind = Schema._kind_of(node)
+        if kind in _BUILTIN_OF_TYPE and "enum" not in node:
+            return _BUILTIN_OF_TYPE[kind]
+        if kind == "any":
+            return "any"
+        if kind == "array":
+            element = self.type_name(node.get("items", {}), resolver)
+            name = f"[{element}]"
+            if name not in self.arrays:
+                self.arrays.add(name)
+                self.entities.append({"name": name, "meta-type": "array", "element-type": element})
+            return name
+        if id(node) in self.names:
+            return self.names[id(node)]
+        if (
+            kind == "object"
+            and not self.schema._members(node, resolver, None)
+            and ("x-qmp-union" not in node)
+        ):
+            return self.empty_type()
+        name = self.names[id(node)] = self.masked()
+        self.keep.append(node)
+        info: dict[str, Any] = {"name": name, "meta-type": kind}
+        self.entities.append(info)
+        if kind == "string":  # an enum
+            info["meta-type"] = "enum"
+            value_features = node.get("x-qmp-value-features", {})
+            info["members"] = []
+            for value in node["enum"]:
+                member: dict[str, Any] = {"name": value}
+                if value_features.get(value):
+                    member["features"] = list(value_features[value])
+                info["members"].append(member)
+            info["values"] = list(node["enum"])
+        elif kind == "alternate":
+            info["members"] = [
+                {"type": self.type_name(branch, resolver)} for branch in node["oneOf"]
+            ]
+        else:
+            self.object_info(info, node, resolver)
+        if named or not root:
+            self.features(info, node)
+        return name
+
+    def object_info(self, info: dict[str, Any], node: Node, resolver: Any) -> None:
+        members = []
+        required: set[str] = set()
+        self.collect_required(node, resolver, required)
+        for name, sub, sub_resolver in self.schema._members(node, resolver, None):
+            member: dict[str, Any] = {"name": name, "type": self.type_name(sub, sub_resolver)}
+            if name not in required:
+                member["default"] = None
+            self.features(member, sub)
+            members.append(member)
+        info["members"] = members
+        tag = node.get("x-qmp-union")
+        if tag is not None:
+            info["tag"] = tag
+            info["variants"] = [
+                {
+                    "case": Schema._case_of(branch, tag),
+                    "type": self.type_name(branch.get("then", {}), resolver),
+                }
+                for branch in node.get("allOf", ())
+                if "if" in branch
+            ]
+
+    def collect_required(self, node: Any, resolver: Any, out: set[str]) -> None:
+        node, resolver = Schema._deref(node, resolver)
+        if not isinstance(node, dict):
+            return
+        out.update(node.get("required", ()))
+        for sub in node.get("allOf", ()):
+            if "if" not in sub:
+                self.collect_required(sub, resolver, out)
