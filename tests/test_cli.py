@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
+import socket
+import stat
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
+from blockd import __version__
 from blockd.cli import BlockdevSpec, ChardevSpec, CliError, MonitorSpec, parse_args
 
 BLOCKD = [sys.executable, "-m", "blockd"]
@@ -107,3 +113,154 @@ def test_option_errors(argv: list[str], message: str) -> None:
     with pytest.raises(CliError) as info:
         parse_args(argv)
     assert str(info.value) == message
+
+
+# --- the daemon process -------------------------------------------------------------------
+
+TIMEOUT = 15.0
+
+
+def test_version_and_help() -> None:
+    result = run_blockd("--version")
+    assert result.returncode == 0 and result.stdout.startswith(f"blockd {__version__}\n")
+    result = run_blockd("-h")
+    assert result.returncode == 0 and result.stdout.startswith("Usage: blockd")
+    assert "--chardev" in result.stdout and "--pidfile" in result.stdout
+
+
+@pytest.mark.parametrize(
+    ("argv", "stderr"),
+    [
+        (
+            ["--monitor", "chardev=nochar"],
+            'blockd: --monitor chardev=nochar: chardev "nochar" not found\n',
+        ),
+        (["--frobnicate"], "blockd: --frobnicate: unrecognized option\n"),
+        (
+            ["--blockdev", "driver=nbd2,node-name=x"],
+            "blockd: --blockdev driver=nbd2,node-name=x: "
+            "Parameter 'driver' does not accept value 'nbd2'\n",
+        ),
+        (
+            ["--blockdev", "node-name=x"],
+            "blockd: --blockdev node-name=x: Parameter 'driver' is missing\n",
+        ),
+    ],
+)  # fmt: skip
+def test_option_errors_exit_1(argv: list[str], stderr: str) -> None:
+    result = run_blockd(*argv)
+    assert (result.returncode, result.stderr, result.stdout) == (1, stderr, "")
+
+
+def start(sock_dir: Path, *args: str) -> subprocess.Popen[str]:
+    """Start the daemon and wait for its pidfile (``sock_dir/pid``)."""
+    proc = subprocess.Popen(
+        [*BLOCKD, *args], stdin=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    )
+    deadline = time.monotonic() + TIMEOUT
+    while not (sock_dir / "pid").exists():
+        assert proc.poll() is None, proc.communicate()[1]
+        assert time.monotonic() < deadline, "no pidfile"
+        time.sleep(0.01)
+    return proc
+
+
+def qmp_quit(path: Path) -> bytes:
+    with socket.socket(socket.AF_UNIX) as sock:
+        sock.settimeout(TIMEOUT)
+        sock.connect(str(path))
+        sock.sendall(b'{"execute": "qmp_capabilities"}{"execute": "quit", "id": 1}')
+        data = b""
+        while chunk := sock.recv(4096):
+            data += chunk
+        return data
+
+
+@pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP, "quit"])
+def test_pidfile_lifecycle_and_clean_exit(sock_dir: Path, stop: signal.Signals | str) -> None:
+    sock, pid = sock_dir / "s", sock_dir / "pid"
+    proc = start(sock_dir, "--socket", str(sock), "--pidfile", str(pid))
+    try:
+        assert pid.read_text() == f"{proc.pid}\n"
+        assert stat.S_IMODE(os.lstat(sock).st_mode) == 0o600
+        # A second daemon is refused: the pidfile is locked, the socket is live.
+        other = run_blockd("--socket", str(sock_dir / "t"), "--pidfile", str(pid))
+        assert other.returncode == 1 and "--pidfile" in other.stderr
+        assert "another running daemon" in other.stderr
+        assert not (sock_dir / "t").exists()
+        other = run_blockd("--socket", str(sock))
+        assert other.returncode == 1
+        live = "a running daemon is listening there"
+        assert other.stderr == f"blockd: --socket {sock}: Failed to bind socket to {sock}: {live}\n"
+        if stop == "quit":
+            replies = qmp_quit(sock).splitlines()
+            assert replies[-1] == b'{"return": {}, "id": 1}'
+        else:
+            assert isinstance(stop, signal.Signals)
+            proc.send_signal(stop)
+        assert proc.wait(timeout=TIMEOUT) == 0
+        assert proc.stderr is not None and proc.stderr.read() == ""
+        assert not sock.exists() and not pid.exists()
+    finally:
+        proc.kill()
+        proc.wait()
+        if proc.stderr:
+            proc.stderr.close()
+
+
+def test_stale_socket_and_pidfile_of_a_killed_daemon(sock_dir: Path) -> None:
+    sock, pid = sock_dir / "s", sock_dir / "pid"
+    proc = start(sock_dir, "--socket", str(sock), "--pidfile", str(pid))
+    proc.kill()
+    proc.wait()
+    assert proc.stderr is not None
+    proc.stderr.close()
+    assert sock.exists() and pid.exists()  # left behind by SIGKILL
+    pid.unlink()  # `start` waits for a fresh one
+    proc = start(sock_dir, "--socket", str(sock), "--pidfile", str(pid))
+    try:
+        assert pid.read_text() == f"{proc.pid}\n"
+        proc.terminate()
+        assert proc.wait(timeout=TIMEOUT) == 0
+    finally:
+        proc.kill()
+        proc.wait()
+        if proc.stderr:
+            proc.stderr.close()
+
+
+def test_failed_start_leaves_nothing_behind(sock_dir: Path) -> None:
+    good, pid = sock_dir / "good", sock_dir / "pid"
+    bad = sock_dir / "missing-dir" / "s"
+    result = run_blockd("--socket", str(good), "--socket", str(bad), "--pidfile", str(pid))
+    assert result.returncode == 1
+    assert result.stderr == (
+        f"blockd: --socket {bad}: Failed to bind socket to {bad}: No such file or directory\n"
+    )
+    assert not good.exists() and not pid.exists()
+
+
+def test_daemonize(sock_dir: Path) -> None:
+    sock, pid = sock_dir / "s", sock_dir / "pid"
+    result = run_blockd("--daemonize", "--socket", str(sock), "--pidfile", str(pid))
+    assert (result.returncode, result.stdout, result.stderr) == (0, "", "")
+    daemon_pid = int(pid.read_text())  # ready: the pidfile exists when the parent exits
+    try:
+        assert sock.exists()
+        os.kill(daemon_pid, 0)  # alive
+        assert qmp_quit(sock).endswith(b'{"return": {}, "id": 1}\r\n')
+        deadline = time.monotonic() + TIMEOUT
+        while pid.exists() or sock.exists():
+            assert time.monotonic() < deadline, "daemon did not clean up"
+            time.sleep(0.01)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(daemon_pid, signal.SIGKILL)
+    # A daemon that fails to start makes the command fail, with its error.
+    blocker = run_blockd("--daemonize", "--socket", str(sock), "--pidfile", str(pid))
+    assert blocker.returncode == 0
+    try:
+        result = run_blockd("--daemonize", "--socket", str(sock))
+        assert result.returncode == 1 and "a running daemon is listening there" in result.stderr
+    finally:
+        os.kill(int(pid.read_text()), signal.SIGTERM)

@@ -1,0 +1,191 @@
+"""The daemon process: start-up in option order, readiness, signals, clean shutdown.
+
+Start-up processes the command line's steps in order (``--blockdev`` nodes are added,
+``--chardev``/``--monitor`` sockets bound), then starts serving, writes the pidfile and
+only then reports ready (``--daemonize``: the parent exits 0). Any error before that is one
+line ``blockd: --opt value: message`` and exit status 1, with nothing left behind.
+
+Shutdown (SIGINT, SIGTERM, SIGHUP or QMP ``quit``): stop accepting, flush queued replies,
+close connections, cancel jobs, flush and close images, remove sockets and pidfile, exit 0.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import sys
+from collections.abc import AsyncIterator, Mapping
+from typing import Any
+
+import trio
+
+from blockd.cli import PROG, BlockdevSpec, CliError, Config, MonitorSpec
+from blockd.commands.registry import Command, load_all
+from blockd.daemon import Daemon
+from blockd.errors import QMPError, RequestError
+from blockd.options import OptionError, coerce_scalars
+from blockd.pidfile import PidFile, PidFileError, check_pidfile_free
+from blockd.server import Endpoint, EndpointError, Server
+
+__all__ = ["add_blockdev", "run_daemon"]
+
+_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+def run_daemon(config: Config) -> int:
+    """Run the daemon described by ``config`` in this process; returns the exit status.
+
+    With ``config.daemonize`` the process forks: the caller's process returns 0 once the
+    daemon is ready, 1 if it failed to start (its error went to stderr).
+    """
+    if config.daemonize:
+        return _daemonize(config)
+    return _run(config, ready_fd=None)
+
+
+def _run(config: Config, ready_fd: int | None) -> int:
+    logging.basicConfig(format=f"{PROG}: %(message)s", level=logging.WARNING)
+    try:
+        trio.run(_main, config, ready_fd)
+    except CliError as exc:
+        print(f"{PROG}: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _daemonize(config: Config) -> int:
+    read_end, write_end = os.pipe()
+    if os.fork() > 0:
+        os.close(write_end)
+        with os.fdopen(read_end, "rb") as pipe:
+            ready = pipe.read(1) == b"R"
+        return 0 if ready else 1
+    os.close(read_end)
+    os.setsid()
+    if os.fork() > 0:
+        os._exit(0)  # the session leader goes; the daemon can never regain a terminal
+    return _run(config, ready_fd=write_end)
+
+
+def _detach(ready_fd: int) -> None:
+    """Tell the waiting parent we are ready, then let go of its stdio."""
+    os.write(ready_fd, b"R")
+    os.close(ready_fd)
+    null = os.open(os.devnull, os.O_RDWR)
+    for fd in (0, 1, 2):
+        os.dup2(null, fd)
+    os.close(null)
+
+
+async def add_blockdev(
+    daemon: Daemon, commands: Mapping[str, Command], options: dict[str, Any], keyval: bool
+) -> None:
+    """Add a node as QMP ``blockdev-add`` would, from ``--blockdev`` options.
+
+    Keyval options (all strings) are first converted to the types the schema expects.
+
+    Raises:
+        QMPError: the options are invalid or the node cannot be opened (QMP's message).
+        OptionError: a keyval value cannot be converted.
+    """
+    schema = daemon.schema
+    if "blockdev-add" not in schema.commands or "blockdev-add" not in commands:
+        # The block layer is not there: every driver is unknown.
+        if "driver" not in options:
+            raise RequestError("Parameter 'driver' is missing")
+        raise RequestError(f"Parameter 'driver' does not accept value '{options['driver']}'")
+
+    def first_error(tree: Mapping[str, Any]) -> str | None:
+        try:
+            schema.validate_arguments("blockdev-add", tree)
+        except RequestError as exc:
+            return exc.desc
+        return None
+
+    if keyval:
+        coerce_scalars(options, first_error)
+    schema.validate_arguments("blockdev-add", options)
+    await commands["blockdev-add"].call(daemon, options)
+
+
+async def _start(
+    config: Config, daemon: Daemon, server: Server, commands: Mapping[str, Command]
+) -> None:
+    for step in config.steps:
+        if isinstance(step, BlockdevSpec):
+            try:
+                await add_blockdev(daemon, commands, step.options, step.keyval)
+            except (QMPError, OptionError) as exc:
+                raise CliError("--blockdev", step.text, str(exc)) from exc
+        elif isinstance(step, MonitorSpec):
+            chardev = step.chardev
+            endpoint = Endpoint(chardev.path, chardev.fd, chardev.server, step.pretty)
+            try:
+                await server.add_endpoint(endpoint)
+            except EndpointError as exc:
+                option = "--socket" if chardev.id.startswith("#") else "--chardev"
+                raise CliError(option, chardev.text, str(exc)) from exc
+
+
+async def _main(config: Config, ready_fd: int | None) -> None:
+    pidfile = PidFile(config.pidfile) if config.pidfile else None
+    daemon = Daemon()
+    commands = load_all()
+    server = Server(daemon, commands)
+    with trio.open_signal_receiver(*_SIGNALS) as signals:
+        try:
+            async with trio.open_nursery() as nursery:
+                await nursery.start(daemon.run)
+                error = await _start_serving(config, daemon, server, commands, nursery, pidfile)
+                if error is None:
+                    watcher = trio.CancelScope()
+                    nursery.start_soon(_watch_signals, signals, daemon, watcher)
+                    if ready_fd is not None:
+                        _detach(ready_fd)
+                    await daemon.wait_shutdown()
+                    watcher.cancel()  # daemon.run ends by itself once jobs and images are closed
+                daemon.request_shutdown()
+                await server.aclose()
+        finally:
+            server.remove_sockets()
+            if pidfile is not None:
+                pidfile.remove()
+    if error is not None:
+        raise error
+
+
+async def _start_serving(
+    config: Config,
+    daemon: Daemon,
+    server: Server,
+    commands: Mapping[str, Command],
+    nursery: trio.Nursery,
+    pidfile: PidFile | None,
+) -> CliError | None:
+    """Everything up to readiness; returns the start-up error instead of raising it (a
+    raise would reach the caller wrapped in the nursery's exception group)."""
+    try:
+        if pidfile is not None:
+            try:
+                check_pidfile_free(pidfile.path)
+            except PidFileError as exc:
+                raise CliError("--pidfile", config.pidfile, str(exc)) from exc
+        await _start(config, daemon, server, commands)
+        await nursery.start(server.run)
+        if pidfile is not None:
+            try:
+                pidfile.write()
+            except PidFileError as exc:
+                raise CliError("--pidfile", config.pidfile, str(exc)) from exc
+    except CliError as exc:
+        return exc
+    return None
+
+
+async def _watch_signals(
+    signals: AsyncIterator[int], daemon: Daemon, scope: trio.CancelScope
+) -> None:
+    with scope:
+        async for _signum in signals:
+            daemon.request_shutdown()

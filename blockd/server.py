@@ -1,0 +1,428 @@
+"""The QMP server: the only module that touches sockets.
+
+Theory of operation
+-------------------
+A :class:`Server` owns listening UNIX sockets (``--chardev socket,...,server=on``) and
+outgoing client-mode connections (``server=off``). Every accepted connection is a
+*session*: one :class:`blockd.qmp.connection.Connection` (the sans-IO protocol core) and
+two tasks.
+
+* The **reader** receives bytes, feeds the core and runs the requests it yields one at a
+  time, in order. It does not read further input while a command runs (as QEMU, §1.4).
+* The **writer** sends whatever is in the session's :class:`_Outbox`. Replies, protocol
+  output and events all go through that one queue, so they keep their order: events a
+  command raises are queued at the moment they are emitted, hence before its reply.
+
+Rules:
+
+* Nothing a client does blocks the daemon or another client. The event sink only queues;
+  if a client stops reading and its queue passes :data:`OUTBOX_LIMIT`, its connection is
+  closed rather than buffered without bound.
+* A command is never cancelled because its client went away: it finishes and its reply
+  is dropped (a half-done ``blockdev-add`` would leave the graph inconsistent). Only
+  server shutdown cancels commands, after a grace period.
+* At most :data:`MAX_CONNECTIONS` sessions run at once; a connection beyond that is
+  accepted and closed at once, with a warning on stderr.
+* A socket file is created with mode 0600 (or stricter, per the umask). A stale socket
+  (nobody answers a connect) is replaced; a live one makes startup fail. Sockets this
+  server created are removed when it closes, if they are still the same files.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import os
+import socket
+import stat
+from collections import deque
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Final
+
+import trio
+
+from blockd.commands.control import version_info
+from blockd.commands.registry import Command
+from blockd.daemon import Daemon
+from blockd.errors import CommandNotFound, QMPError
+from blockd.events import Event
+from blockd.qmp.connection import NEED_DATA, Connection, Output, Request
+
+__all__ = ["MAX_CONNECTIONS", "OUTBOX_LIMIT", "Endpoint", "EndpointError", "Server"]
+
+log = logging.getLogger("blockd.server")
+
+MAX_CONNECTIONS: Final = 256
+OUTBOX_LIMIT: Final = 16 * 1024 * 1024
+READ_SIZE: Final = 65536
+LISTEN_BACKLOG: Final = 128
+#: Seconds a closing server lets sessions flush their queued replies (``quit``).
+CLOSE_GRACE: Final = 2.0
+_UNIX_PATH_MAX: Final = 107
+
+
+class EndpointError(Exception):
+    """A socket cannot be set up; ``str(exc)`` is the message for the user."""
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """Where one QMP monitor is served.
+
+    Attributes:
+        path: the UNIX socket path (None with ``fd``).
+        fd: an inherited listening socket (``--chardev socket,fd=N,server=on``).
+        listen: True to listen (``server=on``), False to connect to ``path``.
+        pretty: pretty-print output (``--monitor pretty=on``).
+    """
+
+    path: str | None
+    fd: int | None = None
+    listen: bool = True
+    pretty: bool = False
+
+
+class _Outbox:
+    """The bytes waiting to be written to one client; bounded, never blocks a producer."""
+
+    def __init__(self, limit: int) -> None:
+        self._chunks: deque[bytes] = deque()
+        self._size = 0
+        self._limit = limit
+        self._wakeup = trio.Event()
+        self.closed = False
+        self.overflowed = False
+
+    def put_nowait(self, data: bytes) -> bool:
+        """Queue ``data``; False if the outbox is closed or would pass its limit."""
+        if self.closed:
+            return False
+        if self._size + len(data) > self._limit:
+            self.overflowed = self.closed = True
+            self._chunks.clear()
+            self._wakeup.set()
+            return False
+        self._chunks.append(data)
+        self._size += len(data)
+        self._wakeup.set()
+        return True
+
+    def close(self) -> None:
+        """Accept nothing more; :meth:`get` returns what is queued, then None."""
+        self.closed = True
+        self._wakeup.set()
+
+    async def get(self) -> bytes | None:
+        """Everything queued so far, joined; None once closed and empty."""
+        while not self._chunks:
+            if self.closed:
+                return None
+            await self._wakeup.wait()
+            self._wakeup = trio.Event()
+        data = b"".join(self._chunks)
+        self._chunks.clear()
+        self._size = 0
+        return data
+
+
+class _Session:
+    """One QMP connection: a reader and a writer task around a protocol core."""
+
+    def __init__(self, server: Server, stream: trio.abc.Stream, pretty: bool) -> None:
+        self._server = server
+        self._daemon = server.daemon
+        self._stream = stream
+        self._outbox = _Outbox(server.outbox_limit)
+        self._conn = Connection(
+            server.daemon.schema, version=version_info(), capabilities=("oob",), pretty=pretty
+        )
+        self._dead = False  # the client is gone or the session is closing: stop reading
+        self._recv_scope: trio.CancelScope | None = None
+
+    def stop_reading(self) -> None:
+        """Read no more requests; queued output is still written (graceful close)."""
+        self._dead = True
+        self._outbox.close()
+        if self._recv_scope is not None:
+            self._recv_scope.cancel()
+
+    def _send(self, data: bytes) -> None:
+        if not self._outbox.put_nowait(data) and self._outbox.overflowed:
+            log.warning("closing a QMP connection whose client does not read its output")
+            self.stop_reading()
+
+    def _on_event(self, event: Event) -> None:
+        data = self._conn.event(event)
+        if data is not None:
+            self._send(data)
+
+    async def run(self) -> None:
+        self._send(self._conn.greeting())
+        unsubscribe = self._daemon.events.subscribe(self._on_event)
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._writer)
+                await self._reader()
+                self._outbox.close()
+        finally:
+            unsubscribe()
+            with trio.CancelScope(shield=True), trio.move_on_after(1):
+                await self._stream.aclose()
+
+    async def _writer(self) -> None:
+        try:
+            while (data := await self._outbox.get()) is not None:
+                await self._stream.send_all(data)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            pass
+        self.stop_reading()
+
+    async def _reader(self) -> None:
+        while not self._dead:
+            with trio.CancelScope() as self._recv_scope:
+                try:
+                    data = await self._stream.receive_some(READ_SIZE)
+                except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                    data = b""
+            self._recv_scope = None
+            if self._dead:
+                return
+            self._conn.receive_data(bytes(data))
+            await self._process()
+            if not data:
+                return
+
+    async def _process(self) -> None:
+        while not self._dead:
+            event = self._conn.next_event()
+            if event is NEED_DATA:
+                return
+            if isinstance(event, Output):
+                self._send(event.data)
+            elif isinstance(event, Request):
+                self._send(await self._execute(event))
+
+    async def _execute(self, request: Request) -> bytes:
+        handler: Command | None = self._server.commands.get(request.command)
+        try:
+            if handler is None:
+                raise CommandNotFound(f"The command {request.command} has not been found")
+            value = await handler.call(self._daemon, request.arguments)
+        except QMPError as exc:
+            return self._conn.error(request, exc)
+        except Exception as exc:  # a bug must not take the daemon down; report it
+            log.exception("command %s failed unexpectedly", request.command)
+            return self._conn.error(request, QMPError(f"Internal error: {exc}"))
+        return self._conn.reply(request, value)
+
+
+def _unlink_stale(path: str) -> None:
+    """Remove a socket file nobody listens on; refuse a live one or a non-socket."""
+    try:
+        info = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(info.st_mode):
+        raise EndpointError(f"Failed to bind socket to {path}: File exists and is not a socket")
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe.settimeout(2.0)
+    try:
+        probe.connect(path)
+    except (ConnectionRefusedError, FileNotFoundError):
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)  # stale: left behind by a daemon that died
+        return
+    except OSError as exc:
+        if exc.errno != errno.EAGAIN:
+            raise EndpointError(f"Failed to bind socket to {path}: {exc.strerror}") from exc
+    finally:
+        probe.close()
+    raise EndpointError(f"Failed to bind socket to {path}: a running daemon is listening there")
+
+
+def _bind_unix(path: str) -> socket.socket:
+    if len(os.fsencode(path)) > _UNIX_PATH_MAX:
+        raise EndpointError(f"UNIX socket path '{path}' is too long")
+    _unlink_stale(path)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    # The umask decides the mode bind() gives the file: never wider than 0600, and
+    # stricter if the user's umask is (the mode is never loosened afterwards).
+    old = os.umask(0o177)
+    try:
+        os.umask(old | 0o177)
+        sock.bind(path)
+    except OSError as exc:
+        sock.close()
+        raise EndpointError(f"Failed to bind socket to {path}: {exc.strerror}") from exc
+    finally:
+        os.umask(old)
+    sock.listen(LISTEN_BACKLOG)
+    return sock
+
+
+class Server:
+    """Serves QMP on any number of endpoints for one :class:`Daemon`.
+
+    Add endpoints with :meth:`add_endpoint` (sockets are bound at once, so errors show
+    before the daemon reports ready), then run :meth:`run` in a nursery and stop it with
+    :meth:`aclose`.
+
+    Args:
+        daemon: what commands act on; its event bus feeds every negotiated session.
+        commands: the handler table (``registry.load_all()``).
+        max_connections: sessions served at once.
+        outbox_limit: bytes queued for one client before its connection is closed.
+    """
+
+    def __init__(
+        self,
+        daemon: Daemon,
+        commands: Mapping[str, Command],
+        *,
+        max_connections: int = MAX_CONNECTIONS,
+        outbox_limit: int = OUTBOX_LIMIT,
+    ) -> None:
+        self.daemon = daemon
+        self.commands = commands
+        self.max_connections = max_connections
+        self.outbox_limit = outbox_limit
+        self._listeners: list[tuple[trio.SocketListener, bool]] = []
+        self._clients: list[tuple[trio.SocketStream, bool]] = []
+        self._created: list[tuple[str, int, int]] = []
+        self._sessions: set[_Session] = set()
+        self._nursery: trio.Nursery | None = None
+        self._closing = trio.Event()
+        self._closed = trio.Event()
+        self._idle = trio.Event()
+
+    @property
+    def paths(self) -> list[str]:
+        """The socket files this server created."""
+        return [path for path, _, _ in self._created]
+
+    async def add_endpoint(self, endpoint: Endpoint) -> None:
+        """Bind (or connect) ``endpoint`` now; it is served once :meth:`run` starts.
+
+        Raises:
+            EndpointError: the socket cannot be created, a live daemon owns the path, or
+                the client-mode connect fails.
+        """
+        if endpoint.fd is not None:
+            try:
+                sock = socket.socket(fileno=endpoint.fd)
+                sock.listen(LISTEN_BACKLOG)
+            except OSError as exc:
+                raise EndpointError(f"fd {endpoint.fd}: {exc.strerror}") from exc
+        elif endpoint.listen:
+            assert endpoint.path is not None
+            sock = _bind_unix(endpoint.path)
+            info = os.stat(endpoint.path)
+            self._created.append((endpoint.path, info.st_dev, info.st_ino))
+        else:
+            assert endpoint.path is not None
+            client = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                await client.connect(endpoint.path)
+            except OSError as exc:
+                client.close()
+                raise EndpointError(
+                    f"Failed to connect to '{endpoint.path}': {exc.strerror}"
+                ) from exc
+            self._clients.append((trio.SocketStream(client), endpoint.pretty))
+            return
+        sock.setblocking(False)
+        listener = trio.SocketListener(trio.socket.from_stdlib_socket(sock))
+        self._listeners.append((listener, endpoint.pretty))
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Serve until :meth:`aclose`; reports started once every endpoint accepts."""
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                async with trio.open_nursery() as acceptors:
+                    for listener, pretty in self._listeners:
+                        acceptors.start_soon(self._accept_loop, listener, pretty)
+                    for stream, pretty in self._clients:
+                        nursery.start_soon(self._serve, stream, pretty)
+                    task_status.started()
+                    await self._closing.wait()
+                    acceptors.cancel_scope.cancel()
+                await self._close_listeners()
+                await self._drain(nursery)
+        finally:
+            await self._close_listeners()
+            self.remove_sockets()
+            self._closed.set()
+
+    async def _close_listeners(self) -> None:
+        with trio.CancelScope(shield=True):
+            for listener, _ in self._listeners:
+                await listener.aclose()
+
+    async def _drain(self, nursery: trio.Nursery) -> None:
+        # Stop accepting (the accept loops watch _closing), let sessions flush, then cut.
+        for session in list(self._sessions):
+            session.stop_reading()
+        with trio.move_on_after(CLOSE_GRACE):
+            while self._sessions:
+                self._idle = trio.Event()
+                await self._idle.wait()
+        nursery.cancel_scope.cancel()
+
+    async def aclose(self) -> None:
+        """Stop accepting, flush queued replies (a grace period), close every session.
+
+        Returns once the server is closed and its socket files are removed.
+        """
+        self._closing.set()
+        if self._nursery is not None:
+            await self._closed.wait()
+        else:
+            await self._close_listeners()
+            self.remove_sockets()
+
+    def remove_sockets(self) -> None:
+        """Delete the socket files created here, if they are still ours."""
+        for path, dev, ino in self._created:
+            try:
+                info = os.lstat(path)
+                if (info.st_dev, info.st_ino) == (dev, ino):
+                    os.unlink(path)
+            except OSError:
+                pass
+        self._created.clear()
+
+    async def _accept_loop(self, listener: trio.SocketListener, pretty: bool) -> None:
+        assert self._nursery is not None
+        while not self._closing.is_set():
+            try:
+                stream = await listener.accept()
+            except trio.ClosedResourceError:
+                return
+            except OSError as exc:  # EMFILE and friends: back off instead of spinning
+                log.warning("accept failed: %s", exc)
+                await trio.sleep(0.1)
+                continue
+            if len(self._sessions) >= self.max_connections:
+                log.warning("refusing a QMP connection: %d already open", len(self._sessions))
+                await stream.aclose()
+                continue
+            self._nursery.start_soon(self._serve, stream, pretty)
+
+    async def _serve(self, stream: trio.abc.Stream, pretty: bool) -> None:
+        session = _Session(self, stream, pretty)
+        self._sessions.add(session)
+        try:
+            if self._closing.is_set():
+                session.stop_reading()
+            await session.run()
+        finally:
+            self._sessions.discard(session)
+            self._idle.set()
+
+
+def describe(endpoint: Endpoint) -> str:
+    """A short text for logs: the path or the fd."""
+    return endpoint.path if endpoint.path is not None else f"fd {endpoint.fd}"

@@ -1,0 +1,94 @@
+"""Real QMP clients against a daemon subprocess: qemu.qmp's QMPClient (asyncio), its
+legacy sync API, qmp-shell, and socat (clients.md §3)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+from qemu.qmp import ExecuteError, QMPClient
+from qemu.qmp.legacy import QEMUMonitorProtocol
+
+from blockd import QEMU_VERSION, __version__
+
+from .conftest import IO_TIMEOUT, DaemonProcess, start_daemon, stop_daemon
+
+
+def test_qmpclient_asyncio(daemon_process: DaemonProcess) -> None:
+    async def session() -> None:
+        qmp = QMPClient("blockd-test")
+        await asyncio.wait_for(qmp.connect(str(daemon_process.sock)), IO_TIMEOUT)
+        try:
+            assert qmp.greeting is not None
+            assert qmp.greeting.QMP.version["package"] == f"blockd {__version__}"
+            version = await qmp.execute("query-version")
+            assert isinstance(version, dict)
+            assert tuple(version["qemu"][k] for k in ("major", "minor", "micro")) == QEMU_VERSION
+            names = await qmp.execute("query-commands")
+            assert isinstance(names, list) and {"name": "quit"} in names
+            schema = await qmp.execute("query-qmp-schema")
+            assert isinstance(schema, list)
+            assert any(entry["name"] == "query-version" for entry in schema)
+            with pytest.raises(ExecuteError) as info:
+                await qmp.execute("no-such-command")
+            assert info.value.error_class == "CommandNotFound"
+            # Several commands in flight at once: replies matched by id.
+            many = await asyncio.gather(*(qmp.execute("query-version") for _ in range(20)))
+            assert all(reply == version for reply in many)
+        finally:
+            await qmp.disconnect()
+
+    asyncio.run(session())
+
+
+def test_legacy_sync_client_and_quit(sock_dir: Path) -> None:
+    daemon = start_daemon(sock_dir)
+    try:
+        qmp = QEMUMonitorProtocol(str(daemon.sock))
+        greeting = qmp.connect(negotiate=True)
+        assert greeting["QMP"]["version"]["package"] == f"blockd {__version__}"
+        assert qmp.cmd_obj({"execute": "query-version"})["return"]["package"].startswith("blockd")
+        assert qmp.cmd_obj({"execute": "quit"}) == {"return": {}}
+        with contextlib.suppress(EOFError):  # qemu.qmp re-raises the server's EOF (QSD too)
+            qmp.close()
+        assert daemon.proc.wait(timeout=IO_TIMEOUT) == 0
+        assert not daemon.sock.exists() and not daemon.pidfile.exists()
+    finally:
+        stop_daemon(daemon)
+
+
+def test_qmp_shell(daemon_process: DaemonProcess) -> None:
+    shell = shutil.which("qmp-shell")
+    assert shell is not None, "qmp-shell comes with qemu.qmp"
+    result = subprocess.run(
+        [shell, str(daemon_process.sock)],
+        input="query-version\nquery-commands\nno-such-command\n",
+        capture_output=True,
+        text=True,
+        timeout=IO_TIMEOUT * 3,
+        check=False,
+    )
+    major, minor, micro = QEMU_VERSION
+    assert f"Connected to QEMU {major}.{minor}.{micro}" in result.stdout, result.stderr
+    assert f'"package": "blockd {__version__}"' in result.stdout
+    assert '{"name": "query-qmp-schema"}' in result.stdout
+    assert "The command no-such-command has not been found" in result.stdout
+
+
+def test_socat_example(daemon_process: DaemonProcess) -> None:
+    script = Path(__file__).resolve().parents[2] / "examples" / "qmp-socat.sh"
+    result = subprocess.run(
+        [str(script), str(daemon_process.sock)],
+        capture_output=True,
+        text=True,
+        timeout=IO_TIMEOUT,
+        check=False,
+    )
+    lines = result.stdout.splitlines()
+    assert result.returncode == 0, result.stderr
+    assert lines[0].startswith('{"QMP": ') and lines[1] == '{"return": {}}'
+    assert f'"package": "blockd {__version__}"' in lines[2] and lines[2].endswith('"id": 1}')
