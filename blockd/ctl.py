@@ -16,7 +16,7 @@ import sys
 import threading
 from collections.abc import Callable, Coroutine, Sequence
 from pathlib import Path
-from typing import Any, Final
+from typing import IO, Any, Final
 
 import trio
 from rich.console import Console
@@ -38,6 +38,7 @@ from blockd.client.connection import (
     ConnectError,
     ConnectionLost,
     connect,
+    single,
 )
 from blockd.client.follow import JOB_EVENTS, JobView, Outcome, follow_job
 from blockd.client.sizes import format_rate, format_size, parse_size
@@ -222,7 +223,7 @@ class RateColumn(ProgressColumn):
         return Text("-" if speed is None else format_rate(speed), style="progress.data.speed")
 
 
-def _progress(console: Console) -> Progress:
+def _progress(console: Console, enabled: bool) -> Progress:
     return Progress(
         TextColumn("[bold]{task.description}"),
         BarColumn(),
@@ -232,7 +233,7 @@ def _progress(console: Console) -> Progress:
         TextColumn("{task.fields[status]}"),
         console=console,
         transient=False,
-        disable=not console.is_terminal,
+        disable=not (enabled and console.is_terminal),
     )
 
 
@@ -261,6 +262,7 @@ async def _follow(client: Client, job_id: str, events: Any, out: Output, dismiss
     """Follow ``job_id`` with a progress bar; Ctrl-C cancels the job (twice: leave it)."""
     start = trio.current_time()
     interrupted = False
+    view: JobView | None = None
 
     async def on_sigint(cancel_scope: trio.CancelScope) -> None:
         nonlocal interrupted
@@ -276,28 +278,27 @@ async def _follow(client: Client, job_id: str, events: Any, out: Output, dismiss
                 except CommandError as exc:
                     out.fail(f"cancel: {exc.desc}")
 
-    view: JobView | None = None
-    progress = _progress(out.err) if not out.json else None
-    async with trio.open_nursery() as nursery:
-        if threading.current_thread() is threading.main_thread():
-            nursery.start_soon(on_sigint, nursery.cancel_scope)
-        if progress is not None:
-            task = progress.add_task(job_id, total=None, status="starting")
+    async def watch(nursery: trio.Nursery) -> None:
+        nonlocal view
+        progress = _progress(out.err, enabled=not out.json)
+        task = progress.add_task(job_id, total=None, status="starting")
 
-            def update(v: JobView) -> None:
-                progress.update(
-                    task,
-                    completed=v.offset,
-                    total=v.len or None,
-                    status=("paused" if v.paused and v.status == "running" else v.status),
-                )
+        def update(v: JobView) -> None:
+            status = "paused" if v.paused and v.status == "running" else v.status
+            progress.update(task, completed=v.offset, total=v.len or None, status=status)
 
-            with progress:
-                view = await follow_job(client, job_id, events, on_update=update, dismiss=dismiss)
-                update(view)
-        else:
-            view = await follow_job(client, job_id, events, dismiss=dismiss)
+        with progress:
+            view = await follow_job(client, job_id, events, on_update=update, dismiss=dismiss)
+            update(view)
         nursery.cancel_scope.cancel()
+
+    try:
+        async with trio.open_nursery() as nursery:
+            if threading.current_thread() is threading.main_thread():
+                nursery.start_soon(on_sigint, nursery.cancel_scope)
+            nursery.start_soon(watch, nursery)
+    except BaseExceptionGroup as group:
+        raise single(group) from None
     if view is None:  # left with a second Ctrl-C
         out.fail(f"left job {job_id} running")
         return EXIT_INTERRUPTED
@@ -461,11 +462,17 @@ async def run(args: argparse.Namespace, out: Output) -> int:
         return EXIT_UNREACHABLE
 
 
+def _console(stream: IO[str]) -> Console:
+    # Piped output is not wrapped at 80 columns, so that scripts can grep whole lines.
+    width = None if stream.isatty() else int(os.environ.get("COLUMNS") or 200)
+    return Console(file=stream, width=width)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """The ``blockctl`` console script; returns the exit status."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    out = Output(args.json, Console(), Console(stderr=True))
+    out = Output(args.json, _console(sys.stdout), _console(sys.stderr))
     try:
         return trio.run(run, args, out)
     except KeyboardInterrupt:

@@ -222,9 +222,26 @@ async def connect(
             ) from exc
         except (ClientError, ProtocolError) as exc:
             raise ConnectError(f"{path}: not a usable QMP monitor: {exc}") from exc
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(client._reader)
-            try:
-                yield client
-            finally:
-                nursery.cancel_scope.cancel()
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(client._reader)
+                try:
+                    yield client
+                finally:
+                    nursery.cancel_scope.cancel()
+        except BaseExceptionGroup as group:
+            # The reader never fails (it records errors), so a group holds the caller's
+            # one exception: give it back unwrapped, as if there were no nursery.
+            raise single(group) from None
+
+
+def single(
+    group: BaseExceptionGroup[BaseException],
+) -> BaseException | BaseExceptionGroup[BaseException]:
+    """The only exception in ``group`` (recursively), or ``group`` itself."""
+    while len(group.exceptions) == 1:
+        inner = group.exceptions[0]
+        if not isinstance(inner, BaseExceptionGroup):
+            return inner
+        group = inner
+    return group

@@ -131,3 +131,21 @@ def running_daemon(
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+
+
+def query_commands(socket_path: Path, timeout: float = 10.0) -> set[str]:
+    """The command names a running daemon lists in ``query-commands`` (blocking)."""
+    with socket.socket(socket.AF_UNIX) as sock:
+        sock.settimeout(timeout)
+        sock.connect(str(socket_path))
+        reader = sock.makefile("rb")
+        json.loads(reader.readline())  # the greeting
+        for command in ("qmp_capabilities", "query-commands"):
+            sock.sendall(json.dumps({"execute": command}).encode() + b"\r\n")
+            while True:
+                reply = json.loads(reader.readline())
+                if "event" not in reply:
+                    break
+        if "return" not in reply:
+            raise LabError(f"query-commands failed: {reply}")
+        return {entry["name"] for entry in reply["return"]}
