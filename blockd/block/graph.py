@@ -110,6 +110,15 @@ def resolve_backing_path(image_filename: str, backing: str) -> str:
     return os.path.join(os.path.dirname(image_filename), backing)
 
 
+def image_path(node: BlockNode) -> str:
+    """The path of the file under ``node`` (its protocol node's): relative backing names
+    are resolved against its directory even when ``node`` has a ``json:`` filename."""
+    below = node
+    while not below.is_protocol and below.file is not None:
+        below = below.file
+    return below.driver.filename
+
+
 def _unflatten(flat: Mapping[str, Any]) -> dict[str, Any]:
     tree: dict[str, Any] = {}
     for key, value in flat.items():
@@ -182,7 +191,10 @@ class Graph:
         """
         if top_level and options.get("node-name") is None:
             raise RequestError("'node-name' must be specified for the root node")
-        node = await self._open(options, _Inherit())
+        try:
+            node = await self._open(options, _Inherit())
+        except OSError as exc:  # a driver's I/O failed while opening: report, do not crash
+            raise HostError.from_oserror(exc) from exc
         if top_level:
             node.monitor_owned = True
         else:
@@ -194,7 +206,7 @@ class Graph:
         if isinstance(ref, str):
             node = self.find(ref)
             if node is None:
-                raise RequestError(f"Cannot find device='' nor node-name='{ref}'")
+                raise RequestError(f"Cannot find device='{ref}' nor node-name='{ref}'")
             return node
         return await self._open(ref, inherit)
 
@@ -260,6 +272,8 @@ class Graph:
                 )
             self.refresh_permissions()
             node.driver = await cls.open(node, opts)
+            header = node.driver.header_backing()
+            node.auto_backing_file = header[0] if header is not None else ""
             if cls.supports_backing:
                 await self._open_backing(node, options, child_inherit)
         except BaseException:
@@ -293,6 +307,7 @@ class Graph:
             except QMPError as exc:
                 raise type(exc)(f"Could not open backing file: {exc.desc}") from exc
             node.implicit_backing = True
+            node.auto_backing_file = child.filename
         self._attach(node, "backing", child)
         self.refresh_permissions()
 
@@ -310,7 +325,7 @@ class Graph:
             if fmt and "driver" not in opts:
                 opts["driver"] = fmt
             return opts
-        path = resolve_backing_path(node.filename, name)
+        path = resolve_backing_path(image_path(node), name)
         if fmt is None:
             fmt = _probe_format(path)
         cls = DRIVERS.get(fmt)
@@ -376,12 +391,18 @@ class Graph:
         children closed too unless something else holds them.
 
         Raises:
-            RequestError: not found, busy (a blocker), not monitor-owned, in use.
+            RequestError: not found, busy (a job's blocker, or the backing of another
+                node), not monitor-owned, in use (another node's ``file``, a user).
         """
         node = self.find(name)
         if node is None:
             raise RequestError(f"Failed to find node with node-name='{name}'")
         node.check_not_busy()
+        for parent in reversed(node.parents):  # QEMU's backing-link blocker, newest first
+            if parent.children.get("backing") is node:
+                raise RequestError(
+                    f"Node '{name}' is busy: node is used as backing hd of '{parent.name}'"
+                )
         if not node.monitor_owned:
             raise RequestError(f"Node {name} is not owned by the monitor")
         if node.in_use:

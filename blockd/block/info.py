@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from blockd.block.graph import Graph, resolve_backing_path
+from blockd.block.graph import Graph, image_path, resolve_backing_path
 from blockd.block.node import BlockNode
 
 
@@ -50,7 +50,7 @@ def image_info(node: BlockNode, *, flat: bool) -> dict[str, Any]:
     if header is not None and header[0]:
         name, fmt = header
         info["backing-filename"] = name
-        info["full-backing-filename"] = resolve_backing_path(node.filename, name)
+        info["full-backing-filename"] = resolve_backing_path(image_path(node), name)
         if fmt:
             info["backing-filename-format"] = fmt
     below = node.filtered

@@ -12,6 +12,7 @@ past the end grows the node, which is how format drivers append clusters to thei
 from __future__ import annotations
 
 import errno
+import json
 import os
 from dataclasses import dataclass, field
 from typing import Any
@@ -19,6 +20,10 @@ from typing import Any
 from blockd.block.driver import BlockStatus, Driver, Status
 from blockd.block.locking import PERM_ALL, PERM_NONE, Perm
 from blockd.errors import RequestError
+
+#: options that change what data a node shows; a node with any of them set is named by a
+#: ``json:`` filename, as QEMU's ``bdrv_refresh_filename`` does
+STRONG_OPTIONS: dict[str, tuple[str, ...]] = {"raw": ("offset", "size")}
 
 
 def _error(code: int) -> OSError:
@@ -66,6 +71,11 @@ class BlockNode:
         never_freeze: links to this node cannot be frozen (a commit job's filter).
         child_role: the role of the child the driver reads from (its ``child_role``),
             set by the graph before the driver opens.
+        auto_backing_file: the backing file name the node would open by itself: the
+            header string after open, the backing node's filename once the graph opened
+            it from the header. Whoever rewrites the header (stream) sets it to the new
+            string. A backing link that differs from it is "overridden" (QEMU's
+            ``bdrv_backing_overridden``) and the node gets a ``json:`` filename.
         perm, shared: the node's cumulative permissions, as the graph last computed
             them from all its parents and users.
     """
@@ -83,6 +93,7 @@ class BlockNode:
     frozen: set[str] = field(default_factory=set)
     never_freeze: bool = False
     child_role: str = "file"
+    auto_backing_file: str = ""
     perm: Perm = PERM_NONE
     shared: Perm = PERM_ALL
 
@@ -139,7 +150,37 @@ class BlockNode:
         return self.driver.protocol_name is not None
 
     @property
+    def backing_overridden(self) -> bool:
+        """The backing link is not the one the image header names."""
+        if not self.driver.supports_backing:
+            return False
+        if self.backing is not None:
+            return self.auto_backing_file != self.backing.filename
+        return self.auto_backing_file != ""
+
+    def full_open_options(self) -> dict[str, Any]:
+        """The options that reopen exactly this node (``json:`` filenames)."""
+        if self.is_protocol and self.drv == "file":
+            return {"driver": "file", "filename": self.driver.filename}
+        options: dict[str, Any] = {"driver": self.drv}
+        for key in STRONG_OPTIONS.get(self.drv, ()):
+            if key in self.options:
+                options[key] = self.options[key]
+        overridden = self.backing_overridden
+        for role, child in self.children.items():
+            if role != "backing" or overridden:
+                options[role] = child.full_open_options()
+        if overridden and self.backing is None:
+            options["backing"] = None
+        return options
+
+    @property
     def filename(self) -> str:
+        """QEMU's filename: the driver's, or ``json:{...}`` when options or an overridden
+        backing link make a plain path ambiguous."""
+        strong = any(key in self.options for key in STRONG_OPTIONS.get(self.drv, ()))
+        if strong or self.backing_overridden:
+            return "json:" + json.dumps(self.full_open_options(), sort_keys=True)
         return self.driver.filename
 
     @property

@@ -94,9 +94,8 @@ async def test_add_query_and_delete(daemon: Daemon, chain: dict[str, Path]) -> N
     assert mid_image["backing-image"]["format"] == "raw"
     assert "backing-image" not in mid_image["backing-image"]
     protocol = nodes[5]["image"]
-    assert protocol["format"] == "file" and protocol["virtual-size"] == os.path.getsize(
-        chain["top"]
-    )
+    assert protocol["format"] == "file"
+    assert protocol["virtual-size"] == -(-os.path.getsize(chain["top"]) // 512) * 512
     assert protocol["format-specific"] == {"type": "file", "data": {}}
 
     flat = await run(daemon, "query-named-block-nodes", flat=True)
@@ -104,10 +103,14 @@ async def test_add_query_and_delete(daemon: Daemon, chain: dict[str, Path]) -> N
     assert all(n["backing_file_depth"] == 0 and "backing-image" not in n["image"] for n in flat)
     assert not schema_errors("commands/query-named-block-nodes.json", {"flat": True})
 
-    generated = nodes[2]["node-name"]
+    generated = nodes[5]["node-name"]  # top's file node
     with pytest.raises(QMPError) as info:
         await run(daemon, "blockdev-del", **{"node-name": generated})
     assert info.value.desc == f"Node {generated} is not owned by the monitor"
+    backing = nodes[2]["node-name"]  # the backing blocker is checked first (QEMU's order)
+    with pytest.raises(QMPError) as info:
+        await run(daemon, "blockdev-del", **{"node-name": backing})
+    assert info.value.desc == f"Node '{backing}' is busy: node is used as backing hd of 'top'"
     with pytest.raises(QMPError) as info:
         await run(daemon, "blockdev-del", **{"node-name": "nope"})
     assert info.value.desc == "Failed to find node with node-name='nope'"
@@ -118,7 +121,7 @@ async def test_add_query_and_delete(daemon: Daemon, chain: dict[str, Path]) -> N
     assert "No errors" in qemu_img("check", chain["top"]).stdout
 
 
-async def test_delete_of_a_backing_child_is_refused(daemon: Daemon, chain: dict[str, Path]) -> None:
+async def test_delete_of_a_child_is_refused(daemon: Daemon, chain: dict[str, Path]) -> None:
     await run(
         daemon, "blockdev-add", driver="raw", **{"node-name": "base"}, file=file_ref(chain["base"])
     )
@@ -132,7 +135,7 @@ async def test_delete_of_a_backing_child_is_refused(daemon: Daemon, chain: dict[
     )
     with pytest.raises(QMPError) as info:
         await run(daemon, "blockdev-del", **{"node-name": "base"})
-    assert info.value.desc == "Block device base is in use"
+    assert info.value.desc == "Node 'base' is busy: node is used as backing hd of 'mid'"
     node = daemon.graph.find("mid")
     assert node is not None
     node.block("block device is in use by block job: stream")

@@ -140,7 +140,7 @@ async def test_child_errors_come_first(graph: Graph, tmp_path: Path) -> None:
 async def test_unknown_reference(graph: Graph) -> None:
     with pytest.raises(RequestError) as info:
         await graph.open_node({"driver": "raw", "node-name": "r", "file": "nope"}, top_level=True)
-    assert info.value.desc == "Cannot find device='' nor node-name='nope'"
+    assert info.value.desc == "Cannot find device='nope' nor node-name='nope'"
 
 
 async def test_read_only_inherited_unless_set(graph: Graph, chain: dict[str, Path]) -> None:
@@ -180,11 +180,21 @@ async def test_shared_child_closes_with_last_parent(graph: Graph, chain: dict[st
     await graph.open_node(
         qcow2(chain["mid"], "m2", backing="base", **{"read-only": True}), top_level=True
     )
-    with pytest.raises(RequestError, match="Block device base is in use"):
+    with pytest.raises(
+        RequestError, match="Node 'base' is busy: node is used as backing hd of 'm2'"
+    ):
         await graph.delete("base")
     await graph.delete("m1")
-    with pytest.raises(RequestError, match="Block device base is in use"):
+    with pytest.raises(
+        RequestError, match="Node 'base' is busy: node is used as backing hd of 'm2'"
+    ):
         await graph.delete("base")
+    file_node = graph.find("base").file  # type: ignore[union-attr]
+    assert file_node is not None
+    file_node.monitor_owned = True  # as if added by name: still held by 'base'
+    with pytest.raises(RequestError, match=f"Block device {file_node.name} is in use"):
+        await graph.delete(file_node.name)
+    file_node.monitor_owned = False
     await graph.delete("m2")
     await graph.delete("base")
     assert graph.nodes == {}

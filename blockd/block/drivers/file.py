@@ -138,7 +138,8 @@ class FileDriver(Driver):
         os.close(old)
 
     def length(self) -> int:
-        return self._size
+        # QEMU counts lengths in 512-byte sectors: a file's tail reads as zeros
+        return -(-self._size // 512) * 512
 
     @property
     def request_alignment(self) -> int:
