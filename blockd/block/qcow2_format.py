@@ -191,9 +191,8 @@ def parse_header(buf: bytes) -> Header:
         refcount_order=refcount_order,
         header_length=header_length,
         compression_type=compression,
-        extra=bytes(buf[V3_HEADER_LENGTH + 1 : header_length])
-        if header_length > V3_HEADER_LENGTH
-        else b"",
+        # trailing zeros are padding; serialize_header restores them
+        extra=bytes(buf[V3_HEADER_LENGTH + 1 : header_length]).rstrip(b"\0"),
     )
 
 

@@ -231,27 +231,14 @@ class Refcounts:
         cs = self.cluster_size
         per_cluster = cs // 8
         start = self.next_free
-        entries = max(needed + 1, len(self.table) * 2)
-        missing: list[int] = []
         while True:
-            tclusters = -(-entries // per_cluster)
-            nblocks = 0
-            while True:
-                end = start + tclusters + nblocks
-                missing = [
-                    t
-                    for t in range(start >> self.block_bits, ((end - 1) >> self.block_bits) + 1)
-                    if t >= len(self.table) or not self.table[t]
-                ]
-                if len(missing) <= nblocks:
-                    break
-                nblocks = len(missing)
-            top = max([needed, *missing])
-            if top < tclusters * per_cluster:
+            tclusters, missing = self._table_layout(start, needed)
+            end = start + tclusters + len(missing)
+            free = await self._free_run_start(start, end - start)
+            if free == start:
                 break
-            entries = top + 1
+            start = free
         new_table = self.table + [0] * (tclusters * per_cluster - len(self.table))
-        end = start + tclusters + nblocks
         for k, t in enumerate(missing):
             new_table[t] = (start + tclusters + k) << self.cluster_bits
         old_offset, old_clusters = self.table_offset, self.table_clusters
@@ -276,6 +263,40 @@ class Refcounts:
         first_old = old_offset >> self.cluster_bits
         for cluster in range(first_old, first_old + old_clusters):
             await self._add(cluster, -1)
+
+    def _table_layout(self, start: int, needed: int) -> tuple[int, list[int]]:
+        """Size (clusters) of a new refcount table placed at cluster ``start`` and the
+        table indices that need new blocks right after it, so that the table covers
+        ``needed`` and every block covers itself and the table (a fixpoint)."""
+        per_cluster = self.cluster_size // 8
+        entries = max(needed + 1, len(self.table) * 2)
+        while True:
+            tclusters = -(-entries // per_cluster)
+            missing: list[int] = []
+            while True:
+                end = start + tclusters + len(missing)
+                now = [
+                    t
+                    for t in range(start >> self.block_bits, ((end - 1) >> self.block_bits) + 1)
+                    if t >= len(self.table) or not self.table[t]
+                ]
+                if len(now) == len(missing):
+                    break
+                missing = now
+            if max([needed, *missing]) < tclusters * per_cluster:
+                return tclusters, missing
+            entries = max([needed, *missing]) + 1
+
+    async def _free_run_start(self, start: int, count: int) -> int:
+        """The first cluster from ``start`` on that begins ``count`` clusters which no
+        existing refcount block marks as used (clusters leaked past the end of the file
+        by an interrupted run keep their refcounts)."""
+        cluster = start
+        while cluster < start + count:
+            if await self.get(cluster):
+                start = cluster + 1
+            cluster += 1
+        return start
 
     # -- releases and write-back -------------------------------------------------------
 

@@ -565,6 +565,11 @@ class Qcow2Driver(Driver):
 
     async def _rewrite_header(self, header: Header, exts: list[Extension], name: bytes) -> None:
         """Rewrite header, extensions and backing name with one write at offset 0."""
+        header = replace(
+            header,
+            refcount_table_offset=self.refcounts.table_offset,
+            refcount_table_clusters=self.refcounts.table_clusters,
+        )
         new_header, area = fmt.build_header_area(header, exts, name)
         padded = area + bytes(max(0, self._header_area_len - len(area)))
         await self._file.write(0, padded)

@@ -1,0 +1,144 @@
+"""Reading qcow2 images made by qemu-img/qemu-io: byte-identical to ``qemu-img convert``."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+import trio
+from qcow2_util import close, open_qcow2, qemu_io, read_all, run, to_raw
+
+from blockd.block.driver import Status
+
+CLUSTER_SIZES = [512, 1024, 4096, 65536, 2 * 1024 * 1024]
+
+# writes that hit cluster and L2 boundaries for every cluster size above
+PATTERN_WRITES = [
+    "write -P 0x11 0 1536",
+    "write -P 0x22 70000 200000",
+    "write -P 0x33 1048064 1024",
+    "write -P 0x44 3145728 1048576",
+    "write -z 3276800 131072",
+    "write -z -u 3670016 65536",
+    "write -P 0x55 4194304 4096",
+]
+
+
+def make_patterned(path: Path, cluster_size: int, compat: str, size: str = "6M") -> None:
+    opts = f"cluster_size={cluster_size},compat={compat}"
+    run("qemu-img", "create", "-q", "-f", "qcow2", "-o", opts, path, size)
+    qemu_io(path, *PATTERN_WRITES)
+
+
+async def assert_reads_like_qemu(path: Path, tmp_path: Path) -> None:
+    expected = to_raw(path, tmp_path / "expected.raw")
+    with trio.fail_after(60):
+        node = await open_qcow2(path, read_only=True)
+        try:
+            assert await read_all(node) == expected
+            # odd-sized reads across cluster boundaries
+            for off, length in [(1, 700), (65535, 3), (70000 - 5, 10), (len(expected) - 513, 513)]:
+                buf = bytearray(length)
+                await node.read(off, buf)
+                assert bytes(buf) == expected[off : off + length]
+        finally:
+            await close(node)
+
+
+@pytest.mark.parametrize("compat", ["0.10", "1.1"])
+@pytest.mark.parametrize("cluster_size", CLUSTER_SIZES)
+async def test_read_patterned(tmp_path: Path, cluster_size: int, compat: str) -> None:
+    path = tmp_path / "img.qcow2"
+    make_patterned(path, cluster_size, compat)
+    before = hashlib.sha256(path.read_bytes()).digest()
+    await assert_reads_like_qemu(path, tmp_path)
+    assert hashlib.sha256(path.read_bytes()).digest() == before  # read-only: untouched
+
+
+@pytest.mark.parametrize("cluster_size", [512, 4096, 65536, 2 * 1024 * 1024])
+async def test_read_compressed(tmp_path: Path, cluster_size: int) -> None:
+    src = tmp_path / "src.qcow2"
+    make_patterned(src, 65536, "1.1")
+    qemu_io(src, "write -P 0x66 5M 12345")
+    path = tmp_path / "c.qcow2"
+    run("qemu-img", "convert", "-c", "-O", "qcow2", "-o", f"cluster_size={cluster_size}", src, path)
+    await assert_reads_like_qemu(path, tmp_path)
+
+
+async def test_read_with_snapshots(tmp_path: Path) -> None:
+    path = tmp_path / "snap.qcow2"
+    make_patterned(path, 65536, "1.1")
+    run("qemu-img", "snapshot", "-c", "s1", path)
+    qemu_io(path, "write -P 0x77 0 100000", "write -z 3145728 65536")
+    run("qemu-img", "snapshot", "-c", "s2", path)
+    qemu_io(path, "write -P 0x88 65536 65536")
+    await assert_reads_like_qemu(path, tmp_path)
+
+
+async def test_read_chain_mixed_cluster_sizes(tmp_path: Path) -> None:
+    base = tmp_path / "base.qcow2"
+    mid = tmp_path / "mid.qcow2"
+    top = tmp_path / "top.qcow2"
+    run("qemu-img", "create", "-q", "-f", "qcow2", "-o", "cluster_size=4096", base, "2M")
+    qemu_io(base, "write -P 0xa1 0 2M")
+    run("qemu-img", "create", "-q", "-f", "qcow2", "-o", "cluster_size=65536",
+        "-b", "base.qcow2", "-F", "qcow2", mid, "4M")  # fmt: skip
+    qemu_io(mid, "write -P 0xb2 1M 1536", "write -z 1536k 8k", "write -P 0xb3 3M 100k")
+    run("qemu-img", "create", "-q", "-f", "qcow2", "-o", "cluster_size=512",
+        "-b", str(mid), "-F", "qcow2", top, "5M")  # fmt: skip
+    qemu_io(top, "write -P 0xc4 4096 1000", "write -z 0 512", "write -P 0xc5 4607k 2k")
+    await assert_reads_like_qemu(top, tmp_path)
+
+
+async def test_read_raw_backing_shorter(tmp_path: Path) -> None:
+    base = tmp_path / "base.raw"
+    base.write_bytes(b"\x5a" * 700_000)  # not even a multiple of the cluster size
+    top = tmp_path / "top.qcow2"
+    run("qemu-img", "create", "-q", "-f", "qcow2", "-b", "base.raw", "-F", "raw", top, "2M")
+    qemu_io(top, "write -P 0x01 600000 1000")
+    await assert_reads_like_qemu(top, tmp_path)
+
+
+async def test_backing_null_reads_zeros(tmp_path: Path) -> None:
+    base = tmp_path / "base.qcow2"
+    run("qemu-img", "create", "-q", "-f", "qcow2", base, "1M")
+    qemu_io(base, "write -P 0x42 0 1M")
+    top = tmp_path / "top.qcow2"
+    run("qemu-img", "create", "-q", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2", top, "1M")
+    node = await open_qcow2(top, read_only=True, backing=None)
+    try:
+        assert node.backing is None
+        assert node.driver.header_backing() == ("base.qcow2", "qcow2")
+        assert await read_all(node) == bytes(1 << 20)
+    finally:
+        await close(node)
+
+
+async def test_block_status_matches_qemu_img_map(tmp_path: Path) -> None:
+    base = tmp_path / "base.qcow2"
+    run("qemu-img", "create", "-q", "-f", "qcow2", base, "6M")
+    qemu_io(base, "write -P 1 0 6M")
+    top = tmp_path / "top.qcow2"
+    run("qemu-img", "create", "-q", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2", top)
+    qemu_io(top, *PATTERN_WRITES)
+    entries = json.loads(run("qemu-img", "map", "--output=json", top))
+    node = await open_qcow2(top, read_only=True)
+    try:
+        for entry in entries:
+            pos, end = entry["start"], entry["start"] + entry["length"]
+            while pos < end:
+                st = await node.block_status(pos, end - pos)
+                assert st.length > 0
+                if entry["depth"] == 0:
+                    assert st.allocated
+                    assert (Status.ZERO in st.status) == entry["zero"]
+                    assert (Status.DATA in st.status) == entry["data"]
+                    if "offset" in entry and Status.OFFSET_VALID in st.status:
+                        assert st.offset_in_file == entry["offset"] + (pos - entry["start"])
+                else:
+                    assert st.status == Status.NONE
+                pos += st.length
+    finally:
+        await close(node)

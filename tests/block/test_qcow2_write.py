@@ -1,0 +1,191 @@
+"""Writes through the qcow2 driver, mirrored on a raw reference and judged by qemu-img."""
+
+from __future__ import annotations
+
+import random
+import tempfile
+from pathlib import Path
+
+import trio
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from qcow2_util import assert_clean, close, open_qcow2, qemu_io, read_all, run, to_raw
+
+from blockd.block.create import create_qcow2
+
+SIZE = 3 * 1024 * 1024 + 4096  # not a multiple of the L2 span of 64 KiB clusters
+
+# one write: (offset, length, seed); offsets biased to cluster boundaries
+_offsets = st.one_of(
+    st.integers(0, SIZE - 1),
+    st.integers(0, SIZE // 512 - 1).map(lambda s: s * 512),
+)
+_writes = st.lists(
+    st.tuples(_offsets, st.integers(1, 300_000), st.integers(0, 2**32)), min_size=1, max_size=12
+)
+_ops = st.lists(
+    st.one_of(
+        _writes.map(lambda w: ("writes", w)), st.just(("flush", [])), st.just(("reopen", []))
+    ),
+    min_size=1,
+    max_size=5,
+)
+
+SETTINGS = settings(
+    max_examples=8,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+
+
+async def apply(
+    path: Path, ref: bytearray, ops: list[tuple[str, list[tuple[int, int, int]]]]
+) -> None:
+    node = await open_qcow2(path)
+    try:
+        for kind, writes in ops:
+            if kind == "flush":
+                await node.flush()
+            elif kind == "reopen":
+                await close(node)
+                node = await open_qcow2(path)
+            for off, length, seed in writes:
+                length = min(length, SIZE - off)
+                data = random.Random(seed).randbytes(length)
+                await node.write(off, data)
+                ref[off : off + length] = data
+        assert await read_all(node) == ref
+    finally:
+        await close(node)
+
+
+def judge(path: Path, ref: bytes, work: Path) -> None:
+    raw = work / "ref.raw"
+    raw.write_bytes(ref)
+    run("qemu-img", "compare", "-f", "qcow2", "-F", "raw", path, raw)
+    assert_clean(path)
+
+
+def run_case(
+    setup: str, cluster_size: int, ops: list[tuple[str, list[tuple[int, int, int]]]]
+) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        path = work / "img.qcow2"
+        if setup == "fresh":
+            create_qcow2(path, SIZE, cluster_size=cluster_size)
+        elif setup == "backing":
+            base = work / "base.qcow2"
+            create_qcow2(base, SIZE - 700_000, cluster_size=65536)
+            qemu_io(base, "write -P 0x5a 0 1M", "write -P 0x5b 1200k 1M")
+            create_qcow2(path, SIZE, cluster_size=cluster_size, backing_file="base.qcow2",
+                         backing_fmt="qcow2")  # fmt: skip
+            qemu_io(path, "write -P 0x61 64k 64k", "write -z 1M 64k")
+        elif setup == "snapshot":
+            create_qcow2(path, SIZE, cluster_size=cluster_size)
+            qemu_io(path, "write -P 0x71 0 2M", "write -z 2M 128k")
+            run("qemu-img", "snapshot", "-c", "s1", path)
+            qemu_io(path, "write -P 0x72 512k 64k")
+        elif setup == "compressed":
+            src = work / "src.raw"
+            src.write_bytes(random.Random(7).randbytes(SIZE // 2) + b"\x33" * (SIZE - SIZE // 2))
+            run("qemu-img", "convert", "-c", "-f", "raw", "-O", "qcow2", "-o",
+                f"cluster_size={cluster_size}", src, path)  # fmt: skip
+        ref = bytearray(to_raw(path, work / "before.raw"))
+        snap_before = None
+        if setup == "snapshot":
+            snap_before = to_raw_snapshot(path, work / "snap.raw")
+        trio.run(apply, path, ref, ops)
+        judge(path, bytes(ref), work)
+        if snap_before is not None:
+            assert to_raw_snapshot(path, work / "snap2.raw") == snap_before
+
+
+def to_raw_snapshot(path: Path, out: Path) -> bytes:
+    run("qemu-img", "convert", "-l", "snapshot.name=s1", "-O", "raw", path, out)
+    return out.read_bytes()
+
+
+@SETTINGS
+@given(cluster_size=st.sampled_from([512, 4096, 65536]), ops=_ops)
+def test_random_writes_fresh(
+    cluster_size: int, ops: list[tuple[str, list[tuple[int, int, int]]]]
+) -> None:
+    run_case("fresh", cluster_size, ops)
+
+
+@SETTINGS
+@given(cluster_size=st.sampled_from([1024, 65536]), ops=_ops)
+def test_random_writes_backing(
+    cluster_size: int, ops: list[tuple[str, list[tuple[int, int, int]]]]
+) -> None:
+    run_case("backing", cluster_size, ops)
+
+
+@SETTINGS
+@given(cluster_size=st.sampled_from([4096, 65536]), ops=_ops)
+def test_random_writes_snapshot(
+    cluster_size: int, ops: list[tuple[str, list[tuple[int, int, int]]]]
+) -> None:
+    run_case("snapshot", cluster_size, ops)
+
+
+@settings(max_examples=4, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(cluster_size=st.sampled_from([4096, 65536]), ops=_ops)
+def test_random_writes_compressed(
+    cluster_size: int, ops: list[tuple[str, list[tuple[int, int, int]]]]
+) -> None:
+    run_case("compressed", cluster_size, ops)
+
+
+async def test_refcount_table_grows(tmp_path: Path) -> None:
+    """512-byte clusters: one refcount table cluster covers 8 MiB; write 12 MiB."""
+    path = tmp_path / "small.qcow2"
+    size = 16 * 1024 * 1024
+    create_qcow2(path, size, cluster_size=512)
+    ref = bytearray(size)
+    node = await open_qcow2(path)
+    try:
+        for i, off in enumerate(range(0, 12 * 1024 * 1024, 256 * 1024)):
+            data = bytes([i % 251 + 1]) * (200 * 1024)
+            await node.write(off + 1000, data)
+            ref[off + 1000 : off + 1000 + len(data)] = data
+    finally:
+        await close(node)
+    (tmp_path / "ref.raw").write_bytes(ref)
+    run("qemu-img", "compare", "-F", "raw", path, tmp_path / "ref.raw")
+    assert_clean(path)
+    info = run("qemu-img", "info", path)
+    assert "virtual size: 16 MiB" in info
+
+
+async def test_v2_and_refcount_widths(tmp_path: Path) -> None:
+    for compat, bits in [("0.10", 16), ("1.1", 1), ("1.1", 2), ("1.1", 8), ("1.1", 64)]:
+        path = tmp_path / f"img-{compat}-{bits}.qcow2"
+        create_qcow2(path, 2 * 1024 * 1024, cluster_size=4096, compat=compat, refcount_bits=bits)
+        node = await open_qcow2(path)
+        try:
+            await node.write(5000, b"\x99" * 100_000)
+        finally:
+            await close(node)
+        assert_clean(path)
+        assert to_raw(path, tmp_path / "out.raw")[5000:105000] == b"\x99" * 100_000
+
+
+async def test_read_only_node_never_writes(tmp_path: Path) -> None:
+    path = tmp_path / "ro.qcow2"
+    create_qcow2(path, 1 << 20)
+    before = path.read_bytes()
+    node = await open_qcow2(path, read_only=True)
+    try:
+        try:
+            await node.write(0, b"x")
+        except OSError as exc:
+            assert exc.errno == 1  # EPERM
+        else:
+            raise AssertionError("write to a read-only node succeeded")
+        await read_all(node)
+        await node.flush()
+    finally:
+        await close(node)
+    assert path.read_bytes() == before
