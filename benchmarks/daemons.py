@@ -76,8 +76,15 @@ def blockd_spec(command: str | None, repo_root: Path) -> DaemonSpec:
             timeout=10,
             check=False,
         ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", str(repo_root), "status", "--porcelain", "--", "blockd"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=False,
+        ).stdout.strip()
         if head:
-            label = f"blockd (commit {head})"
+            label = f"blockd (commit {head}{' + uncommitted changes' if dirty else ''})"
     except OSError:
         pass
     return DaemonSpec("blockd", label, argv, str(repo_root))
@@ -117,7 +124,9 @@ class Daemon:
         )
         self.pid = self.proc.pid
         self._timeout = timeout
-        self._wait_ready(time.monotonic() + timeout)
+        t0 = time.monotonic()
+        self._wait_ready(t0 + timeout)
+        self.startup_seconds = time.monotonic() - t0  # spawn to all monitor sockets bound
 
     def _wait_ready(self, deadline: float) -> None:
         while not all(s.exists() for s in self.sockets):

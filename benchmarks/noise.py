@@ -49,13 +49,23 @@ def _populate(m: mmap.mmap, length: int) -> str:
     return "touch"
 
 
+_cap_bytes: int | None = None
+
+
+def configure(cap_bytes: int | None) -> None:
+    """Cap what ``settle`` touches at ``cap_bytes`` (None: no cap beyond memory); quick
+    mode uses 1 GiB so that it stays under a minute."""
+    global _cap_bytes
+    _cap_bytes = cap_bytes
+
+
 def settle(
     write_bytes: int, *, factor: float = 3.0, cap_fraction: float = 0.5
 ) -> dict[str, float | str]:
     """``sync``, then touch and free ``factor`` x ``write_bytes`` of anonymous memory.
 
-    The amount is capped at ``cap_fraction`` of MemAvailable so the host never swaps or
-    OOMs because of the benchmark.
+    The amount is capped at ``cap_fraction`` of MemAvailable, so the host never swaps or
+    OOMs because of the benchmark, and at the ``configure``d cap.
 
     Returns:
         What was done: bytes touched, method, seconds in sync and in all (for the JSON).
@@ -67,6 +77,8 @@ def settle(
     avail = mem_available()
     if avail:
         want = min(want, int(avail * cap_fraction))
+    if _cap_bytes is not None:
+        want = min(want, _cap_bytes)
     want -= want % PAGE
     method = "none"
     if want > 0:
