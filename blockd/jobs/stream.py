@@ -224,6 +224,10 @@ class StreamJob(Job):
             await self.graph.set_child(top, "backing", base)
         except Exception as exc:
             raise OSError(errno.EPERM, "Operation not permitted") from exc
+        # QEMU bdrv_co_change_backing_file: the header string is now what the node would
+        # open by itself (a differing link makes it "overridden"). Set it together with
+        # the link, before any I/O lets another job look at this node's filename.
+        top.auto_backing_file = name or ""
         with trio.CancelScope(shield=True):
             await top.driver.change_backing_file(name, fmt)
             await top.flush()

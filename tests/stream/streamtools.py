@@ -160,6 +160,15 @@ class Harness:
                 self._changed = trio.Event()
                 await self._changed.wait()
 
+    async def wait_progress(self, job_id: str, timeout: float = 30) -> None:
+        """Wait until ``job_id`` has made some progress (real I/O: polls)."""
+        with trio.fail_after(timeout):
+            while True:
+                job = self.d.jobs.find(job_id)
+                if job is not None and job.progress_current > 0:
+                    return
+                await trio.sleep(0.005)
+
     async def wait_done(self, job_id: str, timeout: float = 30) -> dict[str, Any]:
         """Wait until ``job_id`` reaches ``null`` or ``concluded``; return its completion."""
         with trio.fail_after(timeout):
