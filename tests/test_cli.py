@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import socket
@@ -11,6 +12,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -264,3 +266,134 @@ def test_daemonize(sock_dir: Path) -> None:
         assert result.returncode == 1 and "a running daemon is listening there" in result.stderr
     finally:
         os.kill(int(pid.read_text()), signal.SIGTERM)
+
+
+class SyncQMP:
+    """A blocking line-based QMP client for subprocess tests."""
+
+    def __init__(self, path: Path) -> None:
+        self.sock = socket.socket(socket.AF_UNIX)
+        self.sock.settimeout(TIMEOUT)
+        self.sock.connect(str(path))
+        self.file = self.sock.makefile("rb")
+        self.greeting = self.recv()
+        self.execute("qmp_capabilities")
+
+    def recv(self) -> dict[str, Any]:
+        line = self.file.readline()
+        assert line.endswith(b"\r\n"), line
+        value = json.loads(line)
+        assert isinstance(value, dict)
+        return value
+
+    def execute(self, command: str, arguments: dict[str, Any] | None = None) -> Any:
+        self.sock.sendall(json.dumps({"execute": command, "arguments": arguments or {}}).encode())
+        while "event" in (reply := self.recv()):
+            pass
+        assert "return" in reply, reply
+        return reply["return"]
+
+    def close(self) -> None:
+        self.file.close()
+        self.sock.close()
+
+
+def make_chain(directory: Path, size: str = "64M") -> tuple[Path, Path]:
+    base, top = directory / "base.qcow2", directory / "top.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(base), size], check=True)
+    subprocess.run(
+        ["qemu-io", "-c", f"write -P 0x5a 0 {size}", str(base)], check=True, capture_output=True
+    )
+    subprocess.run(
+        ["qemu-img", "create", "-q", "-f", "qcow2", "-b", str(base), "-F", "qcow2", str(top)],
+        check=True,
+    )
+    return base, top
+
+
+def test_sigterm_cancels_a_running_job_and_closes_images(sock_dir: Path, tmp_path: Path) -> None:
+    base, top = make_chain(tmp_path)
+    sock, pid = sock_dir / "s", sock_dir / "pid"
+    proc = start(
+        sock_dir,
+        "--blockdev", f"driver=file,node-name=top-file,filename={top}",
+        "--blockdev", '{"driver": "qcow2", "node-name": "top", "file": "top-file"}',
+        "--chardev", f"socket,id=m0,path={sock},server=on,wait=off",
+        "--monitor", "chardev=m0,mode=control",
+        "--socket", str(sock_dir / "second"),
+        "--pidfile", str(pid),
+    )  # fmt: skip
+    try:
+        first, second = SyncQMP(sock), SyncQMP(sock_dir / "second")
+        args = {"job-id": "j0", "device": "top", "speed": 1 << 20}  # 64 s at this speed
+        assert first.execute("block-stream", args) == {}
+        # Both monitors saw the job start (events go to every negotiated monitor).
+        statuses = [second.recv()["data"]["status"] for _ in range(2)]
+        assert statuses == ["created", "running"]
+        assert [job["status"] for job in second.execute("query-jobs")] == ["running"]
+        proc.terminate()
+        assert proc.wait(timeout=TIMEOUT) == 0
+        first.close()
+        second.close()
+    finally:
+        proc.kill()
+        proc.wait()
+        if proc.stderr:
+            proc.stderr.close()
+    assert not sock.exists() and not pid.exists()
+    # The images were closed cleanly: consistent, unlocked, the chain intact.
+    subprocess.run(["qemu-img", "check", "-q", str(top)], check=True, timeout=TIMEOUT)
+    info = subprocess.run(
+        ["qemu-img", "info", "--output=json", str(top)], capture_output=True, check=True
+    )
+    assert json.loads(info.stdout)["backing-filename"] == str(base)
+    subprocess.run(["qemu-img", "compare", "-q", str(top), str(base)], check=True)
+
+
+def test_blockdev_errors_at_start_up(sock_dir: Path, tmp_path: Path) -> None:
+    missing = tmp_path / "missing.qcow2"
+    option = f"driver=file,node-name=f,filename={missing}"
+    result = run_blockd("--blockdev", option, "--socket", str(sock_dir / "s"))
+    assert result.returncode == 1
+    assert result.stderr == (
+        f"blockd: --blockdev {option}: Could not open '{missing}': No such file or directory\n"
+    )
+    assert not (sock_dir / "s").exists()
+    result = run_blockd("--blockdev", "driver=file,node-name=f,filename=/x,aio-max-batch=lots")
+    assert result.returncode == 1
+    assert result.stderr.endswith(": Parameter 'aio-max-batch' expects integer\n")
+    text = '{"driver": "file", "node-name": "f", "filename": "/x", "read-only": "yes"}'
+    result = run_blockd("--blockdev", text)  # JSON keeps JSON types: no keyval conversion
+    assert result.stderr == (
+        f"blockd: --blockdev {text}: Invalid parameter type for 'read-only', expected: boolean\n"
+    )
+
+
+def test_inherited_listening_fd(sock_dir: Path) -> None:
+    path = sock_dir / "inherited.sock"
+    listener = socket.socket(socket.AF_UNIX)
+    listener.bind(str(path))
+    listener.listen(8)
+    fd = listener.fileno()
+    proc = subprocess.Popen(
+        [*BLOCKD, "--chardev", f"socket,id=c,fd={fd},server=on", "--monitor", "c",
+         "--pidfile", str(sock_dir / "pid")],
+        pass_fds=[fd], stdin=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    listener.close()  # the daemon has its own copy
+    try:
+        deadline = time.monotonic() + TIMEOUT
+        while not (sock_dir / "pid").exists():
+            assert proc.poll() is None and time.monotonic() < deadline
+            time.sleep(0.01)
+        qmp = SyncQMP(path)
+        assert qmp.execute("query-version")["package"] == f"blockd {__version__}"
+        qmp.close()
+        proc.terminate()
+        assert proc.wait(timeout=TIMEOUT) == 0
+        assert path.exists()  # not ours to remove: whoever bound it owns it
+    finally:
+        proc.kill()
+        proc.wait()
+        if proc.stderr:
+            proc.stderr.close()
