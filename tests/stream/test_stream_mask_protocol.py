@@ -1,0 +1,96 @@
+"""backing-mask-protocol with the base opened as a bare ``file`` node (§6.4), and the
+copy-on-read filter used on its own through blockdev-add."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from streamtools import KIB, MIB, Harness, check, compare, create, info, own_data, snapshot, write
+
+
+@pytest.mark.parametrize(("mask", "fmt"), [(True, "raw"), (False, "file"), (None, "file")])
+async def test_base_as_protocol_node(
+    harness: Harness, tmp_path: Path, mask: bool | None, fmt: str
+) -> None:
+    base = create(tmp_path / "base.raw", 1 * MIB, fmt="raw")
+    write(base, 0, 1 * MIB, 0x21, fmt="raw")
+    mid = create(tmp_path / "mid.qcow2", None, base, "raw")
+    write(mid, 256 * KIB, 64 * KIB, 0x22)
+    top = create(tmp_path / "top.qcow2", None, mid)
+    before = snapshot(top, tmp_path / "before.qcow2")
+    h = harness
+    await h.raw("blockdev-add", {"driver": "file", "node-name": "base", "filename": str(base)})
+    await h.raw(
+        "blockdev-add",
+        {
+            "driver": "qcow2",
+            "node-name": "mid",
+            "backing": "base",
+            "file": {"driver": "file", "filename": str(mid)},
+        },
+    )
+    await h.raw(
+        "blockdev-add",
+        {
+            "driver": "qcow2",
+            "node-name": "top",
+            "backing": "mid",
+            "file": {"driver": "file", "filename": str(top)},
+        },
+    )
+    extra = {} if mask is None else {"backing_mask_protocol": mask}
+    await h.cmd("block-stream", device="top", job_id="j", base_node="base", **extra)
+    done = await h.wait_done("j")
+    assert "error" not in done
+    for name in ("top", "mid", "base"):
+        await h.cmd("blockdev-del", node_name=name)
+    header = info(top)
+    assert header["backing-filename"] == str(base)
+    assert header["backing-filename-format"] == fmt
+    check(top)
+    compare(top, before)
+    assert own_data(top) == [(256 * KIB, 64 * KIB)]
+
+
+async def test_copy_on_read_filter_alone(harness: Harness, tmp_path: Path) -> None:
+    """Reads through a copy-on-read node store what they read into its child; with
+    ``bottom`` only data of layers down to the bottom are copied."""
+    base = create(tmp_path / "base.qcow2", 1 * MIB)
+    write(base, 0, 64 * KIB, 0x31)
+    mid = create(tmp_path / "mid.qcow2", None, base)
+    write(mid, 512 * KIB, 64 * KIB, 0x32)
+    top = create(tmp_path / "top.qcow2", None, mid)
+    h = harness
+    await h.raw(
+        "blockdev-add",
+        {"driver": "qcow2", "node-name": "mid", "file": {"driver": "file", "filename": str(mid)}},
+    )
+    await h.raw(
+        "blockdev-add",
+        {
+            "driver": "qcow2",
+            "node-name": "top",
+            "backing": "mid",
+            "file": {"driver": "file", "filename": str(top)},
+        },
+    )
+    assert (
+        await h.error(
+            "blockdev-add", driver="copy-on-read", node_name="bad", file="top", bottom="nowhere"
+        )
+        == "Bottom node 'nowhere' not found"
+    )
+    await h.raw(
+        "blockdev-add",
+        {"driver": "copy-on-read", "node-name": "cor", "file": "top", "bottom": "mid"},
+    )
+    cor = h.d.graph.find("cor")
+    assert cor is not None
+    data = await cor.pread(0, 1 * MIB)
+    assert data[: 64 * KIB] == bytes([0x31]) * (64 * KIB)
+    assert data[512 * KIB : 576 * KIB] == bytes([0x32]) * (64 * KIB)
+    for name in ("cor", "top", "mid"):
+        await h.cmd("blockdev-del", node_name=name)
+    check(top)
+    assert own_data(top) == [(512 * KIB, 64 * KIB)]  # mid's data copied, base's not
