@@ -12,6 +12,7 @@ import json
 import shutil
 import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,7 @@ from typing import Any
 import pytest
 import trio
 from blocktools import file_ref, qemu_img, write_pattern
+from test_locking import held_bytes
 
 from blockd.commands.registry import load_all
 from blockd.daemon import Daemon
@@ -34,9 +36,27 @@ Reply = dict[str, Any]
 def run_qsd(sock_dir: Path, commands: list[tuple[str, dict[str, Any]]]) -> list[Reply]:
     """Start qemu-storage-daemon, run ``commands`` over QMP, stop it; the replies."""
     assert QSD is not None
-    path = sock_dir / "qsd.sock"
+    return run_qmp([QSD], sock_dir, commands)
+
+
+def run_qmp(
+    program: list[str],
+    sock_dir: Path,
+    commands: list[tuple[str, dict[str, Any]]],
+    locks_of: list[Path] = (),  # type: ignore[assignment]
+) -> list[Reply]:
+    """Start ``program`` with QSD's monitor options, run ``commands``, record the lock
+    bytes held on ``locks_of`` (as a last pseudo-reply), stop it; the replies."""
+    path = sock_dir / "qmp.sock"
+    path.unlink(missing_ok=True)
     proc = subprocess.Popen(
-        [QSD, "--chardev", f"socket,id=m,path={path},server=on,wait=off", "--monitor", "chardev=m"],
+        [
+            *program,
+            "--chardev",
+            f"socket,id=m,path={path},server=on,wait=off",
+            "--monitor",
+            "chardev=m",
+        ],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
@@ -51,12 +71,16 @@ def run_qsd(sock_dir: Path, commands: list[tuple[str, dict[str, Any]]]) -> list[
             stream = sock.makefile("rw")
             stream.readline()  # greeting
             replies: list[Reply] = []
-            for name, arguments in [("qmp_capabilities", {}), *commands]:
-                stream.write(json.dumps({"execute": name, "arguments": arguments}) + "\n")
+            for number, (name, arguments) in enumerate([("qmp_capabilities", {}), *commands]):
+                request = {"execute": name, "arguments": arguments, "id": number}
+                stream.write(json.dumps(request) + "\n")
                 stream.flush()
-                while "event" in (reply := json.loads(stream.readline())):
-                    pass
+                while (reply := json.loads(stream.readline())).get("id") != number:
+                    pass  # events, or anything not answering this request
+                del reply["id"]
                 replies.append(reply)
+            if locks_of:
+                replies.append({"return": [sorted(held_bytes(p)) for p in locks_of]})
             return replies[1:]
     finally:
         proc.terminate()
@@ -80,7 +104,7 @@ async def run_blockd(commands: list[tuple[str, dict[str, Any]]]) -> list[Reply]:
 def normalize(reply: Reply) -> Any:
     """Rename generated nodes by their position and drop what QEMU 10.0 lacks."""
     value = reply.get("return", reply.get("error"))
-    if not isinstance(value, list):
+    if not isinstance(value, list) or not all(isinstance(n, dict) for n in value):
         return value
     names = {
         n["node-name"]: f"#gen{i}" for i, n in enumerate(value) if n["node-name"].startswith("#")
@@ -215,3 +239,31 @@ async def test_error_texts(sock_dir: Path, chain: dict[str, Path], tmp_path: Pat
             ("blockdev-del", {"node-name": "aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa"}),
         ],
     )
+
+
+async def test_over_the_socket_with_schema_errors_and_locks(
+    sock_dir: Path, chain: dict[str, Path]
+) -> None:
+    """Both daemons started with the same command line, driven over their sockets."""
+    commands: list[tuple[str, dict[str, Any]]] = [
+        ("blockdev-add", {"driver": "raw", "node-name": "r", "backing": None, "file": "x"}),
+        ("blockdev-add", {"node-name": "r", "file": "x"}),
+        ("blockdev-add", {"driver": "nbd2", "node-name": "r"}),
+        ("blockdev-add", {"driver": "qcow2", "node-name": "top", "file": file_ref(chain["top"])}),
+        ("query-named-block-nodes", {"flat": True}),
+    ]
+    files = [chain["top"], chain["mid"], chain["base"]]
+    theirs = await trio.to_thread.run_sync(run_qsd_locks, sock_dir, commands, files)
+    ours = await trio.to_thread.run_sync(
+        lambda: run_qmp([sys.executable, "-m", "blockd"], sock_dir, commands, files)
+    )
+    assert theirs[-1]["return"] == [[100, 101, 103, 201, 203], [100, 201, 203], []]
+    for qemu, mine in zip(theirs, ours, strict=True):
+        assert not differences(normalize(mine), normalize(qemu))
+
+
+def run_qsd_locks(
+    sock_dir: Path, commands: list[tuple[str, dict[str, Any]]], files: list[Path]
+) -> list[Reply]:
+    assert QSD is not None
+    return run_qmp([QSD], sock_dir, commands, files)
