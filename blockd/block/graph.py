@@ -52,6 +52,11 @@ API for jobs
 * :meth:`Graph.reopen` turns a node (and the children that inherited it) read-write or
   read-only, e.g. a read-only top for a stream.
 * :meth:`Graph.generate_name` gives the next ``#block...`` name (for an implicit filter).
+* After rewriting an image header's backing name, set ``node.auto_backing_file`` to the
+  new string so the node keeps a plain (not ``json:``) filename.
+
+Drivers may define ``async def reopen(self, read_only: bool)``; :meth:`Graph.reopen`
+calls it (``file`` reopens its descriptor, keeping its lock bytes).
 """
 
 from __future__ import annotations
