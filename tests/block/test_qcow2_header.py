@@ -8,7 +8,7 @@ import struct
 from pathlib import Path
 
 import pytest
-from qcow2_util import assert_clean, close, info, open_qcow2, run
+from qcow2_util import assert_clean, close, info, open_qcow2, qemu_io, run
 
 from blockd.block import qcow2_format as fmt
 from blockd.block.create import create_qcow2
@@ -201,6 +201,48 @@ async def test_dirty_read_only_opens(tmp_path: Path) -> None:
     node = await open_qcow2(path, read_only=True)
     try:
         assert node.driver.image_info()["dirty-flag"] is True
+    finally:
+        await close(node)
+    assert path.read_bytes() == bytes(data)
+
+
+async def test_in_place_write_into_metadata_refused(tmp_path: Path) -> None:
+    """An L2 entry (COPIED) that points at the L1 table: the write is refused."""
+    path = tmp_path / "evil.qcow2"
+    create_qcow2(path, 1 << 20)
+    qemu_io(path, "write -P 0x33 0 64k")
+    data = bytearray(path.read_bytes())
+    header = fmt.parse_header(bytes(data[:512]))
+    l2 = struct.unpack(">Q", data[header.l1_table_offset : header.l1_table_offset + 8])[0]
+    l2 &= fmt.OFFSET_MASK
+    data[l2 : l2 + 8] = struct.pack(">Q", fmt.OFLAG_COPIED | header.l1_table_offset)
+    path.write_bytes(bytes(data))
+    node = await open_qcow2(path)
+    try:
+        with pytest.raises(QMPError, match="overlaps image metadata"):
+            await node.write(0, b"\xff" * 512)
+    finally:
+        await close(node)
+    assert path.read_bytes() == bytes(data)
+
+
+async def test_unaligned_data_cluster_refused(tmp_path: Path) -> None:
+    path = tmp_path / "odd.qcow2"
+    create_qcow2(path, 1 << 20)
+    qemu_io(path, "write -P 0x33 0 64k")
+    data = bytearray(path.read_bytes())
+    header = fmt.parse_header(bytes(data[:512]))
+    l2 = struct.unpack(">Q", data[header.l1_table_offset : header.l1_table_offset + 8])[0]
+    l2 &= fmt.OFFSET_MASK
+    entry = struct.unpack(">Q", data[l2 : l2 + 8])[0]
+    data[l2 : l2 + 8] = struct.pack(">Q", entry + 512)
+    path.write_bytes(bytes(data))
+    node = await open_qcow2(path)
+    try:
+        with pytest.raises(QMPError, match="unaligned"):
+            await node.pread(0, 4096)
+        with pytest.raises(QMPError, match="unaligned"):
+            await node.write(0, b"\xff" * 512)
     finally:
         await close(node)
     assert path.read_bytes() == bytes(data)

@@ -88,6 +88,9 @@ class Qcow2Driver(Driver):
         self._prepared = False
         self._zstd: Any = None
         self._last_compressed: tuple[int, bytes] | None = None
+        #: host clusters of the active metadata (header, L1, L2, refcount structures):
+        #: in-place data writes must never land there (QEMU's overlap check)
+        self._metadata: set[int] = set()
 
     # -- open ----------------------------------------------------------------------
 
@@ -185,6 +188,9 @@ class Qcow2Driver(Driver):
         first = h.refcount_table_offset // cs
         reserved.update(range(first, first + h.refcount_table_clusters))
         limit = -(-flen // cs)
+        self._metadata = set(reserved)
+        self._metadata.update(e // cs for e in reftable if e)
+        self._metadata.update((e & fmt.OFFSET_MASK) // cs for e in self.l1 if e & fmt.OFFSET_MASK)
         for i, entry in enumerate(self.l1):
             off = entry & fmt.OFFSET_MASK
             if not off:
@@ -286,6 +292,10 @@ class Qcow2Driver(Driver):
                 # extend the run over following clusters of the same kind
                 run_end = min(((cur >> cb) + 1) << cb, offset + span_end)
                 if kind is _NORMAL:
+                    if entry & fmt.OFFSET_MASK & (cs - 1):
+                        raise ImageError(
+                            f"Cluster allocation offset {entry & fmt.OFFSET_MASK:#x} unaligned"
+                        )
                     host = (entry & fmt.OFFSET_MASK) + (cur & (cs - 1))
                     nxt = (entry & fmt.OFFSET_MASK) + cs
                     while run_end < offset + span_end:
@@ -407,17 +417,23 @@ class Qcow2Driver(Driver):
     async def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
         if self.node.read_only:
             raise OSError(errno.EPERM, os.strerror(errno.EPERM))
+        # a request that started changing metadata finishes (cancellation waits for it):
+        # a half-applied allocation would leave the caches inconsistent
         async with self._lock:
-            await self._prepare_write()
-            view = memoryview(data).cast("B")
-            h = self.header
-            span = 1 << (h.cluster_bits + h.l2_bits)
-            pos = 0
-            while pos < len(view):
-                cur = offset + pos
-                step = min(span - (cur & (span - 1)), len(view) - pos)
-                await self._write_in_table(cur, view[pos : pos + step])
-                pos += step
+            with trio.CancelScope(shield=True):
+                await self._write(offset, data)
+
+    async def _write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
+        await self._prepare_write()
+        view = memoryview(data).cast("B")
+        h = self.header
+        span = 1 << (h.cluster_bits + h.l2_bits)
+        pos = 0
+        while pos < len(view):
+            cur = offset + pos
+            step = min(span - (cur & (span - 1)), len(view) - pos)
+            await self._write_in_table(cur, view[pos : pos + step])
+            pos += step
 
     async def _prepare_write(self) -> None:
         """Before the first write: clear autoclear bits we do not maintain (bitmaps)."""
@@ -442,6 +458,7 @@ class Qcow2Driver(Driver):
         else:
             new_table = array("Q", [0]) * (1 << self.header.l2_bits)
         cluster = await self.refcounts.allocate(1)
+        self._metadata.add(cluster)
         new = cluster << self.header.cluster_bits
         await self._cache_l2(new, new_table)
         self._l2_dirty.add(new)
@@ -478,6 +495,7 @@ class Qcow2Driver(Driver):
                     d += 1
                 g0 = max(offset, c << cb)
                 g1 = min(end, d << cb)
+                self._check_data_run(entry, d - c)
                 host = (entry & fmt.OFFSET_MASK) + (g0 & (cs - 1))
                 await self._file.write(host, data[g0 - offset : g1 - offset])
             else:
@@ -488,6 +506,18 @@ class Qcow2Driver(Driver):
                     d += 1
                 await self._allocating_write(l2off, table, c, d, offset, data)
             c = d
+
+    def _check_data_run(self, entry: int, count: int) -> None:
+        """Refuse to overwrite in place clusters that are unaligned or hold metadata."""
+        cs = self.header.cluster_size
+        host = entry & fmt.OFFSET_MASK
+        if host & (cs - 1):
+            raise ImageError(f"Cluster allocation offset {host:#x} unaligned")
+        first = host >> self.header.cluster_bits
+        if not self._metadata.isdisjoint(range(first, first + count)):
+            raise ImageError(
+                f"qcow2: data cluster at {host:#x} overlaps image metadata; refusing to write"
+            )
 
     async def _allocating_write(
         self, l2off: int, table: array[int], c0: int, c1: int, offset: int, data: memoryview
@@ -532,8 +562,9 @@ class Qcow2Driver(Driver):
 
     async def flush(self) -> None:
         async with self._lock:
-            await self._write_back()
-            await self._file.flush()
+            with trio.CancelScope(shield=True):
+                await self._write_back()
+                await self._file.flush()
 
     async def _write_back(self) -> None:
         """Metadata to disk in dependency order (see the module docstring)."""
@@ -597,6 +628,7 @@ class Qcow2Driver(Driver):
         else:
             backing_fmt = None
         async with self._lock:
-            await self._rewrite_header(self.header, exts, name)
+            with trio.CancelScope(shield=True):
+                await self._rewrite_header(self.header, exts, name)
         self.backing_name = backing_file if name else None
         self.backing_format = backing_fmt
