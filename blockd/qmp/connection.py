@@ -96,6 +96,15 @@ def qdict_order(keys: Iterable[str]) -> list[str]:
     return [key for _, _, key in indexed]
 
 
+def _qdict_ordered(value: Any) -> Any:
+    """``value`` with every object's members in QDict order, as QEMU echoes an ``id``."""
+    if isinstance(value, dict):
+        return {key: _qdict_ordered(value[key]) for key in qdict_order(value)}
+    if isinstance(value, list):
+        return [_qdict_ordered(item) for item in value]
+    return value
+
+
 class _EnvelopeError(Exception):
     def __init__(self, error: QMPError, id: Any) -> None:
         super().__init__(error.desc)
@@ -186,7 +195,7 @@ class Connection:
         request = message.value
         if type(request) is not dict:
             raise _EnvelopeError(RequestError("QMP input must be a JSON object"), NO_ID)
-        id = request.get("id", NO_ID)
+        id = _qdict_ordered(request.get("id", NO_ID))
         allow_oob = "oob" in self._enabled
         exec_key: str | None = None
         for key in qdict_order(request):

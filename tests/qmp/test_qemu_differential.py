@@ -1,0 +1,233 @@
+"""Differential test against the real QEMU: the same raw input to ``qemu-storage-daemon``
+10.0 and to blockd's protocol core must give byte-identical replies.
+
+Covers what the core answers itself: JSON parse errors and resync (§1.7), envelope checks
+in QEMU's member order (§1.5), negotiation (§1.3), OOB rules (§1.4) and argument
+validation texts for commands both implement (§1.6). Each case runs on a fresh monitor
+connection and ends with a marker request, so replies are compared up to the marker.
+Skipped when the QEMU 10 binaries are not installed.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from blockd.qmp.connection import NEED_DATA, Connection, Output, Request
+from blockd.qmp.messages import version_info
+from blockd.qmp.schema import Schema
+
+QSD = Path("/work/qsd10/root/usr/bin/qemu-storage-daemon")
+MARKER = b'{"execute": "query-version", "id": "SYNC"}'
+NEGOTIATE = b'{"execute": "qmp_capabilities"}'
+NEGOTIATE_OOB = b'{"execute": "qmp_capabilities", "arguments": {"enable": ["oob"]}}'
+
+pytestmark = pytest.mark.skipif(not QSD.exists(), reason="QEMU 10 qemu-storage-daemon missing")
+
+# (name, prelude, input): the prelude negotiates (or not) before the input.
+CASES: list[tuple[str, bytes, bytes]] = [
+    # parse errors and resync
+    ("stray", b"", b'{"execute": @}'),
+    ("stray-esc", b"", b'\x1b{"a": 1}'),
+    ("stray-ff", b"", b'{"a": 1 @ x\xff{"b": 1}'),
+    ("leading-zero", b"", b"01 "),
+    ("keyword", b"", b"tru "),
+    ("keyword-in-object", b"", b'{"execute": nul}'),
+    ("expecting-value", b"", b'{ "execute": }'),
+    ("lone-closers", b"", b"}]"),
+    ("separators", b"", b'[1 2]{"a": 1 "b": 2}{"a" 1}'),
+    ("key-not-string", b"", b"{1: 2}"),
+    ("duplicate-key", b"", b'{"execute": "x", "execute": "y"}'),
+    ("bad-escape", b"", b'{"execute": "\\x"}'),
+    ("bad-unicode", b"", b'{"execute": "\\ud800"}{"execute": "\\uFFFE"}{"execute": "\\uzzzz"}'),
+    ("bad-utf8", b"", b'{"execute": "\xc0\xaf"}{"execute": "\xef\xbf\xbe"}'),
+    ("control-in-string", b"", b'{"execute": "a\x01b"}'),
+    ("single-quotes", b"", b"{'execute': 'it\\'s'}"),
+    ("nul-escape", b"", b'{"execute": "a\\u0000b"}'),
+    ("non-ascii-echo", b"", b'{"execute": "x", "id": "\xc3\xa9\\u20ac\\ud83d\\ude00\x7f/"}'),
+    # envelope checks, QDict order
+    ("not-object", b"", b'42 "x" [1] null '),
+    ("unexpected-two", b"", b'{"foo": 1, "bar": 2}'),
+    ("unexpected-many", b"", b'{"zz": 1, "execute": "x", "arguments": {}, "abc": 2, "id": 3}'),
+    ("execute-not-string", b"", b'{"arguments": 1, "execute": 2}'),
+    ("arguments-null", b"", b'{"execute": "x", "arguments": null, "id": [1, {"a": null}]}'),
+    ("lacks-execute", b"", b'{"id": 7}{}'),
+    ("exec-oob-not-negotiated", b"", b'{"exec-oob": "qmp_capabilities"}'),
+    ("id-types", b"", b'{"execute": "x", "id": {"complex": [1, 2.5, true]}}'),
+    (
+        "id-numbers",
+        b"",
+        b'{"execute": "x", "id": 0.1}{"execute": "x", "id": 18446744073709551615}'
+        b'{"execute": "x", "id": -0.0}{"execute": "x", "id": 1e400}{"execute": "x", "id": 1.5e300}'
+        b'{"execute": "x", "id": 99999999999999999999}{"execute": "x", "id": -9223372036854775809}',
+    ),
+    (
+        "id-object-order",
+        b"",
+        b'{"execute": "x", "id": {"b": 1, "a": 2, "zz": [{"y": 1, "x": 2}], "execute": 3}}',
+    ),
+    # negotiation
+    ("not-negotiated", b"", b'{"execute": "block-stream", "id": 1}{"execute": "nope"}'),
+    ("caps-unknown", b"", b'{"execute": "qmp_capabilities", "arguments": {"enable": ["x"]}}'),
+    ("caps-type", b"", b'{"execute": "qmp_capabilities", "arguments": {"enable": "oob"}}'),
+    ("caps-extra", b"", b'{"execute": "qmp_capabilities", "arguments": {"x": 1}}'),
+    ("caps-ok", b"", b'{"execute": "qmp_capabilities", "id": "c"}{"execute": "qmp_capabilities"}'),
+    ("caps-oob", b"", b'{"execute": "qmp_capabilities", "arguments": {"enable": ["oob"]}}'),
+    # command mode
+    ("unknown-command", NEGOTIATE, b'{"execute": "no-such-cmd", "id": 1}'),
+    ("again", NEGOTIATE, b'{"execute": "qmp_capabilities", "id": 2}'),
+    ("exec-oob-no-oob", NEGOTIATE, b'{"exec-oob": "block-stream"}'),
+    ("clash", NEGOTIATE_OOB, b'{"execute": "a", "exec-oob": "b"}{"exec-oob": "b", "execute": "a"}'),
+    ("oob-not-allowed", NEGOTIATE_OOB, b'{"exec-oob": "block-stream", "id": 5}'),
+    ("oob-unknown", NEGOTIATE_OOB, b'{"exec-oob": "nope", "id": 5}'),
+    ("exec-oob-type", NEGOTIATE_OOB, b'{"exec-oob": 1}'),
+    # argument validation (schema order, nested paths, unions, alternates)
+    ("missing", NEGOTIATE, b'{"execute": "block-stream", "arguments": {}}'),
+    (
+        "missing-before-type",
+        NEGOTIATE,
+        b'{"execute": "block-stream", "arguments": {"bogus": 1, "speed": "x"}}',
+    ),
+    (
+        "type-before-unexpected",
+        NEGOTIATE,
+        b'{"execute": "block-stream", "arguments": {"bogus": 1, "device": "x", "speed": "x"}}',
+    ),
+    (
+        "types",
+        NEGOTIATE,
+        b'{"execute": "block-stream", "arguments": {"device": 1}}'
+        b'{"execute": "block-stream", "arguments": {"device": "x", "speed": 1.0}}'
+        b'{"execute": "block-stream", "arguments": {"device": "x", "speed": true}}'
+        b'{"execute": "block-stream", "arguments": {"device": "x", "speed": null}}'
+        b'{"execute": "block-stream", "arguments": {"device": "x", "speed": 18446744073709551616}}'
+        b'{"execute": "block-stream", "arguments": {"device": "x", "job-id": ["a"]}}'
+        b'{"execute": "block-stream", "arguments": {"device": "x", "auto-finalize": "yes"}}',
+    ),
+    (
+        "enum",
+        NEGOTIATE,
+        b'{"execute": "block-stream", "arguments": {"device": "x", "on-error": "bogus"}}'
+        b'{"execute": "block-stream", "arguments": {"device": "x", "on-error": 1}}',
+    ),
+    (
+        "unexpected",
+        NEGOTIATE,
+        b'{"execute": "block-stream", "arguments": {"device": "x", "bogus": 1}}'
+        b'{"execute": "query-jobs", "arguments": {"x": 1}}',
+    ),
+    (
+        "job-commands",
+        NEGOTIATE,
+        b'{"execute": "job-dismiss", "arguments": {}}'
+        b'{"execute": "block-job-set-speed", "arguments": {"device": "j", "speed": "1"}}'
+        b'{"execute": "block-job-cancel", "arguments": {"device": "j", "force": 1}}',
+    ),
+    (
+        "union",
+        NEGOTIATE,
+        b'{"execute": "blockdev-add", "arguments": {}}'
+        b'{"execute": "blockdev-add", "arguments": {"driver": "nope"}}'
+        b'{"execute": "blockdev-add", "arguments": {"driver": "qcow2", "node-name": "a"}}'
+        b'{"execute": "blockdev-add", "arguments": {"driver": "qcow2", "node-name": 1, "file": 2}}',
+    ),
+    (
+        "alternate",
+        NEGOTIATE,
+        b'{"execute": "blockdev-add", "arguments": '
+        b'{"driver": "qcow2", "node-name": "a", "file": 3}}'
+        b'{"execute": "blockdev-add", "arguments": '
+        b'{"driver": "qcow2", "node-name": "a", "file": "f", "backing": 1}}',
+    ),
+    (
+        "nested",
+        NEGOTIATE,
+        b'{"execute": "blockdev-add", "arguments": '
+        b'{"driver": "qcow2", "node-name": "a", "file": {"driver": "file"}}}'
+        b'{"execute": "blockdev-add", "arguments": {"driver": "qcow2", "node-name": "a", '
+        b'"file": {"driver": "file", "filename": "x", "foo": 1}}}'
+        b'{"execute": "blockdev-add", "arguments": {"driver": "raw", "node-name": "a", '
+        b'"file": {"driver": "qcow2", "file": {"driver": "file", "filename": 5}}}}'
+        b'{"execute": "blockdev-add", "arguments": '
+        b'{"driver": "qcow2", "node-name": "a", "file": "f", "backing": null, "x": 1}}',
+    ),
+]
+
+
+@pytest.fixture(scope="module")
+def qsd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    path = str(tmp_path_factory.mktemp("qsd") / "m.sock")
+    proc = subprocess.Popen(
+        [
+            str(QSD),
+            "--chardev",
+            f"socket,id=m,path={path},server=on,wait=off",
+            "--monitor",
+            "chardev=m",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 10
+        while not os.path.exists(path):
+            assert proc.poll() is None and time.monotonic() < deadline, "QSD did not start"
+            time.sleep(0.02)
+        yield path
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+def qemu_replies(path: str, prelude: bytes, data: bytes) -> list[bytes]:
+    with socket.socket(socket.AF_UNIX) as sock:
+        sock.settimeout(5)
+        sock.connect(path)
+        reader = sock.makefile("rb")
+        reader.readline()  # greeting
+        if prelude:
+            sock.sendall(prelude)
+            reader.readline()
+        sock.sendall(data + MARKER)
+        replies = []
+        while (line := reader.readline()) and b'"SYNC"' not in line:
+            replies.append(line)
+        return replies
+
+
+def blockd_replies(schema: Schema, prelude: bytes, data: bytes) -> list[bytes]:
+    conn = Connection(schema, version=version_info())
+    replies: list[bytes] = []
+    for chunk in (prelude, data + MARKER):
+        conn.receive_data(chunk)
+        while (event := conn.next_event()) is not NEED_DATA:
+            if isinstance(event, Request):
+                assert event.id == "SYNC", f"{event} would run a command"
+                return replies
+            assert isinstance(event, Output)
+            if b'"SYNC"' in event.data:
+                return replies
+            replies.append(event.data)
+        if chunk is prelude and prelude:
+            replies.clear()
+    return replies
+
+
+@pytest.fixture(scope="module")
+def schema() -> Schema:
+    return Schema.load()
+
+
+@pytest.mark.parametrize(("name", "prelude", "data"), CASES, ids=[c[0] for c in CASES])
+def test_same_replies_as_qemu(
+    qsd: str, schema: Schema, name: str, prelude: bytes, data: bytes
+) -> None:
+    expected = qemu_replies(qsd, prelude, data)
+    assert expected, "the case produced no reply at all"
+    assert blockd_replies(schema, prelude, data) == expected

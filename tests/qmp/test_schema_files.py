@@ -1,0 +1,155 @@
+"""The real ``schema/`` directory: it loads under the README's rules, its introspection is
+well formed, and the paths real clients probe resolve (clients.md §0, §1.2, §1.5)."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import blockd.qmp
+from blockd.qmp.schema import Schema
+
+from .helpers import probe
+
+
+@pytest.fixture(scope="module")
+def schema() -> Schema:
+    return Schema.load()
+
+
+@pytest.fixture(scope="module")
+def info(schema: Schema) -> list[dict[str, Any]]:
+    return schema.introspect()
+
+
+def test_core_commands_exist(schema: Schema) -> None:
+    assert {
+        "qmp_capabilities",
+        "query-version",
+        "query-commands",
+        "query-qmp-schema",
+        "quit",
+    } <= schema.commands
+
+
+def test_introspection_hygiene(schema: Schema, info: list[dict[str, Any]]) -> None:
+    names = [entity["name"] for entity in info]
+    assert len(names) == len(set(names))
+    entities = {entity["name"]: entity for entity in info}
+
+    def exists(name: str) -> None:
+        assert name in entities, f"{name} is referenced but not defined"
+
+    for entity in info:
+        meta = entity["meta-type"]
+        assert meta in {"builtin", "enum", "array", "object", "alternate", "command", "event"}
+        assert entity.get("features", ["x"]), "features only when non-empty"
+        if meta in ("object", "enum", "alternate"):
+            assert entity["name"].isdigit(), "type names are masked"
+        if meta == "command":
+            exists(entity["arg-type"])
+            exists(entity["ret-type"])
+            assert entity.get("allow-oob", True) is True
+        elif meta == "event":
+            exists(entity["arg-type"])
+        elif meta == "array":
+            exists(entity["element-type"])
+            assert entity["name"] == f"[{entity['element-type']}]"
+        elif meta == "object":
+            for member in entity["members"]:
+                exists(member["type"])
+                assert member.get("default", None) is None
+            for variant in entity.get("variants", []):
+                exists(variant["type"])
+        elif meta == "alternate":
+            for member in entity["members"]:
+                exists(member["type"])
+        elif meta == "enum":
+            assert [m["name"] for m in entity["members"]] == entity["values"]
+    assert {e["name"] for e in info if e["meta-type"] == "command"} == schema.commands
+    assert {e["name"] for e in info if e["meta-type"] == "event"} == schema.events
+
+
+def test_block_stream_members_as_qemu_10(info: list[dict[str, Any]]) -> None:
+    entities = {entity["name"]: entity for entity in info}
+    args = entities[entities["block-stream"]["arg-type"]]
+    members = [(m["name"], m["type"], "default" in m) for m in args["members"]]
+    # QEMU 10.0's order (clients.md §1.5, libvirt's caps_10.0.0 capture)
+    assert [name for name, _, _ in members] == [
+        "job-id",
+        "device",
+        "base",
+        "base-node",
+        "backing-file",
+        "backing-mask-protocol",
+        "bottom",
+        "speed",
+        "on-error",
+        "filter-node-name",
+        "auto-finalize",
+        "auto-dismiss",
+    ]
+    assert ("device", "str", False) in members
+    assert ("backing-mask-protocol", "bool", True) in members
+    assert ("speed", "int", True) in members
+
+
+# The paths libvirt and others probe (clients.md §1.5, point 1).
+PROBES = [
+    "block-stream/arg-type/backing-mask-protocol",
+    "block-stream/arg-type/*backing-mask-protocol",
+    "block-stream/arg-type/*base-node",
+    "block-stream/arg-type/*backing-file",
+    "block-stream/arg-type/*job-id",
+    "block-stream/arg-type/on-error/^stop",
+    "query-jobs/ret-type/error",
+    "query-jobs/ret-type/current-progress",
+    "query-block-jobs/ret-type/io-status",
+    "JOB_STATUS_CHANGE/arg-type/status/^pending",
+    "JOB_STATUS_CHANGE/arg-type/status/^concluded",
+    "blockdev-add/arg-type/+qcow2/backing",
+    "blockdev-add/arg-type/+file/filename",
+    "qmp_capabilities/arg-type/*enable",
+    "query-version/ret-type/qemu/major",
+    "query-version/ret-type/package",
+]
+
+
+@pytest.mark.parametrize("path", PROBES)
+def test_client_probes(info: list[dict[str, Any]], path: str) -> None:
+    assert probe(info, path), f"{path} does not resolve"
+
+
+def test_probe_negative(info: list[dict[str, Any]]) -> None:
+    assert not probe(info, "block-stream/arg-type/*device")
+    assert not probe(info, "block-stream/arg-type/no-such-member")
+    assert not probe(info, "no-such-command/arg-type")
+
+
+def test_own_answers_conform(schema: Schema, info: list[dict[str, Any]]) -> None:
+    from blockd.qmp.messages import version_info
+
+    schema.validate_return("query-version", version_info())
+    schema.validate_return("query-qmp-schema", info)
+    schema.validate_return("query-commands", [{"name": n} for n in sorted(schema.commands)])
+    schema.validate_return("quit", {})
+    schema.validate_arguments("qmp_capabilities", {"enable": ["oob"]})
+
+
+def test_no_trio_in_the_protocol_core() -> None:
+    package = Path(blockd.qmp.__file__).parent
+    for path in package.glob("*.py"):
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                names = [node.module or ""]
+            else:
+                continue
+            for name in names:
+                assert name.split(".")[0] != "trio", f"{path.name} imports {name}"
+                assert not name.startswith(("blockd.server", "blockd.daemon")), path.name
