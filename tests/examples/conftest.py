@@ -48,7 +48,9 @@ def require(commands: set[str], *needed: str) -> None:
 def run_example(name: str, *args: str, timeout: float = 120.0) -> subprocess.CompletedProcess[str]:
     """Run ``examples/NAME ARGS...`` as-is with this Python; never raises on failure."""
     extra = ["--daemon", PROGRAM] if PROGRAM else []
+    # As from a shell script: the test runner's COLUMNS would make rich wrap at 80.
+    env = {k: v for k, v in os.environ.items() if k not in ("COLUMNS", "LINES")}
     return subprocess.run(
         [sys.executable, str(EXAMPLES / name), *extra, *args],
-        capture_output=True, text=True, timeout=timeout, check=False,
+        capture_output=True, text=True, timeout=timeout, check=False, env=env,
     )  # fmt: skip
