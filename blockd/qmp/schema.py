@@ -608,13 +608,24 @@ class _Introspector:
         tag = node.get("x-qmp-union")
         if tag is not None:
             info["tag"] = tag
-            info["variants"] = [
-                {
-                    "case": Schema._case_of(branch, tag),
-                    "type": self.type_name(branch.get("then", {}), resolver),
-                }
+            branches = {
+                Schema._case_of(branch, tag): branch.get("then", {})
                 for branch in node.get("allOf", ())
                 if "if" in branch
+            }
+            # Every tag value is a case; one without a branch has the empty type (QAPI's
+            # implicit empty variant), as QEMU's introspection shows.
+            tag_type, _ = Schema._deref(node["properties"][tag], resolver)
+            cases = list(tag_type.get("enum", ())) if isinstance(tag_type, dict) else []
+            cases += [case for case in branches if case not in cases]
+            info["variants"] = [
+                {
+                    "case": case,
+                    "type": self.type_name(branches[case], resolver)
+                    if case in branches
+                    else self.empty_type(),
+                }
+                for case in cases
             ]
 
     def collect_required(self, node: Any, resolver: Any, out: set[str]) -> None:
