@@ -322,3 +322,42 @@ def test_fast_path_is_fast() -> None:
     elapsed = time.perf_counter() - start
     assert len(items) == 2000
     assert elapsed < 1.0, f"{elapsed / 2000 * 1e6:.1f} us per 1 KB command"
+
+
+def feed_slow(chunks: list[bytes]) -> list[Message | ParseError]:
+    """Like :func:`feed` with the fast path disabled: the lexer path only."""
+    stream = JSONStream()
+    stream._try_fast = lambda: None  # type: ignore[method-assign]
+    items: list[Message | ParseError] = []
+    for chunk in chunks:
+        stream.feed(chunk)
+        while (item := stream.next()) is not None:
+            items.append(item)
+    return items
+
+
+@given(st.lists(st.sampled_from(CASES), min_size=1, max_size=4))
+def test_fast_path_agrees_with_lexer_path(cases: list[tuple[bytes, list[Any]]]) -> None:
+    data = b"\x1b".join(data for data, _ in cases)
+    assert feed([data]) == feed_slow([data])
+
+
+@settings(max_examples=60)
+@given(st.dictionaries(st.text(max_size=8), json_values, max_size=5), st.booleans())
+def test_fast_path_agrees_on_valid_json(value: dict[str, Any], ascii_: bool) -> None:
+    data = json.dumps(value, ensure_ascii=ascii_).encode("utf-8", "surrogatepass")
+    assert feed([data]) == feed_slow([data])
+
+
+def test_large_object_in_pieces() -> None:
+    value = {"execute": "x", "arguments": {f"k{i}": "v" * 100 for i in range(20000)}}
+    data = json.dumps(value).encode()
+    assert len(data) > 2 * framing.FAST_HOLD_LIMIT
+    stream = JSONStream()
+    items = []
+    for i in range(0, len(data), 65536):
+        stream.feed(data[i : i + 65536])
+        while (item := stream.next()) is not None:
+            items.append(item)
+        assert len(stream._buf) - stream._pos <= framing.FAST_HOLD_LIMIT + 65536
+    assert items == [Message(value)]

@@ -162,25 +162,26 @@ CASES: list[tuple[str, bytes, bytes]] = [
 ]
 
 
+def start_qsd(path: str, monitor: str = "chardev=m") -> subprocess.Popen[bytes]:
+    args = [str(QSD), "--chardev", f"socket,id=m,path={path},server=on,wait=off"]
+    return subprocess.Popen(
+        [*args, "--monitor", monitor], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+
+
+def wait_socket(proc: subprocess.Popen[bytes], path: str) -> None:
+    deadline = time.monotonic() + 10
+    while not os.path.exists(path):
+        assert proc.poll() is None and time.monotonic() < deadline, "QSD did not start"
+        time.sleep(0.02)
+
+
 @pytest.fixture(scope="module")
 def qsd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     path = str(tmp_path_factory.mktemp("qsd") / "m.sock")
-    proc = subprocess.Popen(
-        [
-            str(QSD),
-            "--chardev",
-            f"socket,id=m,path={path},server=on,wait=off",
-            "--monitor",
-            "chardev=m",
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    proc = start_qsd(path)
     try:
-        deadline = time.monotonic() + 10
-        while not os.path.exists(path):
-            assert proc.poll() is None and time.monotonic() < deadline, "QSD did not start"
-            time.sleep(0.02)
+        wait_socket(proc, path)
         yield path
     finally:
         proc.terminate()
@@ -333,3 +334,34 @@ def test_blockdev_add_variants_as_qemu(
         return shape(entities, cases[driver], 1)
 
     assert variant(ours) == variant(qemu_schema)
+
+
+def test_pretty_output_as_qemu(tmp_path: Path, schema: Schema) -> None:
+    path = str(tmp_path / "p.sock")
+    proc = start_qsd(path, "chardev=m,pretty=on")
+    data = (
+        b'{"execute": "qmp_capabilities", "id": [1, {"a": [], "b": {}}]}'
+        b'{"execute": "query-jobs"}{"execute": "x"}{"foo": 1}'
+    )
+    try:
+        wait_socket(proc, path)
+        with socket.socket(socket.AF_UNIX) as sock:
+            sock.settimeout(5)
+            sock.connect(path)
+            reader = sock.makefile("rb")
+            while reader.readline() != b"}\r\n":  # the pretty greeting
+                pass
+            sock.sendall(data)
+            expected = b""
+            while expected.count(b"\r\n}\r\n") < 4:
+                expected += reader.readline()
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+    conn = Connection(schema, version=version_info(), pretty=True)
+    assert conn.greeting().startswith(b'{\r\n    "QMP": {\r\n        "version": {\r\n')
+    conn.receive_data(data)
+    ours = b""
+    while (event := conn.next_event()) is not NEED_DATA:
+        ours += event.data if isinstance(event, Output) else conn.reply(event, [])
+    assert ours == expected
