@@ -125,10 +125,17 @@ async def block_stream(
     if filter_node_name is not None:
         options["node-name"] = filter_node_name
     try:
+        # QEMU bdrv_insert_node: opening the filter fails with "Could not create node",
+        # moving the top's parents to it with "Could not replace node".
+        if filter_node_name is not None:
+            try:
+                d.graph.check_name(filter_node_name)
+            except QMPError as exc:
+                raise type(exc)(f"Could not create node: {exc.desc}") from exc
         try:
             filter_node = await d.graph.insert_filter(options, top)
         except QMPError as exc:
-            raise type(exc)(f"Could not create node: {exc.desc}") from exc
+            raise type(exc)(f"Could not replace node: {exc.desc}") from exc
     except BaseException:
         if read_only:
             await d.graph.reopen(top, read_only=True)

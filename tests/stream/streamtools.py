@@ -70,8 +70,17 @@ def image_map(path: Path, fmt: str = "qcow2") -> list[dict[str, Any]]:
 
 
 def own_data(path: Path) -> list[tuple[int, int]]:
-    """The ranges whose data ``path`` itself stores (depth 0 in its map)."""
-    return [(e["start"], e["length"]) for e in image_map(path) if e["depth"] == 0 and e["data"]]
+    """The ranges whose data ``path`` itself stores (depth 0 in its map), adjacent ranges
+    merged (the map splits where host offsets are not contiguous)."""
+    merged: list[tuple[int, int]] = []
+    for entry in image_map(path):
+        if entry["depth"] != 0 or not entry["data"]:
+            continue
+        if merged and merged[-1][0] + merged[-1][1] == entry["start"]:
+            merged[-1] = (merged[-1][0], merged[-1][1] + entry["length"])
+        else:
+            merged.append((entry["start"], entry["length"]))
+    return merged
 
 
 def check(path: Path) -> None:

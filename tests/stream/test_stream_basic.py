@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import trio
 from streamtools import (
     KIB,
     MIB,
@@ -271,4 +272,63 @@ async def test_filter_node_visible_while_running(harness: Harness, tmp_path: Pat
         "JSC(null)",
     ]
     await harness.cmd("blockdev-del", node_name="top")
+    check(top)
+
+
+async def test_stream_intermediate(harness: Harness, tmp_path: Path) -> None:
+    """test_stream_intermediate: stream into the middle of a chain; the filter takes over
+    the top's backing link for the job's life."""
+    base, mid, top = chain3(tmp_path)
+    before = snapshot(top, tmp_path / "before.qcow2")
+    before_mid = snapshot(mid, tmp_path / "before-mid.qcow2")
+    h = harness
+    await h.raw(
+        "blockdev-add",
+        {"driver": "qcow2", "node-name": "mid", "file": {"driver": "file", "filename": str(mid)}},
+    )
+    await add_top(h, top, backing="mid")
+    await h.cmd(
+        "block-stream", device="mid", job_id="stream-mid", filter_node_name="f", auto_finalize=False
+    )
+    await h.wait_event("BLOCK_JOB_PENDING")
+    top_node = h.d.graph.find("top")
+    assert top_node is not None and top_node.backing is h.d.graph.find("f")
+    await h.cmd("job-finalize", id="stream-mid")
+    assert top_node.backing is h.d.graph.find("mid")
+    await h.cmd("blockdev-del", node_name="top")
+    await h.cmd("blockdev-del", node_name="mid")
+    compare(top, before)
+    compare(mid, before_mid)
+    check(mid)
+    assert "backing-filename" not in info(mid)
+    assert info(top)["backing-filename"] == str(mid)
+    assert own_data(mid) == [(0, 1280 * KIB)]
+    assert base.exists()
+
+
+async def test_pause_and_resume(harness: Harness, tmp_path: Path) -> None:
+    """test_stream_pause: a paused job makes no progress; resumed, it completes."""
+    _base, _mid, top = chain3(tmp_path)
+    before = snapshot(top, tmp_path / "before.qcow2")
+    h = harness
+    await add_top(h, top)
+    await h.cmd("block-stream", device="top", job_id="j", speed=1024)
+    await h.wait_progress("j")
+    start = len(h.events)
+    await h.cmd("block-job-pause", device="j")
+    # The job sleeps under the rate limit, so it pauses within the command.
+    assert h.names(start=start) == ["JSC(paused)"]
+    [job] = await h.cmd("query-block-jobs")
+    assert (job["status"], job["paused"], job["busy"]) == ("paused", True, False)
+    offset = job["offset"]
+    await h.cmd("block-job-set-speed", device="j", speed=0)
+    await trio.sleep(0.05)
+    [job] = await h.cmd("query-block-jobs")
+    assert job["offset"] == offset and job["status"] == "paused"
+    await h.cmd("block-job-resume", device="j")
+    assert h.names(start=start)[:2] == ["JSC(paused)", "JSC(running)"]
+    done = await finish(h, "j")
+    assert done["offset"] == 2 * MIB
+    await h.cmd("blockdev-del", node_name="top")
+    compare(top, before)
     check(top)
