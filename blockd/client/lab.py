@@ -149,3 +149,65 @@ def query_commands(socket_path: Path, timeout: float = 10.0) -> set[str]:
         if "return" not in reply:
             raise LabError(f"query-commands failed: {reply}")
         return {entry["name"] for entry in reply["return"]}
+
+
+class _SyncQMP:
+    """A minimal blocking QMP client for :func:`reset_daemon` (no event loop needed)."""
+
+    def __init__(self, socket_path: Path, timeout: float) -> None:
+        self.sock = socket.socket(socket.AF_UNIX)
+        self.sock.settimeout(timeout)
+        self.sock.connect(str(socket_path))
+        self.reader = self.sock.makefile("rb")
+        json.loads(self.reader.readline())
+        self.call("qmp_capabilities")
+
+    def call(self, command: str, **arguments: object) -> dict[str, object]:
+        msg: dict[str, object] = {"execute": command}
+        if arguments:
+            msg["arguments"] = arguments
+        self.sock.sendall(json.dumps(msg).encode() + b"\r\n")
+        while True:
+            reply: dict[str, object] = json.loads(self.reader.readline())
+            if "event" not in reply:
+                return reply
+
+    def close(self) -> None:
+        self.reader.close()
+        self.sock.close()
+
+
+def reset_daemon(socket_path: Path, timeout: float = 20.0) -> None:
+    """Bring a daemon back to its empty state: cancel and dismiss every job, then delete
+    every node added with ``blockdev-add``. For tests that share one daemon.
+
+    Raises:
+        LabError: jobs did not end or nodes could not be removed within ``timeout``.
+    """
+    qmp = _SyncQMP(socket_path, timeout)
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            jobs = qmp.call("query-jobs").get("return") or []
+            assert isinstance(jobs, list)
+            if not jobs:
+                break
+            for job in jobs:
+                if job["status"] == "concluded":
+                    qmp.call("job-dismiss", id=job["id"])
+                elif job["status"] not in ("aborting", "null"):
+                    qmp.call("job-cancel", id=job["id"])
+            if time.monotonic() > deadline:
+                raise LabError(f"jobs did not end: {jobs}")
+            time.sleep(0.02)
+        while True:
+            nodes = qmp.call("query-named-block-nodes").get("return") or []
+            assert isinstance(nodes, list)
+            names = [n["node-name"] for n in nodes if not n["node-name"].startswith("#")]
+            deleted = [n for n in names if "return" in qmp.call("blockdev-del", **{"node-name": n})]
+            if not deleted:
+                break
+        if names:
+            raise LabError(f"nodes left that cannot be deleted: {names}")
+    finally:
+        qmp.close()

@@ -11,7 +11,9 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+import shutil
 import subprocess
+import tempfile
 from collections.abc import Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass
@@ -19,7 +21,13 @@ from pathlib import Path
 
 import pytest
 
-from blockd.client.lab import DaemonProcess, LabError, query_commands, running_daemon
+from blockd.client.lab import (
+    DaemonProcess,
+    LabError,
+    query_commands,
+    reset_daemon,
+    running_daemon,
+)
 from blockd.ctl import main
 
 PROGRAM = os.environ.get("BLOCKD_TEST_DAEMON") or None
@@ -44,29 +52,47 @@ class Lab:
             pytest.skip(f"the daemon does not implement {', '.join(missing)} yet")
 
     def ctl(self, *args: str) -> subprocess.CompletedProcess[str]:
-        """Run ``blockctl -s SOCKET ARGS...`` in this process (the console script's
-        ``main``, as a subprocess would, minus the interpreter start-up); never raises on
-        failure. ``tests/client/test_blockctl.py`` also runs the real console script."""
-        argv = ["-s", str(self.socket), *args]
-        out, err = io.StringIO(), io.StringIO()
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            try:
-                status = main(argv)
-            except SystemExit as exc:  # argparse usage errors
-                status = int(exc.code or 0)
-        return subprocess.CompletedProcess(["blockctl", *argv], status, out.getvalue(),
-                                           err.getvalue())  # fmt: skip
+        """Run ``blockctl -s SOCKET ARGS...``; see :func:`ctl_in_process`."""
+        return ctl_in_process("-s", str(self.socket), *args)
 
 
-@pytest.fixture
-def lab(sock_dir: Path, tmp_path: Path) -> Iterator[Lab]:
-    """A daemon serving QMP on a socket in ``sock_dir``; images go to ``tmp_path``."""
-    with ExitStack() as stack:
+def ctl_in_process(*argv: str) -> subprocess.CompletedProcess[str]:
+    """Run blockctl's ``main`` in this process, as the console script would, minus the
+    interpreter start-up; never raises on failure. ``test_blockctl.py`` also runs the
+    real console script in its own process."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         try:
-            daemon = stack.enter_context(running_daemon(sock_dir, PROGRAM))
+            status = main(list(argv))
+        except SystemExit as exc:  # argparse usage errors
+            status = int(exc.code or 0)
+    return subprocess.CompletedProcess(["blockctl", *argv], status, out.getvalue(),
+                                       err.getvalue())  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def shared_daemon() -> Iterator[tuple[DaemonProcess, set[str]]]:
+    """One daemon per test module (starting and stopping one takes seconds on a busy
+    machine); :func:`lab` empties it after every test."""
+    where = Path(tempfile.mkdtemp(prefix="blockd-ctl-"))
+    with ExitStack() as stack:
+        stack.callback(shutil.rmtree, where, ignore_errors=True)
+        try:
+            daemon = stack.enter_context(running_daemon(where, PROGRAM))
             commands = query_commands(daemon.socket)
         except (LabError, OSError) as exc:
             if PROGRAM is None:
                 pytest.skip(f"blockd does not start or answer yet: {exc}")
             raise
-        yield Lab(daemon, commands, tmp_path)
+        yield daemon, commands
+
+
+@pytest.fixture
+def lab(shared_daemon: tuple[DaemonProcess, set[str]], tmp_path: Path) -> Iterator[Lab]:
+    """The module's daemon, empty (no jobs, no nodes); images go to ``tmp_path``."""
+    daemon, commands = shared_daemon
+    yield Lab(daemon, commands, tmp_path)
+    if daemon.process.poll() is not None:
+        raise AssertionError(f"the daemon died: {daemon.log.read_text()}")
+    if {"query-jobs", "query-named-block-nodes", "blockdev-del"} <= commands:
+        reset_daemon(daemon.socket)

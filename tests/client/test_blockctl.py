@@ -14,7 +14,7 @@ import pytest
 
 from blockd.client.lab import make_chain
 
-from .conftest import Lab
+from .conftest import Lab, ctl_in_process
 
 STREAM = ("blockdev-add", "block-stream", "query-block-jobs", "query-jobs", "job-dismiss")
 
@@ -84,23 +84,24 @@ def test_daemon_not_running(sock_dir: Path) -> None:
 
 def test_wrong_socket(tmp_path: Path, sock_dir: Path) -> None:
     (tmp_path / "notes.txt").write_text("hello")
-    assert_clean_error(ctl_no_daemon("-s", str(tmp_path / "notes.txt"), "nodes"), 3,
+    assert_clean_error(ctl_in_process("-s", str(tmp_path / "notes.txt"), "nodes"), 3,
                        "not a socket")  # fmt: skip
     stale = sock_dir / "stale.sock"
     with socket.socket(socket.AF_UNIX) as s:
         s.bind(str(stale))
-        assert_clean_error(ctl_no_daemon("-s", str(stale), "jobs"), 3, "connection refused")
+        assert_clean_error(ctl_in_process("-s", str(stale), "jobs"), 3, "connection refused")
         s.listen(1)  # listening but silent: not a QMP monitor (or one that is busy)
-        assert_clean_error(ctl_no_daemon("-s", str(stale), "--timeout", "0.3", "jobs"), 3,
+        assert_clean_error(ctl_in_process("-s", str(stale), "--timeout", "0.3", "jobs"), 3,
                            "no QMP greeting within 0.3s")  # fmt: skip
 
 
-def test_socket_from_environment(sock_dir: Path) -> None:
+def test_socket_from_environment(sock_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     path = str(sock_dir / "env.sock")
-    proc = subprocess.run([sys.executable, "-m", "blockd.ctl", "jobs"], capture_output=True,
-                          text=True, timeout=60, env={"BLOCKD_SOCKET": path, "PATH": ""},
-                          check=False)  # fmt: skip
-    assert_clean_error(proc, 3, path)
+    monkeypatch.setenv("BLOCKD_SOCKET", path)
+    assert_clean_error(ctl_in_process("jobs"), 3, path)
+    monkeypatch.delenv("BLOCKD_SOCKET")
+    monkeypatch.setenv("QMP_SOCKET", path + "2")  # qmp-shell's variable is honoured too
+    assert_clean_error(ctl_in_process("jobs"), 3, path + "2")
 
 
 @pytest.mark.parametrize(
@@ -110,7 +111,7 @@ def test_socket_from_environment(sock_dir: Path) -> None:
      (["frobnicate"], "invalid choice")],
 )  # fmt: skip
 def test_usage_errors(args: list[str], message: str) -> None:
-    proc = ctl_no_daemon(*args)
+    proc = ctl_in_process(*args)
     assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr
 
 
