@@ -349,6 +349,7 @@ def rows_for(plan: Plan, tests: Sequence[Test]) -> list[Row]:
             ),
             Row("4", "QMP 1 client: p99 us", "qmp", "seq_p99_us", ".0f"),
             Row("4", "QMP 1 client: commands/s", "qmp", "seq_cmds_per_s", ".0f"),
+            Row("4", "QMP 1 client: daemon CPU us per command", "qmp", "seq_cpu_us_per_cmd", ".0f"),
             Row(
                 "4",
                 f"QMP 10 clients x{plan.qmp_per_client}: commands/s",
