@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import socket
 import stat
 from pathlib import Path
@@ -261,3 +262,27 @@ async def test_pretty_monitor(nursery: trio.Nursery, sock_dir: Path) -> None:
     assert data.count(b"\n") > 1 and json.loads(data)["QMP"]["capabilities"] == ["oob"]
     await stream.aclose()
     await server.aclose()
+
+
+async def test_garbage_and_limits_never_break_the_daemon(served: Served) -> None:
+    client = await served.client()
+    rng = random.Random(1234)
+    samples = [
+        b"[" * 1025 + b"]" * 1025,  # nesting above QEMU's 1024
+        b'{"execute": "query-version", "arguments": ' + b'{"a": ' * 600 + b"1" + b"}" * 601,
+        b"\x00\x01\x02 not json at all }}}]]]",
+        "{'execute': 'query-version', \"id\": \"\u00e9\u2603\"}".encode(),
+        *(bytes(rng.randrange(256) for _ in range(rng.randrange(1, 2000))) for _ in range(30)),
+    ]
+    for number, garbage in enumerate(samples):
+        await client.send(garbage)
+        # 0xFF makes QEMU's lexer drop whatever it holds and start afresh (§1.7).
+        await client.send(b"\xff" + json.dumps({"execute": "query-version", "id": number}).encode())
+        while True:
+            reply = await client.recv()
+            if reply.get("id") == number and "return" in reply:
+                break
+            assert "error" in reply or "return" in reply, reply
+    fresh = await served.client()
+    await fresh.execute("query-version", id="fresh")
+    assert (await fresh.recv())["id"] == "fresh"
