@@ -32,7 +32,12 @@ def test_qmpclient_asyncio(daemon_process: DaemonProcess) -> None:
             assert isinstance(names, list) and {"name": "quit"} in names
             schema = await qmp.execute("query-qmp-schema")
             assert isinstance(schema, list)
-            assert any(entry["name"] == "query-version" for entry in schema)
+            # libvirt's probe: block-stream/arg-type/backing-mask-protocol, optional bool.
+            entries = {entry["name"]: entry for entry in schema}
+            arg_type = entries[entries["block-stream"]["arg-type"]]
+            members = {member["name"]: member for member in arg_type["members"]}
+            mask = members["backing-mask-protocol"]
+            assert mask["type"] == "bool" and mask["default"] is None
             with pytest.raises(ExecuteError) as info:
                 await qmp.execute("no-such-command")
             assert info.value.error_class == "CommandNotFound"
