@@ -136,6 +136,12 @@ def _own_name(path: list[str | int]) -> str:
     return path[-1] if path and isinstance(path[-1], str) else "null"
 
 
+def _walk_instance(instance: Any, path: list[str | int]) -> Any:
+    for part in path:
+        instance = instance[part]
+    return instance
+
+
 @dataclass(frozen=True)
 class _Entry:
     uri: str
@@ -158,28 +164,89 @@ class Schema:
     """
 
     def __init__(self, files: Mapping[str, Mapping[str, Node]]) -> None:
-        resources = []
+        self._registry = self._make_registry(files)
+        self._alternates: dict[str, list[str]] = {}
         for kind in _KINDS:
             for name, contents in files.get(kind, {}).items():
-                resource = referencing.jsonschema.DRAFT202012.create_resource(contents)
-                resources.append((f"{BASE_URI}{kind}/{name}.json", resource))
-        self._registry: referencing.Registry[Any] = referencing.Registry().with_resources(resources)
-        self._resolver = self._registry.resolver(BASE_URI)
+                uri = f"{BASE_URI}{kind}/{name}.json"
+                self._check(f"{kind}/{name}.json", uri, contents)
+        # The validators see an equivalent, faster form of the files (see _closed).
+        closed = {
+            kind: {
+                name: self._closed(
+                    contents, self._registry.resolver(f"{BASE_URI}{kind}/{name}.json")
+                )
+                for name, contents in files.get(kind, {}).items()
+            }
+            for kind in _KINDS
+        }
+        self._validation_registry = self._make_registry(closed)
         self._entries: dict[str, dict[str, _Entry]] = {}
         for kind in _KINDS:
             table: dict[str, _Entry] = {}
             for name, contents in sorted(files.get(kind, {}).items()):
                 uri = f"{BASE_URI}{kind}/{name}.json"
-                validator = _Validator({"$ref": uri}, registry=self._registry)
+                validator = _Validator({"$ref": uri}, registry=self._validation_registry)
                 table[name] = _Entry(uri, contents, validator)
             self._entries[kind] = table
         self.commands: frozenset[str] = frozenset(self._entries["commands"])
         self.events: frozenset[str] = frozenset(self._entries["events"])
-        self._alternates: dict[str, list[str]] = {}
-        for kind, table in self._entries.items():
-            for name, entry in table.items():
-                self._check(f"{kind}/{name}.json", entry)
         self._introspection: list[dict[str, Any]] | None = None
+
+    @staticmethod
+    def _make_registry(files: Mapping[str, Mapping[str, Node]]) -> referencing.Registry[Any]:
+        resources = []
+        for kind in _KINDS:
+            for name, contents in files.get(kind, {}).items():
+                resource = referencing.jsonschema.DRAFT202012.create_resource(contents)
+                resources.append((f"{BASE_URI}{kind}/{name}.json", resource))
+        return referencing.Registry().with_resources(resources)
+
+    def _closed(self, node: Any, resolver: Any) -> Any:
+        """A copy of ``node`` with ``unevaluatedProperties: false`` replaced by explicit
+        ``propertyNames`` lists.
+
+        The two are equivalent for the README's constructions, but jsonschema evaluates
+        ``unevaluatedProperties`` by validating every branch again, at every level, which
+        makes nested ``blockdev-add`` options exponentially slow. Here each union branch
+        (and each object with a base) lists the member names it allows.
+        """
+        if isinstance(node, list):
+            return [self._closed(item, resolver) for item in node]
+        if not isinstance(node, dict):
+            return node
+        copy = {key: self._closed(value, resolver) for key, value in node.items()}
+        if copy.get("unevaluatedProperties") is not False:
+            return copy
+        del copy["unevaluatedProperties"]
+        tag = node.get("x-qmp-union")
+
+        def names(instance: Any) -> dict[str, Any]:
+            return {"enum": [name for name, _, _ in self._members(node, resolver, instance)]}
+
+        if tag is None:
+            copy["propertyNames"] = names(None)
+            return copy
+        branches = []
+        cases = []
+        for branch in copy.get("allOf", ()):
+            if "if" in branch:
+                case = self._case_of(branch, tag)
+                cases.append(case)
+                then = {"allOf": [branch.get("then", {})], "propertyNames": names({tag: case})}
+                branch = {**branch, "then": then}
+            branches.append(branch)
+        tag_type, _ = self._deref(node["properties"][tag], resolver)
+        rest = [value for value in tag_type.get("enum", ()) if value not in cases]
+        if rest:
+            branches.append(
+                {
+                    "if": {"properties": {tag: {"enum": rest}}, "required": [tag]},
+                    "then": {"propertyNames": names(None)},
+                }
+            )
+        copy["allOf"] = branches
+        return copy
 
     @classmethod
     def load(cls, directory: Path | None = None) -> Schema:
@@ -212,20 +279,20 @@ class Schema:
         return cls(files)
 
     # --- checks at load time ---------------------------------------------------------------
-    def _check(self, where: str, entry: _Entry) -> None:
+    def _check(self, where: str, uri: str, contents: Node) -> None:
         try:
-            Draft202012Validator.check_schema(entry.contents)
+            Draft202012Validator.check_schema(contents)
         except jsonschema.SchemaError as exc:
             raise SchemaError(f"{where}: {exc.message}") from exc
-        if "$id" in entry.contents:
+        if "$id" in contents:
             raise SchemaError(f"{where}: do not write $id")
-        resolver = self._registry.resolver(entry.uri)
-        self._walk(where, "", entry.contents, resolver)
-        returns = entry.contents.get("x-qmp-returns")
+        resolver = self._registry.resolver(uri)
+        self._walk(where, "", contents, resolver)
+        returns = contents.get("x-qmp-returns")
         if returns is not None:
             self._walk(where, "/x-qmp-returns", returns, resolver)
         if not where.startswith("types/"):
-            node, _ = self._deref(entry.contents, resolver)
+            node, _ = self._deref(contents, resolver)
             if self._kind_of(node) != "object":
                 raise SchemaError(f"{where}: must describe an object")
 
@@ -373,7 +440,8 @@ class Schema:
                 raise ValueError(f"{command} returns {{}}, not {value!r}")
             return
         schema = {"$ref": f"{entry.uri}#/x-qmp-returns"}
-        returns = _Entry(entry.uri, schema, _Validator(schema, registry=self._registry))
+        validator = _Validator(schema, registry=self._validation_registry)
+        returns = _Entry(entry.uri, schema, validator)
         self._validate(returns, value, ValueError)
 
     def _validate(self, entry: _Entry, instance: Any, error: type[Exception]) -> None:
@@ -413,6 +481,13 @@ class Schema:
                 expected = expected[0]
             desc = f"Invalid parameter type for '{_path_name(path)}', expected: {expected}"
             out.append(_Candidate(self._key(root, resolver, instance, path, 0), desc))
+        elif keyword == "enum" and "propertyNames" in exc.relative_schema_path:
+            # an unknown key (the closed form of unevaluatedProperties, see _closed)
+            obj = self._locate(root, resolver, instance, path)
+            container = _walk_instance(instance, path)
+            position = list(container).index(value) if isinstance(container, dict) else 0
+            desc = f"Parameter '{_path_name([*path, value])}' is unexpected"
+            out.append(_Candidate((*obj[0], _BIG, position), desc))
         elif keyword in ("enum", "const"):
             if isinstance(value, str):
                 desc = f"Parameter '{_own_name(path)}' does not accept value '{value}'"

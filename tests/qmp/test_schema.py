@@ -498,3 +498,32 @@ def test_load_missing_directory_and_bad_json(tmp_path: Path) -> None:
     (tmp_path / "commands" / "x.json").write_text("{")
     with pytest.raises(SchemaError, match=r"commands/x\.json"):
         Schema.load(tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("command", "arguments"), [(c, a) for c, a in OK] + [(c, a) for c, a, _ in BAD]
+)
+def test_closed_form_agrees_with_unevaluated_properties(
+    schema: Schema, command: str, arguments: dict[str, Any]
+) -> None:
+    """The validators' faster form of the files accepts exactly what the files accept."""
+    from blockd.qmp.schema import BASE_URI, _Validator
+
+    original = _Validator({"$ref": f"{BASE_URI}commands/{command}.json"}, registry=schema._registry)
+    try:
+        schema.validate_arguments(command, arguments)
+        valid = True
+    except RequestError:
+        valid = False
+    assert original.is_valid(arguments) == valid
+
+
+def test_nested_blockdev_options_validate_fast(schema: Schema) -> None:
+    import time
+
+    options: dict[str, Any] = {"driver": "file", "filename": "base"}
+    for i in range(6):
+        options = {"driver": "qcow2", "node-name": f"n{i}", "file": "f", "backing": options}
+    start = time.perf_counter()
+    schema.validate_arguments("add", options)
+    assert time.perf_counter() - start < 0.5
