@@ -291,6 +291,7 @@ class Row:
 
 
 def rows_for(plan: Plan, tests: Sequence[Test]) -> list[Row]:
+    """The table rows for the tests that were planned, in figure order."""
     names = {t.name for t in tests}
     s = f"{plan.size // MiB} MiB"
     r: list[Row] = []
@@ -436,6 +437,8 @@ def render(
     out: dict[str, dict[str, Outcome]],
     daemons: Sequence[DaemonSpec],
 ) -> tuple[list[str], list[Record]]:
+    """The table's lines (medians, ratios blockd/reference, targets, then what could not
+    be measured and why) and the same rows as records for the JSON file."""
     ref, bd = daemons[0].key, daemons[1].key
     lines = [
         f"{'fig':3s} {'measure':44s} {'reference':>10s} {'blockd':>10s} {'blockd/ref':>10s}  target"
@@ -492,12 +495,14 @@ def render(
             elif oc.failure:
                 grouped.setdefault((key, f"FAILED: {oc.failure[:400]}"), []).append(t_name)
     if grouped:
-        lines += ["", "not measured:"]
+        lines += ["", "unavailable or failed:"]
         lines += [f"  {key} {', '.join(names)}: {why}" for (key, why), names in grouped.items()]
     return lines, table
 
 
 def summary(plan: Plan, out: dict[str, dict[str, Outcome]], daemons: Sequence[DaemonSpec]) -> str:
+    """The one-line summary; when blockd's figures are missing it says why and gives the
+    reference's own figures instead of ratios."""
     ref, bd = daemons[0].key, daemons[1].key
 
     def med(test: str, key: str, who: str) -> float | None:
