@@ -56,8 +56,10 @@ def _run(config: Config, ready_fd: int | None) -> int:
 
 def _daemonize(config: Config) -> int:
     read_end, write_end = os.pipe()
-    if os.fork() > 0:
+    child = os.fork()
+    if child > 0:
         os.close(write_end)
+        os.waitpid(child, 0)  # the intermediate child exits at once
         with os.fdopen(read_end, "rb") as pipe:
             ready = pipe.read(1) == b"R"
         return 0 if ready else 1
