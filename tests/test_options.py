@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from collections.abc import Mapping
 from typing import Any
 
@@ -164,3 +166,9 @@ def test_coerce_scalars_integers() -> None:
     check = _typed_validator({"n": int})
     for text, value in [("0", 0), ("-3", -3), ("0x10", 16), ("1M", 1 << 20), ("2G", 2 << 30)]:
         assert coerce_scalars({"n": text}, check) == {"n": value}
+
+
+def test_option_parsing_is_pure() -> None:
+    """blockd.options and the CLI parser import no trio (they run before any event loop)."""
+    code = "import sys, blockd.options, blockd.cli; sys.exit('trio' in sys.modules)"
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
