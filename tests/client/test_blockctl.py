@@ -271,3 +271,22 @@ def test_wait_keeps_result_for_failed_job(lab: Lab) -> None:
     assert lab.ctl("del", "base").returncode == 0
     assert qemu_img_json("info", str(top))["backing-filename"] == str(base)
     check_clean(top)
+
+
+def test_stream_to_base_node_with_backing_file(lab: Lab) -> None:
+    """A partial pull: mid's data goes into top, base stays below with the name we give."""
+    lab.require(*STREAM)
+    top, _, _ = add_chain(lab)
+    expected = flattened(top)
+    [chain] = json.loads(lab.ctl("--json", "chain", "top").stdout)
+    base_node = chain[2]
+    proc = lab.ctl("stream", "top", "--job-id", "pull", "--base-node", base_node,
+                   "--backing-file", "base.qcow2", "--speed", "1G")  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    [after] = json.loads(lab.ctl("--json", "chain", "top").stdout)
+    assert after == ["top", base_node]
+    release(lab)
+    info = qemu_img_json("info", str(top))
+    assert (info["backing-filename"], info["backing-filename-format"]) == ("base.qcow2", "qcow2")
+    assert same_data(expected, top)
+    check_clean(top)
