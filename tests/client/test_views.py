@@ -94,7 +94,7 @@ def test_start_node_and_unknown_node() -> None:
 def test_children_lists_win() -> None:
     """QEMU 10.1+ lists children; then no filename guessing happens (here the names
     would mislead it: two nodes share a filename)."""
-    nodes = [
+    nodes: list[dict[str, Any]] = [
         {"node-name": "a", "drv": "qcow2", "file": "x.qcow2", "backing_file": "y.qcow2",
          "children": [{"child": "file", "node-name": "a-file"},
                       {"child": "backing", "node-name": "b"}]},

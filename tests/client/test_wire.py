@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+from typing import Any
 
 import pytest
 
@@ -17,7 +18,7 @@ from blockd.client.wire import (
     encode_command,
 )
 
-GREETING = {"QMP": {"version": {"qemu": {"micro": 2, "minor": 0, "major": 10},
+GREETING: dict[str, Any] = {"QMP": {"version": {"qemu": {"micro": 2, "minor": 0, "major": 10},
                                 "package": "blockd 0.1"}, "capabilities": ["oob"]}}  # fmt: skip
 EVENT = {"timestamp": {"seconds": 100, "microseconds": 500000}, "event": "JOB_STATUS_CHANGE",
          "data": {"status": "created", "id": "j0"}}  # fmt: skip
@@ -25,7 +26,7 @@ MESSAGES = [GREETING, {"return": {}, "id": "c-1"}, EVENT,
             {"error": {"class": "GenericError", "desc": "Job not found"}, "id": 7},
             {"return": [{"name": "é-unicode ✓"}]}]  # fmt: skip
 
-# (wire bytes, what classify() gives) in both directions of reading.
+# (decoded wire message, what classify() gives).
 CASES = [
     (GREETING, Greeting(GREETING["QMP"]["version"], ("oob",))),
     ({"return": {}, "id": "c-1"}, Reply("c-1", value={})),
