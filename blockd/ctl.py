@@ -42,7 +42,7 @@ from blockd.client.connection import (
 )
 from blockd.client.follow import JOB_EVENTS, JobView, Outcome, follow_job
 from blockd.client.sizes import format_rate, format_size, parse_size
-from blockd.client.views import chain_names, jobs_table, node_tree
+from blockd.client.views import chain_names, chains, jobs_table, node_tree
 
 PROG: Final = "blockctl"
 #: Where blockctl looks when neither ``-s`` nor ``$BLOCKD_SOCKET`` says otherwise.
@@ -411,13 +411,7 @@ async def cmd_nodes(client: Client, args: argparse.Namespace, out: Output) -> in
             out.emit_json(nodes if args.node is None else
                           [n for n in nodes if n.get("node-name") == args.node])  # fmt: skip
         else:
-            tops = [args.node] if args.node else [
-                n["node-name"] for n in nodes if n.get("drv") not in ("file", "host_device")
-            ]  # fmt: skip
-            chains = [chain_names(nodes, t) for t in tops]
-            # Only the longest chains: drop chains that are the tail of another one.
-            tails = {tuple(c[i:]) for c in chains for i in range(1, len(c))}
-            out.emit_json([c for c in chains if tuple(c) not in tails])
+            out.emit_json([chain_names(nodes, args.node)] if args.node else chains(nodes))
         return EXIT_OK
     if not nodes:
         out.out.print("no block nodes")

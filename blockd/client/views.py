@@ -162,6 +162,16 @@ def chain_names(nodes: Sequence[Node], top: str) -> list[str]:
     return chain
 
 
+def chains(nodes: Sequence[Node]) -> list[list[str]]:
+    """Every backing chain, top first: one per format or filter node that no other node
+    uses as its backing or filtered child (newest chain first)."""
+    by_name = {n["node-name"]: n for n in nodes}
+    below = {e.child for e in graph_edges(nodes)
+             if e.role == "backing" or by_name[e.parent].get("drv") in FILTER_DRIVERS}  # fmt: skip
+    return [chain_names(nodes, n["node-name"]) for n in nodes
+            if n.get("drv") not in PROTOCOL_DRIVERS and n["node-name"] not in below]  # fmt: skip
+
+
 def _progress(done: int, total: int) -> str:
     if total <= 0:
         return f"{format_size(done)} / ?"

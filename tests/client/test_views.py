@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 from rich.console import Console, RenderableType
 
-from blockd.client.views import Edge, chain_names, graph_edges, jobs_table, node_tree
+from blockd.client.views import Edge, chain_names, chains, graph_edges, jobs_table, node_tree
 
 DATA = Path(__file__).parent / "data"
 
@@ -123,3 +123,16 @@ def test_jobs_table() -> None:
     for part in ("concluded", "1 MiB / 2 MiB (50%)", "unlimited", "Input/output error"):
         assert part in j0
     assert text.index("j1") < text.index("j0")  # query-jobs order (newest first) is kept
+
+
+@pytest.mark.parametrize(
+    ("capture", "tops"),
+    [("nodes-qsd72.json", ["top"]), ("nodes-qsd10-streaming.json", ["copy-on-read"])],
+)
+def test_chains(capture: str, tops: list[str]) -> None:
+    nodes = load(capture)
+    name = by_file(nodes)
+    found = chains(nodes)
+    assert len(found) == 1 and len(found[0]) == 3 + (tops == ["copy-on-read"])
+    first = "top" if tops == ["top"] else name["copy-on-read", "top.qcow2"]
+    assert found[0][0] == first and found[0][-1] == name["qcow2", "base.qcow2"]
