@@ -39,7 +39,9 @@ class PtyShell:
     """``qmp-shell -p SOCKET`` on a pseudo-terminal; :meth:`type` sends one line."""
 
     def __init__(self, socket: Path, home: Path) -> None:
-        argv = [shutil.which("qmp-shell") or "qmp-shell", "-p", str(socket)]
+        beside = Path(sys.executable).with_name("qmp-shell")  # installed with qemu.qmp
+        program = str(beside) if beside.exists() else shutil.which("qmp-shell") or "qmp-shell"
+        argv = [program, "-p", str(socket)]
         self.pid, self.fd = pty.fork()
         if self.pid == 0:  # the child: qmp-shell with its history file in `home`
             # A wide terminal, so that readline does not scroll long lines sideways.
