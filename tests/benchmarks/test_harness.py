@@ -151,3 +151,27 @@ def test_unavailable_blockd_gets_no_numbers(tmp_path: Path) -> None:
     line = run.summary(plan, out, specs)
     assert line.startswith("summary: stream n/a,")
     assert "unavailable: lacks block-stream" in line and "stream 1000 MiB/s" in line
+
+
+def limiter_staircase(window: float, phase: float, burst: float) -> list[tuple[float, float]]:
+    """Offsets of an ideal 64 MiB/s limiter with 100 ms slices (a quota copied in ``burst``
+    seconds at each slice start), polled every 20 ms from 0.1 s + ``phase``."""
+    speed, slice_ = 64 * MiB, 0.1
+    samples = []
+    t = 0.1 + phase
+    while t < 0.1 + window:
+        k = int(t / slice_)
+        part = min(1.0, (t - k * slice_) / burst) if burst else 1.0
+        samples.append((t, (k + part) * speed * slice_))
+        t += 0.02
+    return samples
+
+
+@pytest.mark.parametrize(("window", "bound"), [(0.9, 0.015), (3.6, 0.002)])
+def test_rate_estimator_error_on_an_ideal_limiter(window: float, bound: float) -> None:
+    errors = [
+        abs(figures._slope(limiter_staircase(window, ph / 1000, burst)) / (64 * MiB) - 1)
+        for ph in range(0, 20, 2)
+        for burst in (0.0, 0.005, 0.05)
+    ]
+    assert max(errors) < bound
