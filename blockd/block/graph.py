@@ -291,26 +291,28 @@ class Graph:
         self, node: BlockNode, options: Mapping[str, Any], inherit: _Inherit
     ) -> None:
         backing_inherit = replace(inherit, read_only=True, auto_read_only=False)
-        if "backing" in options:
-            ref = options["backing"]
-            if ref is None or ref == "":
-                return
-            child = await self._open_ref(ref, backing_inherit)
-            try:
-                self._check_cycle(node, "backing", child)
-            except RequestError:
-                if not isinstance(ref, str):
-                    await self._unref(child)
-                raise
-        else:
-            header = node.driver.header_backing()
-            if header is None or not header[0]:
-                return
-            backing_options = self.header_backing_options(node, *header)
-            try:
+        ref = options.get("backing")
+        if "backing" in options and (ref is None or ref == ""):
+            return
+        header = node.driver.header_backing()
+        if "backing" not in options and (header is None or not header[0]):
+            return
+        try:  # QEMU prefixes the errors of finding or opening the backing node
+            if "backing" in options:
+                child = await self._open_ref(ref, backing_inherit)
+            else:
+                assert header is not None
+                backing_options = self.header_backing_options(node, *header)
                 child = await self._open(backing_options, backing_inherit)
-            except QMPError as exc:
-                raise type(exc)(f"Could not open backing file: {exc.desc}") from exc
+        except QMPError as exc:
+            raise type(exc)(f"Could not open backing file: {exc.desc}") from exc
+        try:
+            self._check_cycle(node, "backing", child)
+        except RequestError:
+            if not isinstance(ref, str):
+                await self._unref(child)
+            raise
+        if "backing" not in options:
             node.implicit_backing = True
             node.auto_backing_file = child.filename
         self._attach(node, "backing", child)

@@ -237,6 +237,38 @@ async def test_error_texts(sock_dir: Path, chain: dict[str, Path], tmp_path: Pat
                 {"driver": "qcow2", "node-name": "q", "file": file_ref(chain["base"])},
             ),
             ("blockdev-del", {"node-name": "aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa"}),
+            ("blockdev-add", {**raw, "node-name": "z", "detect-zeroes": "unmap"}),
+            (
+                "blockdev-add",
+                {**raw, "node-name": "z", "detect-zeroes": "unmap", "discard": "unmap"},
+            ),
+            (
+                "blockdev-add",
+                {
+                    "driver": "qcow2",
+                    "node-name": "q1",
+                    "file": file_ref(chain["mid"]),
+                    "backing": "nope",
+                },
+            ),
+            (
+                "blockdev-add",
+                {
+                    "driver": "qcow2",
+                    "node-name": "q2",
+                    "file": file_ref(chain["mid"]),
+                    "backing": "q2",
+                },
+            ),
+            (
+                "blockdev-add",
+                {
+                    "driver": "qcow2",
+                    "node-name": "q3",
+                    "file": {**file_ref(chain["mid"]), "read-only": True},
+                },
+            ),
+            ("query-named-block-nodes", {}),
         ],
     )
 
