@@ -375,11 +375,13 @@ async def test_rate_limit_long_run(autojump_clock: MockClock, make_job: Any) -> 
 
 
 async def test_unlimited_still_yields(autojump_clock: MockClock, make_job: Any) -> None:
-    job = make_job(size=4 * CHUNK)
-    assert job.busy
-    await trio.lowlevel.checkpoint()
-    # The job ran up to its first (zero) rate-limit sleep and is parked there.
-    assert not job.busy
+    """At speed 0 the job still yields before every chunk: other tasks run in between."""
+    job = make_job(size=32 * CHUNK)
+    seen: list[int] = []
+    while len(job.copied) < 32:
+        seen.append(len(job.copied))
+        await trio.lowlevel.checkpoint()
+    assert len(set(seen)) > 8
     await job.wait_ended()
     assert trio.current_time() == pytest.approx(0.001)  # only FakeJob.prepare's I/O
 
