@@ -467,21 +467,26 @@ class JSONStream:
         window = _FAST_WINDOW
         while True:
             chunk = self._buf[self._pos : self._pos + min(window, _FAST_MAX)]
-            invalid = False  # an invalid UTF-8 byte cuts the text short
+            cut = ""  # why the text ends before the chunk: a bad or a truncated sequence
             try:
                 text = chunk.decode()
             except UnicodeDecodeError as exc:
                 text = chunk[: exc.start].decode()
-                invalid = exc.reason != "unexpected end of data"
+                cut = exc.reason
             try:
                 value, end = _DECODER.raw_decode(text)
             except _Fallback:
                 return None
             except (json.JSONDecodeError, RecursionError) as exc:
-                at_end = isinstance(exc, json.JSONDecodeError) and (
-                    exc.pos >= len(text) or exc.msg.startswith("Unterminated string")
+                in_string = isinstance(exc, json.JSONDecodeError) and exc.msg.startswith(
+                    "Unterminated string"
                 )
-                if invalid or not at_end:
+                at_end = in_string or (
+                    isinstance(exc, json.JSONDecodeError) and exc.pos >= len(text)
+                )
+                # Only a UTF-8 sequence cut by the end of the data, inside a string, may
+                # be completed later; anywhere else QEMU's lexer rejects the byte at once.
+                if not at_end or (cut and not (cut == "unexpected end of data" and in_string)):
                     return None
                 if len(chunk) < available:
                     if window >= _FAST_MAX:
