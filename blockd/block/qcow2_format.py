@@ -342,6 +342,8 @@ def validate_header(header: Header, file_length: int) -> None:
         raise ImageError("Too many snapshots")
     if header.nb_snapshots and (header.snapshots_offset % cs or header.snapshots_offset == 0):
         raise ImageError("Invalid snapshot table offset")
+    if header.nb_snapshots and header.snapshots_offset >= max(file_length, cs):
+        raise ImageError("qcow2: snapshot table is beyond the end of the image file")
     regions = [("header", 0, cs)]
     if header.l1_size:
         regions.append(("L1 table", header.l1_table_offset, header.l1_size * 8))

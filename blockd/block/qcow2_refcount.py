@@ -60,6 +60,7 @@ class Refcounts:
         table_clusters: refcount table size in clusters from the header.
         table: the decoded refcount table (entry offsets, reserved bits cleared).
         file_length: the image file's length at open; allocation starts at its end.
+        cache_blocks: refcount blocks kept in the cache (default: a few MiB of entries).
     """
 
     def __init__(
@@ -71,6 +72,7 @@ class Refcounts:
         table_clusters: int,
         table: list[int],
         file_length: int,
+        cache_blocks: int | None = None,
     ) -> None:
         self.file = file
         self.cluster_bits = cluster_bits
@@ -89,7 +91,7 @@ class Refcounts:
         self._dirty_table: set[int] = set()
         self._releases: list[int] = []
         entries = refblock_entries(cluster_bits, refcount_order)
-        self._cache_limit = max(4, _CACHE_ENTRIES // entries)
+        self._cache_limit = max(2, cache_blocks or _CACHE_ENTRIES // entries)
 
     @classmethod
     def decode_table(cls, data: bytes) -> list[int]:

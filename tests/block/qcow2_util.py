@@ -60,7 +60,12 @@ def info(path: Path) -> dict[str, Any]:
 
 
 async def open_qcow2(
-    path: Path, *, read_only: bool = False, backing: Any = "header", graph: Graph | None = None
+    path: Path,
+    *,
+    read_only: bool = False,
+    backing: Any = "header",
+    graph: Graph | None = None,
+    **extra: Any,
 ) -> BlockNode:
     """Open ``path`` as a qcow2 node over a file node (backing chain from the header)."""
     graph = graph or Graph(EventBus())
@@ -69,6 +74,7 @@ async def open_qcow2(
         "node-name": "top",
         "read-only": read_only,
         "file": {"driver": "file", "filename": str(path)},
+        **extra,
     }
     if backing != "header":
         options["backing"] = backing
@@ -93,7 +99,11 @@ async def read_all(node: BlockNode, chunk: int = 1 << 20) -> bytes:
     return bytes(out)
 
 
-async def crash_writer(path: Path, seed: int) -> None:
+#: qcow2 options that shrink both metadata caches to two tables (forces evictions)
+TINY_CACHES: dict[str, Any] = {"l2-cache-size": 1024, "refcount-cache-size": 1024}
+
+
+async def crash_writer(path: Path, seed: int, tiny: bool = False) -> None:
     """Child process of the kill test: write random data forever.
 
     Before each write or flush of the image file it prints ``op`` and pauses a
@@ -105,7 +115,7 @@ async def crash_writer(path: Path, seed: int) -> None:
 
     import trio
 
-    node = await open_qcow2(path, backing="header")
+    node = await open_qcow2(path, **(TINY_CACHES if tiny else {}))
     file = node.file
     assert file is not None
     real_write, real_flush = file.write, file.flush
@@ -139,4 +149,4 @@ if __name__ == "__main__":
 
     import trio
 
-    trio.run(crash_writer, Path(sys.argv[1]), int(sys.argv[2]))
+    trio.run(crash_writer, Path(sys.argv[1]), int(sys.argv[2]), sys.argv[3:] == ["tiny"])

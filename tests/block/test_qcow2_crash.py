@@ -18,10 +18,10 @@ from blockd.block.create import create_qcow2
 CHILD = Path(qcow2_util.__file__)
 
 
-def kill_after(path: Path, seed: int, writes: int) -> None:
+def kill_after(path: Path, seed: int, writes: int, *, tiny: bool = False) -> None:
     """Run the writer until it announced ``writes`` file operations, then SIGKILL it."""
     with subprocess.Popen(
-        [sys.executable, str(CHILD), str(path), str(seed)],
+        [sys.executable, str(CHILD), str(path), str(seed), *(["tiny"] if tiny else [])],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -46,11 +46,11 @@ def assert_consistent(path: Path) -> None:
     assert result["_rc"] in (0, 3), result
 
 
-@pytest.mark.parametrize("setup", ["small-clusters", "snapshot", "backing"])
+@pytest.mark.parametrize("setup", ["small-clusters", "snapshot", "backing", "tiny-caches"])
 def test_kill_at_random_points(tmp_path: Path, setup: str) -> None:
     rnd = random.Random(setup)
     path = tmp_path / "img.qcow2"
-    if setup == "small-clusters":
+    if setup in ("small-clusters", "tiny-caches"):
         # 512-byte clusters: new refcount blocks and refcount table growth under fire
         create_qcow2(path, 24 * 1024 * 1024, cluster_size=512)
     elif setup == "snapshot":
@@ -64,7 +64,7 @@ def test_kill_at_random_points(tmp_path: Path, setup: str) -> None:
         create_qcow2(path, 8 * 1024 * 1024, cluster_size=4096, backing_file="base.qcow2",
                      backing_fmt="qcow2")  # fmt: skip
     for round_ in range(5):
-        kill_after(path, rnd.randrange(1 << 30), rnd.randrange(1, 300))
+        kill_after(path, rnd.randrange(1 << 30), rnd.randrange(1, 300), tiny=setup == "tiny-caches")
         assert_consistent(path)
         if setup == "snapshot":
             # the snapshot is never touched by writes to the active layer

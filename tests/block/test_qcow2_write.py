@@ -9,7 +9,7 @@ from pathlib import Path
 import trio
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from qcow2_util import assert_clean, close, open_qcow2, qemu_io, read_all, run, to_raw
+from qcow2_util import TINY_CACHES, assert_clean, close, open_qcow2, qemu_io, read_all, run, to_raw
 
 from blockd.block.create import create_qcow2
 
@@ -39,16 +39,17 @@ SETTINGS = settings(
 
 
 async def apply(
-    path: Path, ref: bytearray, ops: list[tuple[str, list[tuple[int, int, int]]]]
+    path: Path, ref: bytearray, ops: list[tuple[str, list[tuple[int, int, int]]]], tiny: bool
 ) -> None:
-    node = await open_qcow2(path)
+    extra = TINY_CACHES if tiny else {}
+    node = await open_qcow2(path, **extra)
     try:
         for kind, writes in ops:
             if kind == "flush":
                 await node.flush()
             elif kind == "reopen":
                 await close(node)
-                node = await open_qcow2(path)
+                node = await open_qcow2(path, **extra)
             for off, length, seed in writes:
                 length = min(length, SIZE - off)
                 data = random.Random(seed).randbytes(length)
@@ -72,7 +73,7 @@ def run_case(
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         path = work / "img.qcow2"
-        if setup == "fresh":
+        if setup in ("fresh", "tiny-caches"):
             create_qcow2(path, SIZE, cluster_size=cluster_size)
         elif setup == "backing":
             base = work / "base.qcow2"
@@ -95,7 +96,7 @@ def run_case(
         snap_before = None
         if setup == "snapshot":
             snap_before = to_raw_snapshot(path, work / "snap.raw")
-        trio.run(apply, path, ref, ops)
+        trio.run(apply, path, ref, ops, setup == "tiny-caches")
         judge(path, bytes(ref), work)
         if snap_before is not None:
             assert to_raw_snapshot(path, work / "snap2.raw") == snap_before
@@ -112,6 +113,15 @@ def test_random_writes_fresh(
     cluster_size: int, ops: list[tuple[str, list[tuple[int, int, int]]]]
 ) -> None:
     run_case("fresh", cluster_size, ops)
+
+
+@SETTINGS
+@given(cluster_size=st.sampled_from([512, 1024]), ops=_ops)
+def test_random_writes_tiny_caches(
+    cluster_size: int, ops: list[tuple[str, list[tuple[int, int, int]]]]
+) -> None:
+    """Two L2 tables and two refcount blocks cached: every request evicts."""
+    run_case("tiny-caches", cluster_size, ops)
 
 
 @SETTINGS

@@ -97,7 +97,7 @@ class Qcow2Driver(Driver):
     @classmethod
     async def open(cls, node: BlockNode, options: Mapping[str, Any]) -> Qcow2Driver:
         drv = cls(node)
-        await drv._open()
+        await drv._open(options)
         return drv
 
     @property
@@ -107,7 +107,7 @@ class Qcow2Driver(Driver):
             raise ImageError("qcow2 node has no file child")
         return file
 
-    async def _open(self) -> None:
+    async def _open(self, options: Mapping[str, Any]) -> None:
         file = self._file
         flen = file.length()
         first = await file.pread(0, min(max(flen, 0), fmt.V3_HEADER_LENGTH_QEMU))
@@ -148,7 +148,10 @@ class Qcow2Driver(Driver):
         self.header = header
         self._header_area_len = self._used_header_len(cluster0, header)
         self._geometry = fmt.CompressedGeometry.for_cluster_bits(header.cluster_bits)
-        self._l2_limit = max(4, L2_CACHE_BYTES // cs)
+        # QEMU's l2-cache-size / refcount-cache-size options (bytes), at least 2 tables
+        self._l2_limit = max(2, int(options.get("l2-cache-size") or L2_CACHE_BYTES) // cs)
+        refcount_cache = options.get("refcount-cache-size")
+        refcount_blocks = max(2, int(refcount_cache) // cs) if refcount_cache else None
         if header.l1_size:
             self.l1 = fmt.decode_table(await file.pread(header.l1_table_offset, header.l1_size * 8))
         table = Refcounts.decode_table(
@@ -162,6 +165,7 @@ class Qcow2Driver(Driver):
             header.refcount_table_clusters,
             table,
             flen,
+            refcount_blocks,
         )
         self._check_tables(flen, table)
 
