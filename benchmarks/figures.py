@@ -21,6 +21,7 @@ import os
 import shutil
 import statistics
 import subprocess
+import threading
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -330,7 +331,9 @@ def qmp_run(spec: DaemonSpec, work: Path, *, sequential: int, per_client: int) -
                 "seq_cmds_per_s": sequential / wall,
                 "seq_cpu_us_per_cmd": cpu / sequential * 1e6,
             }
-            ctx = mp.get_context("fork")
+            # fork is cheapest; with other threads alive (e.g. under pytest) forking warns
+            # on Python 3.12+, so start the clients from a fork server instead.
+            ctx = mp.get_context("fork" if threading.active_count() == 1 else "forkserver")
             barrier = ctx.Barrier(MONITORS + 1)
             pipes = []
             procs = []
