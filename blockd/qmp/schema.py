@@ -16,12 +16,13 @@ members are visited in schema order (bases first, then own members, then the mem
 the selected union variant), an error inside a member comes before the next member, and
 unknown keys of an object are reported only after all its declared members. An alternate
 picks its branch by the value's JSON type, as QEMU does, and a value of no branch's type is
-``Invalid parameter type for '<name>', expected: <AlternateName>``.
+``Invalid parameter type for '<name>', expected: <AlternateName>``. The validators run
+on an equivalent form of the files in which ``unevaluatedProperties: false`` is spelled
+out as ``propertyNames`` lists (:meth:`Schema._closed`): jsonschema evaluates the former by
+re-validating every branch at every level, exponential in the nesting of ``blockdev-add``.
 
-**Introspection** (:meth:`Schema.introspect`) walks commands and events and emits QEMU's
-``SchemaInfo`` list (§1.9): type names masked as decimal strings in first-use order,
-builtins by name, every integer type as ``int``, arrays as ``[T]``, optional members with
-``"default": null``, unions as objects with ``tag`` and ``variants``.
+**Introspection** (:meth:`Schema.introspect`, built by :mod:`blockd.qmp.introspect`) is
+the ``query-qmp-schema`` answer in QEMU's ``SchemaInfo`` format (§1.9).
 """
 
 from __future__ import annotations
@@ -71,22 +72,6 @@ _SCHEMA_KEYWORDS: Final = frozenset(
     }
 )
 _JSON_TYPES: Final = ("object", "array", "string", "integer", "number", "boolean", "null")
-_BUILTINS: Final = (
-    ("str", "string"),
-    ("int", "int"),
-    ("number", "number"),
-    ("bool", "boolean"),
-    ("null", "null"),
-    ("any", "value"),
-)
-_BUILTIN_OF_TYPE: Final = {
-    "string": "str",
-    "integer": "int",
-    "number": "number",
-    "boolean": "bool",
-    "null": "null",
-}
-
 Node = Mapping[str, Any]
 
 
@@ -568,146 +553,7 @@ class Schema:
         The list is a fresh copy each time, so callers may modify it.
         """
         if self._introspection is None:
-            self._introspection = _Introspector(self).run()
+            from blockd.qmp.introspect import introspect
+
+            self._introspection = introspect(self)
         return json.loads(json.dumps(self._introspection))  # type: ignore[no-any-return]
-
-
-class _Introspector:
-    """Builds the SchemaInfo list; see :meth:`Schema.introspect`."""
-
-    def __init__(self, schema: Schema) -> None:
-        self.schema = schema
-        self.entities: list[dict[str, Any]] = [
-            {"name": name, "meta-type": "builtin", "json-type": json_type}
-            for name, json_type in _BUILTINS
-        ]
-        self.names: dict[int, str] = {}
-        self.keep: list[Any] = []
-        self.arrays: set[str] = set()
-        self.empty: str | None = None
-        self.counter = 0
-
-    def run(self) -> list[dict[str, Any]]:
-        schema = self.schema
-        for kind in ("commands", "events"):
-            for name, entry in schema._entries[kind].items():
-                resolver = schema._registry.resolver(entry.uri)
-                info: dict[str, Any] = {"name": name, "meta-type": kind[:-1]}
-                info["arg-type"] = self.type_name(entry.contents, resolver, root=True)
-                if kind == "commands":
-                    returns = entry.contents.get("x-qmp-returns")
-                    info["ret-type"] = (
-                        self.empty_type() if returns is None else self.type_name(returns, resolver)
-                    )
-                    if entry.contents.get("x-qmp-allow-oob"):
-                        info["allow-oob"] = True
-                self.features(info, entry.contents)
-                self.entities.append(info)
-        return self.entities
-
-    @staticmethod
-    def features(info: dict[str, Any], node: Any) -> None:
-        features = node.get("x-qmp-features") if isinstance(node, dict) else None
-        if features:
-            info["features"] = list(features)
-
-    def masked(self) -> str:
-        name = str(self.counter)
-        self.counter += 1
-        return name
-
-    def empty_type(self) -> str:
-        if self.empty is None:
-            self.empty = self.masked()
-            self.entities.append({"name": self.empty, "meta-type": "object", "members": []})
-        return self.empty
-
-    def type_name(self, node: Any, resolver: Any, *, root: bool = False) -> str:
-        named = isinstance(node, dict) and "$ref" in node
-        node, resolver = Schema._deref(node, resolver)
-        kind = Schema._kind_of(node)
-        if kind in _BUILTIN_OF_TYPE and "enum" not in node:
-            return _BUILTIN_OF_TYPE[kind]
-        if kind == "any":
-            return "any"
-        if kind == "array":
-            element = self.type_name(node.get("items", {}), resolver)
-            name = f"[{element}]"
-            if name not in self.arrays:
-                self.arrays.add(name)
-                self.entities.append({"name": name, "meta-type": "array", "element-type": element})
-            return name
-        if id(node) in self.names:
-            return self.names[id(node)]
-        if (
-            kind == "object"
-            and not self.schema._members(node, resolver, None)
-            and ("x-qmp-union" not in node)
-        ):
-            return self.empty_type()
-        name = self.names[id(node)] = self.masked()
-        self.keep.append(node)
-        info: dict[str, Any] = {"name": name, "meta-type": kind}
-        self.entities.append(info)
-        if kind == "string":  # an enum
-            info["meta-type"] = "enum"
-            value_features = node.get("x-qmp-value-features", {})
-            info["members"] = []
-            for value in node["enum"]:
-                member: dict[str, Any] = {"name": value}
-                if value_features.get(value):
-                    member["features"] = list(value_features[value])
-                info["members"].append(member)
-            info["values"] = list(node["enum"])
-        elif kind == "alternate":
-            info["members"] = [
-                {"type": self.type_name(branch, resolver)} for branch in node["oneOf"]
-            ]
-        else:
-            self.object_info(info, node, resolver)
-        if named or not root:
-            self.features(info, node)
-        return name
-
-    def object_info(self, info: dict[str, Any], node: Node, resolver: Any) -> None:
-        members = []
-        required: set[str] = set()
-        self.collect_required(node, resolver, required)
-        for name, sub, sub_resolver in self.schema._members(node, resolver, None):
-            member: dict[str, Any] = {"name": name, "type": self.type_name(sub, sub_resolver)}
-            if name not in required:
-                member["default"] = None
-            self.features(member, sub)
-            members.append(member)
-        info["members"] = members
-        tag = node.get("x-qmp-union")
-        if tag is not None:
-            info["tag"] = tag
-            branches = {
-                Schema._case_of(branch, tag): branch.get("then", {})
-                for branch in node.get("allOf", ())
-                if "if" in branch
-            }
-            # Every tag value is a case; one without a branch has the empty type (QAPI's
-            # implicit empty variant), as QEMU's introspection shows.
-            tag_type, _ = Schema._deref(node["properties"][tag], resolver)
-            cases = list(tag_type.get("enum", ())) if isinstance(tag_type, dict) else []
-            cases += [case for case in branches if case not in cases]
-            info["variants"] = [
-                {
-                    "case": case,
-                    "type": self.type_name(branches[case], resolver)
-                    if case in branches
-                    else self.empty_type(),
-                }
-                for case in cases
-            ]
-
-    def collect_required(self, node: Any, resolver: Any, out: set[str]) -> None:
-        node, resolver = Schema._deref(node, resolver)
-        if not isinstance(node, dict):
-            return
-        out.update(node.get("required", ()))
-        for sub in node.get("allOf", ()):
-            if "if" not in sub:
-                self.collect_required(sub, resolver, out)
