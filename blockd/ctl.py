@@ -31,6 +31,7 @@ from rich.progress import (
 )
 from rich.text import Text
 
+from blockd import __version__
 from blockd.client.connection import (
     Client,
     ClientError,
@@ -145,6 +146,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--socket",
         default=os.environ.get("BLOCKD_SOCKET") or os.environ.get("QMP_SOCKET") or DEFAULT_SOCKET,
         help="the daemon's QMP UNIX socket",
+    )
+    parser.add_argument(
+        "-V", "--version", action="version", version=f"{PROG} (blockd {__version__})"
     )
     parser.add_argument("--json", action="store_true", help="print JSON for scripts")
     parser.add_argument(

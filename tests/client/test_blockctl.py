@@ -115,6 +115,15 @@ def test_usage_errors(args: list[str], message: str) -> None:
     assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr
 
 
+def test_version_and_help() -> None:
+    version = ctl_in_process("--version")
+    assert version.returncode == 0 and version.stdout.startswith("blockctl (blockd ")
+    helped = ctl_in_process("--help")
+    for sub in ("stream", "wait", "jobs", "pause", "resume", "cancel", "speed", "nodes",
+                "chain", "add", "del"):  # fmt: skip
+        assert f"    {sub} " in helped.stdout
+
+
 # --- with a daemon --------------------------------------------------------------------------
 
 
