@@ -25,6 +25,7 @@ import threading
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
+from multiprocessing.context import ForkContext, ForkServerContext
 from pathlib import Path
 from typing import Any
 
@@ -333,7 +334,11 @@ def qmp_run(spec: DaemonSpec, work: Path, *, sequential: int, per_client: int) -
             }
             # fork is cheapest; with other threads alive (e.g. under pytest) forking warns
             # on Python 3.12+, so start the clients from a fork server instead.
-            ctx = mp.get_context("fork" if threading.active_count() == 1 else "forkserver")
+            ctx: ForkContext | ForkServerContext = (
+                mp.get_context("fork")
+                if threading.active_count() == 1
+                else mp.get_context("forkserver")
+            )
             barrier = ctx.Barrier(MONITORS + 1)
             pipes = []
             procs = []
@@ -353,7 +358,10 @@ def qmp_run(spec: DaemonSpec, work: Path, *, sequential: int, per_client: int) -
                 for pipe in pipes:
                     if not pipe.poll(120):
                         raise RunFailed("a QMP client process did not finish in 120 s")
-                    results.append(pipe.recv())
+                    try:
+                        results.append(pipe.recv())
+                    except EOFError:
+                        raise RunFailed("a QMP client process died before reporting") from None
             finally:
                 for p in procs:
                     p.join(10)
