@@ -694,6 +694,9 @@ class Graph:
         old = {n: n.read_only for n in targets}
         changed = [n for n in targets if n.read_only != read_only]
         if read_only:
+            # format drivers write their cached metadata back while they still may
+            for n in changed:
+                await n.flush()
             for n in changed:
                 n.read_only = True
             self.refresh_permissions()

@@ -6,12 +6,15 @@ import random
 import tempfile
 from pathlib import Path
 
+import pytest
+import qcow2_util
 import trio
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from qcow2_util import TINY_CACHES, assert_clean, close, open_qcow2, qemu_io, read_all, run, to_raw
 
 from blockd.block.create import create_qcow2
+from blockd.errors import QMPError
 
 SIZE = 3 * 1024 * 1024 + 4096  # not a multiple of the L2 span of 64 KiB clusters
 
@@ -199,3 +202,36 @@ async def test_read_only_node_never_writes(tmp_path: Path) -> None:
     finally:
         await close(node)
     assert path.read_bytes() == before
+
+
+async def test_reopen_read_write_and_back(tmp_path: Path) -> None:
+    path = tmp_path / "top.qcow2"
+    create_qcow2(path, 1 << 20)
+    node = await open_qcow2(path, read_only=True)
+    graph = qcow2_util.node_graph[node]
+    try:
+        await graph.reopen(node, read_only=False)
+        await node.write(1000, b"\x42" * 70_000)
+        await graph.reopen(node, read_only=True)
+        # everything cached is on disk once the node is read-only again
+        assert_clean(path)
+        assert to_raw(path, tmp_path / "out.raw")[1000:71000] == b"\x42" * 70_000
+    finally:
+        await close(node)
+
+
+async def test_reopen_dirty_image_read_write_refused(tmp_path: Path) -> None:
+    path = tmp_path / "dirty.qcow2"
+    create_qcow2(path, 1 << 20)
+    data = bytearray(path.read_bytes())
+    data[72:80] = (1).to_bytes(8, "big")
+    path.write_bytes(bytes(data))
+    node = await open_qcow2(path, read_only=True)
+    graph = qcow2_util.node_graph[node]
+    try:
+        with pytest.raises(QMPError, match="dirty bit"):
+            await graph.reopen(node, read_only=False)
+        assert node.read_only
+    finally:
+        await close(node)
+    assert path.read_bytes() == bytes(data)

@@ -118,11 +118,6 @@ class Qcow2Driver(Driver):
         cluster0 = await file.pread(0, cs)
         header = fmt.parse_header(cluster0)
         fmt.validate_header(header, flen)
-        if header.incompatible_features & fmt.INCOMPAT_DIRTY and not self.node.read_only:
-            raise ImageError(
-                "qcow2: image has the dirty bit set (lazy refcounts need a repair: "
-                "run 'qemu-img check -r all'); cannot be opened read/write"
-            )
         if header.compression_type == fmt.COMPRESSION_ZSTD:
             self._zstd = _zstd_module()
             if self._zstd is None:
@@ -146,6 +141,8 @@ class Qcow2Driver(Driver):
             ]
             self.backing_name = raw.decode("utf-8", "surrogateescape")
         self.header = header
+        if not self.node.read_only:
+            self._refuse_dirty()
         self._header_area_len = self._used_header_len(cluster0, header)
         self._geometry = fmt.CompressedGeometry.for_cluster_bits(header.cluster_bits)
         # QEMU's l2-cache-size / refcount-cache-size options (bytes), at least 2 tables
@@ -443,6 +440,7 @@ class Qcow2Driver(Driver):
         """Before the first write: clear autoclear bits we do not maintain (bitmaps)."""
         if self._prepared:
             return
+        self._refuse_dirty()
         if self.header.autoclear_features:
             await self._rewrite_header(
                 replace(self.header, autoclear_features=0),
@@ -590,6 +588,24 @@ class Qcow2Driver(Driver):
         if self.refcounts.has_releases:
             await self.refcounts.apply_releases()
             await self.refcounts.write_back()
+
+    def _refuse_dirty(self) -> None:
+        if self.header.incompatible_features & fmt.INCOMPAT_DIRTY:
+            raise ImageError(
+                "qcow2: image has the dirty bit set (lazy refcounts need a repair: "
+                "run 'qemu-img check -r all'); cannot be opened read/write"
+            )
+
+    async def reopen(self, read_only: bool) -> None:
+        """Called by the graph before the mode changes: going read-only writes every
+        cached change back; going read-write refuses images we may not write."""
+        if read_only:
+            async with self._lock:
+                with trio.CancelScope(shield=True):
+                    await self._write_back()
+                    await self._file.flush()
+        else:
+            self._refuse_dirty()
 
     async def close(self) -> None:
         if self.node.read_only or not self._prepared:
