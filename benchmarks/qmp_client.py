@@ -4,7 +4,8 @@ The benchmark must time the daemon, not the client, so this client does as littl
 can per message: one ``sendall`` per command, ``recv`` into a byte buffer, and
 ``json.JSONDecoder.raw_decode`` to cut messages out of the stream (QMP output is a stream
 of JSON objects; QEMU ends each with CR LF, but nothing here relies on it). Events that
-arrive while waiting for a reply are queued in ``events`` in arrival order.
+arrive while waiting for a reply are queued in ``events`` in arrival order, each stamped
+with its arrival time under ``RECEIVED``.
 
 It is independent of blockd (and of qemu.qmp) on purpose: the same bytes go to both
 daemons. Protocol reference: QEMU's docs/interop/qmp-spec.rst (greeting, capabilities
@@ -21,6 +22,7 @@ from typing import Any
 
 JSONObject = dict[str, Any]
 
+RECEIVED = "_received"  # key added to each queued event: time.perf_counter() on arrival
 _DECODER = json.JSONDecoder()
 _WHITESPACE = " \t\r\n"
 
@@ -119,7 +121,7 @@ class QMPClient:
         while True:
             msg = self._read_message()
             if "event" in msg:
-                self.events.append(msg)
+                self._queue_event(msg)
                 continue
             if msg.get("id") != req_id:
                 raise QMPProtocolError(f"reply to an unknown request: {msg!r}")
@@ -163,6 +165,10 @@ class QMPClient:
 
     # -- events ----------------------------------------------------------------------------
 
+    def _queue_event(self, msg: JSONObject) -> None:
+        msg[RECEIVED] = time.perf_counter()
+        self.events.append(msg)
+
     def wait_event(
         self, name: str, *, device: str | None = None, timeout: float = 60.0
     ) -> JSONObject:
@@ -195,7 +201,7 @@ class QMPClient:
                     raise TimeoutError(f"no {name} event within {timeout} s") from None
                 if "event" not in msg:
                     raise QMPProtocolError(f"unexpected reply while waiting: {msg!r}")
-                self.events.append(msg)
+                self._queue_event(msg)
         finally:
             self._sock.settimeout(self._timeout)
 
