@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -299,3 +300,35 @@ def test_stream_to_base_node_with_backing_file(lab: Lab) -> None:
     assert (info["backing-filename"], info["backing-filename-format"]) == ("base.qcow2", "qcow2")
     assert same_data(expected, top)
     check_clean(top)
+
+
+def test_daemon_dies_while_following(sock_dir: Path, tmp_path: Path) -> None:
+    """blockctl following a job reports a lost daemon in one line, exit status 3."""
+    from blockd.client.lab import query_commands, running_daemon
+
+    from .conftest import PROGRAM
+    from .test_progress import Terminal
+
+    with running_daemon(sock_dir, PROGRAM) as daemon:
+        missing = set(STREAM) - query_commands(daemon.socket)
+        if missing:
+            pytest.skip(f"the daemon does not implement {', '.join(sorted(missing))} yet")
+        top = make_chain(tmp_path, "8M")[0]
+        sock = str(daemon.socket)
+        added = ctl_in_process("-s", sock, "add", "driver=qcow2", "node-name=top",
+                               "file.driver=file", f"file.filename={top}")  # fmt: skip
+        assert added.returncode == 0
+        # On a terminal, so that the progress bar says when the job is being followed.
+        term = Terminal("-s", sock, "stream", "top", "--job-id", "j0", "--speed", "64K")
+        try:
+            assert term.read_until(b"running"), term.text()
+            daemon.process.kill()
+            status = term.wait()
+        finally:
+            if term.fd >= 0:
+                with contextlib.suppress(ChildProcessError, ProcessLookupError):
+                    os.kill(term.pid, 9)
+                    os.waitpid(term.pid, 0)
+    assert status == 3, term.text()
+    assert "blockctl: the daemon closed the connection" in term.text()
+    assert "Traceback" not in term.text()

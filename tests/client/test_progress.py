@@ -49,6 +49,7 @@ class Terminal:
         self.read_until(b"\0", timeout=30.0)  # drain to EOF
         _, status = os.waitpid(self.pid, 0)
         os.close(self.fd)
+        self.fd = -1
         return os.waitstatus_to_exitcode(status)
 
     def text(self) -> str:
