@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -97,3 +98,27 @@ def test_socat_example(daemon_process: DaemonProcess) -> None:
     assert result.returncode == 0, result.stderr
     assert lines[0].startswith('{"QMP": ') and lines[1] == '{"return": {}}'
     assert f'"package": "blockd {__version__}"' in lines[2] and lines[2].endswith('"id": 1}')
+
+
+def test_iotests_style_client_mode_chardev(sock_dir: Path) -> None:
+    """QEMU's iotests listen on a socket and let the daemon dial in (``server=off``)."""
+    path = sock_dir / "qmp-listen.sock"
+    qmp = QEMUMonitorProtocol(str(path), server=True)
+    pidfile = sock_dir / "iotests.pid"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "blockd", "--chardev", f"socket,id=qmp-sock,path={path}",
+         "--monitor", "qmp-sock", "--pidfile", str(pidfile)],
+        stdin=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        qmp.accept(IO_TIMEOUT)
+        assert qmp.cmd_obj({"execute": "query-version"})["return"]["package"].startswith("blockd")
+        assert int(pidfile.read_text()) == proc.pid  # iotests compare it with the child's pid
+        assert qmp.cmd_obj({"execute": "quit"}) == {"return": {}}
+        with contextlib.suppress(EOFError):
+            qmp.close()
+        assert proc.wait(timeout=IO_TIMEOUT) == 0
+        assert not pidfile.exists()
+    finally:
+        proc.kill()
+        proc.wait()
