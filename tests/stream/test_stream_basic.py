@@ -332,3 +332,48 @@ async def test_pause_and_resume(harness: Harness, tmp_path: Path) -> None:
     await h.cmd("blockdev-del", node_name="top")
     compare(top, before)
     check(top)
+
+
+async def test_prepare_failure_fails_the_job(harness: Harness, tmp_path: Path) -> None:
+    """A header update that fails (a qcow2 backing name over 1023 bytes) fails the job in
+    prepare: aborting after pending, COMPLETED with the error; the header is unchanged."""
+    base, mid, top = chain3(tmp_path)
+    before = snapshot(top, tmp_path / "before.qcow2")
+    await add_top(harness, top)
+    await harness.cmd(
+        "block-stream", device="top", job_id="j", base=str(base), backing_file="x" * 1024
+    )
+    done = await harness.wait_done("j")
+    assert done["event"] == "BLOCK_JOB_COMPLETED"
+    assert done["error"] == "Invalid argument"
+    assert harness.names() == [
+        "JSC(created)",
+        "JSC(running)",
+        "JSC(waiting)",
+        "JSC(pending)",
+        "JSC(aborting)",
+        "BLOCK_JOB_COMPLETED",
+        "JSC(concluded)",
+        "JSC(null)",
+    ]
+    assert all(n.drv != "copy-on-read" for n in harness.d.graph.nodes.values())
+    await harness.cmd("blockdev-del", node_name="top")
+    assert info(top)["backing-filename"] == str(mid)
+    compare(top, before)
+    check(top)
+
+
+async def test_device_is_a_filter(harness: Harness, tmp_path: Path) -> None:
+    """``device`` names a filter above the image: the image below it is streamed."""
+    base, _mid, top = chain3(tmp_path)
+    before = snapshot(top, tmp_path / "before.qcow2")
+    await add_top(harness, top)
+    await harness.raw("blockdev-add", {"driver": "blkdebug", "node-name": "dbg", "image": "top"})
+    await harness.cmd("block-stream", device="dbg", job_id="j", base=str(base))
+    await finish(harness, "j")
+    await harness.cmd("blockdev-del", node_name="dbg")
+    await harness.cmd("blockdev-del", node_name="top")
+    compare(top, before)
+    check(top)
+    assert info(top)["backing-filename"] == str(base)
+    assert own_data(top) == [(512 * KIB, 512 * KIB), (1536 * KIB, 64 * KIB)]
