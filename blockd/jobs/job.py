@@ -57,9 +57,13 @@ Event order versus command replies (§2.6, §9.3, §9.11): QEMU re-enters a park
 synchronously inside the command. Trio cannot run the job's task inside the command, so
 :meth:`_enter` does on the job's behalf, at once, the status change the job would make on
 waking (a sleeping job asked to pause enters its pause point; a paused job being resumed
-or cancelled leaves it). So a ``pause`` of a sleeping job, and a ``resume``/``cancel`` of a
-paused one, emit their ``JOB_STATUS_CHANGE`` before the reply, as in QEMU; a job busy with
-I/O changes later, after the reply.
+or cancelled leaves it). So a ``pause`` of a sleeping job, and a ``resume`` of a paused
+one, emit their ``JOB_STATUS_CHANGE`` before the reply, as in QEMU; a job busy with I/O
+changes later, after the reply. A ``cancel`` of a parked (sleeping or paused) job waits
+for the job's task to finish: qemu-storage-daemon 10.0 sends ``aborting``,
+``BLOCK_JOB_CANCELLED``, ``concluded`` and ``null`` before the cancel's reply in that case
+(measured; §9.11 of the spec says otherwise, iotest 141 allows both). A job busy with I/O
+is only marked, and its events follow the reply.
 
 Where the task is (``_park``): ``RUNNING`` (busy), ``SLEEPING`` (rate-limit sleep, a
 timer pending), ``PAUSED`` (parked in a pause point), ``DONE`` (``run()`` is over).
@@ -349,9 +353,11 @@ class Job:
     async def cancel(self, force: bool = True) -> None:
         """``job-cancel`` / ``block-job-cancel`` after their own checks (§2.4).
 
-        A running job is only marked and woken: this returns without yielding and the
-        job's events follow later. A job that has finished its work (pending) or never
-        started is aborted before this returns, with its events.
+        A job busy with I/O is only marked: this returns without yielding and the job's
+        events follow later, once it reaches its next pause point. A job parked in a
+        rate-limit sleep or a pause point, one that finished its work (pending) and one
+        that never started are finished before this returns, events included (as
+        qemu-storage-daemon 10.0 does, checked against it).
         """
         check_verb(self.id, self.status, JobVerb.CANCEL)
         await self._cancel()
@@ -611,8 +617,13 @@ class Job:
             if self.status is S.PENDING and not self._completing:
                 self._send_request(JobVerb.CANCEL)
             await self._ended.wait()
+        elif self._park is _Park.RUNNING:
+            pass  # busy with I/O: it stops at its next pause point, after the reply
         else:
+            # Parked in a sleep or a pause point: QEMU runs the job to its end within
+            # the command, so every event of the cancel precedes the reply.
             self._enter(_Wake.ALWAYS)
+            await self._ended.wait()
 
     async def _emergency_stop(self) -> None:
         try:

@@ -114,9 +114,9 @@ async def test_cancel_while_sleeping(
     rec.clear()
     await job.cancel()
     rec.mark("reply")
-    await job.wait_ended()
     assert trio.current_time() < 0.6  # woken at once, not at the end of its sleep
-    assert rec.names() == ["--reply", *CANCELLED]
+    # A parked job is finished within the command, as qemu-storage-daemon 10.0 does.
+    assert rec.names() == [*CANCELLED, "--reply"]
     assert rec.data("BLOCK_JOB_CANCELLED")[0]["offset"] == CHUNK
 
 
@@ -130,8 +130,7 @@ async def test_cancel_while_paused(
     rec.clear()
     await job.cancel()
     rec.mark("reply")
-    await job.wait_ended()
-    assert rec.names() == ["JSC(running)", "--reply", *CANCELLED]
+    assert rec.names() == ["JSC(running)", *CANCELLED, "--reply"]
     assert not job.user_paused and job.pause_count == 0
 
 
@@ -329,8 +328,7 @@ async def test_stopped_job_cancelled(
     await job.cancel()
     rec.mark("reply")
     assert job.io_status == "ok"  # the cancel lifts the user pause and its io-status
-    await job.wait_ended()
-    assert rec.names() == ["JSC(running)", "--reply", *CANCELLED]
+    assert rec.names() == ["JSC(running)", *CANCELLED, "--reply"]
 
 
 @pytest.mark.parametrize(
