@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import hashlib
+import importlib
 import json
 from pathlib import Path
 
 import pytest
 import trio
-from qcow2_util import close, open_qcow2, qemu_io, read_all, run, to_raw
+from qcow2_util import assert_clean, close, open_qcow2, qemu_io, read_all, run, to_raw
 
 from blockd.block.driver import Status
+from blockd.errors import QMPError
 
 CLUSTER_SIZES = [512, 1024, 4096, 65536, 2 * 1024 * 1024]
 
@@ -142,3 +144,31 @@ async def test_block_status_matches_qemu_img_map(tmp_path: Path) -> None:
                 pos += st.length
     finally:
         await close(node)
+
+
+async def test_zstd_compressed(tmp_path: Path) -> None:
+    """zstd clusters read like qemu-img's when the zstandard package is installed; else
+    the image is refused at open with a clear error and left untouched."""
+    path = tmp_path / "z.qcow2"
+    run("qemu-img", "create", "-q", "-f", "qcow2", "-o", "compression_type=zstd", path, "4M")
+    qemu_io(path, "write -c -P 0x12 0 64k", "write -c -P 0x13 1M 64k", "write -P 0x14 2M 4k")
+    try:
+        importlib.import_module("zstandard")
+    except ImportError:
+        before = path.read_bytes()
+        with pytest.raises(QMPError, match="zstandard"):
+            await open_qcow2(path, read_only=True)
+        assert path.read_bytes() == before
+        return
+    await assert_reads_like_qemu(path, tmp_path)
+    node = await open_qcow2(path)
+    try:
+        info = node.driver.image_info()
+        assert info["format-specific"]["data"]["compression-type"] == "zstd"
+        await node.write(1000, b"\x77" * 100)  # COW out of a zstd cluster
+    finally:
+        await close(node)
+    expected = bytearray(b"\x12" * 65536)
+    expected[1000:1100] = b"\x77" * 100
+    assert to_raw(path, tmp_path / "out.raw")[:65536] == expected
+    assert_clean(path)
