@@ -18,11 +18,12 @@ import signal
 import subprocess
 import sys
 import tempfile
+import textwrap
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Final
+from typing import Final
 
 import trio
 
@@ -153,7 +154,12 @@ async def query(demo: Demo) -> str:
     entries = {entry["name"]: entry for entry in schema}
     lines = [
         f"{version['package']}, following QEMU {qemu['major']}.{qemu['minor']}.{qemu['micro']}",
-        f"{len(demo.commands)} commands: {', '.join(sorted(demo.commands))}",
+        *textwrap.wrap(
+            f"{len(demo.commands)} commands: {', '.join(sorted(demo.commands))}",
+            width=80,
+            subsequent_indent="  ",
+            break_on_hyphens=False,
+        ),
         f"{len(schema)} schema entries",
     ]
     stream = entries.get("block-stream")
@@ -170,26 +176,34 @@ async def stream(demo: Demo) -> str:
         raise Skip("this blockd has no block-stream command yet")
     if not demo.images:
         raise Skip("no image chain to stream")
-    events: list[tuple[str, dict[str, Any]]] = []
-    with demo.qmp.listen("JOB_STATUS_CHANGE", "BLOCK_JOB_COMPLETED") as channel:
+    statuses: list[str] = []
+
+    async def until(status: str) -> None:
+        async for event in channel:
+            statuses.append(str(event.data.get("status")))
+            if statuses[-1] == status:
+                return
+
+    with demo.qmp.listen("JOB_STATUS_CHANGE") as channel:
         await demo.qmp.execute(
             "block-stream", {"job-id": "demo", "device": "top", "auto-dismiss": False}
         )
-        with trio.fail_after(JOB_TIMEOUT):
-            async for event in channel:
-                events.append((event.name, dict(event.data)))
-                if event.name == "JOB_STATUS_CHANGE" and event.data.get("status") == "concluded":
-                    break
-    jobs = await demo.qmp.execute("query-jobs")
-    job = next((j for j in jobs if j["id"] == "demo"), None)
-    if job is None:
-        raise DemoError("the concluded job is missing from query-jobs")
-    if "error" in job:
-        raise DemoError(f"the job failed: {job['error']}")
-    await demo.qmp.execute("job-dismiss", {"id": "demo"})
-    statuses = [data["status"] for name, data in events if name == "JOB_STATUS_CHANGE"]
+        try:
+            with trio.fail_after(JOB_TIMEOUT):
+                await until("concluded")
+                jobs = await demo.qmp.execute("query-jobs")
+                job = next((j for j in jobs if j["id"] == "demo"), None)
+                if job is None:
+                    raise DemoError("the concluded job is missing from query-jobs")
+                if "error" in job:
+                    raise DemoError(f"the job failed: {job['error']}")
+                await demo.qmp.execute("job-dismiss", {"id": "demo"})
+                await until("null")
+        except trio.TooSlowError:
+            raise DemoError(f"the job did not finish within {JOB_TIMEOUT:g}s") from None
     demo.streamed = True
-    return f"job 'demo': {' -> '.join(statuses)} -> null; {job['total-progress']} bytes"
+    progress = f"{job['current-progress']}/{job['total-progress']}"
+    return f"job 'demo': {' -> '.join(statuses)}; progress {progress}"
 
 
 async def quit_daemon(demo: Demo) -> str:
@@ -197,8 +211,9 @@ async def quit_daemon(demo: Demo) -> str:
     await demo.qmp.execute("quit")
     await demo.stack.aclose()  # the daemon closes the connection; so do we
     demo.client = None
-    assert demo.proc is not None
-    status = await trio.to_thread.run_sync(lambda: demo.proc.wait(timeout=START_TIMEOUT))  # type: ignore[union-attr]
+    proc = demo.proc
+    assert proc is not None
+    status = await trio.to_thread.run_sync(lambda: proc.wait(timeout=START_TIMEOUT))
     if status != 0:
         raise DemoError(f"blockd exited with status {status}")
     left = [p.name for p in (demo.sock, demo.pidfile) if p.exists()]
