@@ -176,6 +176,9 @@ class StreamJob(Job):
         assert self.filter_node is not None
         cor = self.filter_node.driver
         assert isinstance(cor, CopyOnReadDriver)
+        # A full stream leaves no backing file: zeros need not be written, the range
+        # reads as zeros unallocated (before prepare the chain shows the same zeros).
+        cor.skip_zero_writes = self.above_base.filtered is None
         offset = 0
         while offset < length:
             await self.rate_limit_sleep()  # also the pause and cancel point

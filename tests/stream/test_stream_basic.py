@@ -20,6 +20,7 @@ from streamtools import (
     info,
     own_data,
     snapshot,
+    tool,
     write,
 )
 
@@ -377,3 +378,22 @@ async def test_device_is_a_filter(harness: Harness, tmp_path: Path) -> None:
     check(top)
     assert info(top)["backing-filename"] == str(base)
     assert own_data(top) == [(512 * KIB, 512 * KIB), (1536 * KIB, 64 * KIB)]
+
+
+async def test_full_stream_keeps_zeros_sparse(harness: Harness, tmp_path: Path) -> None:
+    """Holes of a sparse raw base and zero clusters that shadow data are not written as
+    data by a full stream: the top stays small and reads the same."""
+    base = create(tmp_path / "base.raw", 8 * MIB, fmt="raw")
+    write(base, 0, 64 * KIB, 0x41, fmt="raw")
+    write(base, 4 * MIB, 1 * MIB, 0x42, fmt="raw")
+    mid = create(tmp_path / "mid.qcow2", None, base, "raw")
+    tool("qemu-io", "-f", "qcow2", "-c", "write -z 4M 512k", mid)  # shadows base data
+    top = create(tmp_path / "top.qcow2", None, mid)
+    before = snapshot(top, tmp_path / "before.qcow2")
+    await add_top(harness, top)
+    await harness.cmd("block-stream", device="top", job_id="j")
+    await finish(harness, "j")
+    await harness.cmd("blockdev-del", node_name="top")
+    compare(top, before)
+    check(top)
+    assert own_data(top) == [(0, 64 * KIB), (4608 * KIB, 512 * KIB)]

@@ -44,6 +44,10 @@ class CopyOnReadDriver(Driver):
         super().__init__(node)
         #: the lowest layer whose data is copied; ``None`` = every layer
         self.bottom = bottom
+        #: leave all-zero ranges unallocated instead of writing them. Only correct when
+        #: nothing will show through them: a stream that removes the whole backing
+        #: chain sets it (QEMU writes zero clusters there; blockd has no write-zeroes).
+        self.skip_zero_writes = False
 
     @classmethod
     async def open(cls, node: BlockNode, options: Mapping[str, Any]) -> CopyOnReadDriver:
@@ -103,7 +107,8 @@ class CopyOnReadDriver(Driver):
             piece = min(len(bounce), length - done)
             view = bounce[done : done + piece] if buf is not None else bounce[:piece]
             await top.read(offset + done, view)
-            await top.write(offset + done, view)
+            if not (self.skip_zero_writes and view.tobytes() == bytes(piece)):
+                await top.write(offset + done, view)
             done += piece
 
     async def read(self, offset: int, buf: memoryview) -> None:
