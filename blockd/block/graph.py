@@ -248,8 +248,11 @@ class Graph:
             bool(opts.get("force-share", False)),
         )
 
+        # QEMU opens a format's or filter's ``file`` before naming the node; drivers
+        # that open their child themselves (blkdebug's ``image``) are named first.
         child: BlockNode | None = None
-        if cls.child_role in options:
+        name_first = cls.protocol_name is not None or cls.child_role != "file"
+        if cls.child_role in options and not name_first:
             child = await self._open_ref(options[cls.child_role], child_inherit)
         try:
             name = options.get("node-name")
@@ -257,6 +260,14 @@ class Graph:
                 name = self.generate_name()
             else:
                 self.check_name(str(name))
+            if cls.child_role in options and name_first:
+                # hold the name (and its place in the newest-first order) meanwhile
+                self.nodes[name] = BlockNode(name, {})
+                try:
+                    child = await self._open_ref(options[cls.child_role], child_inherit)
+                except BaseException:
+                    del self.nodes[name]
+                    raise
         except BaseException:
             if child is not None:
                 await self._unref(child)
@@ -639,13 +650,15 @@ class Graph:
 
     async def insert_filter(self, options: Mapping[str, Any], above: BlockNode) -> BlockNode:
         """Open filter ``options`` (its child being ``above``) and give it every parent of
-        ``above``. Without ``node-name`` the filter gets a generated name.
+        ``above``. Without ``node-name`` the filter gets a generated name and is implicit
+        (it shows its child's filename, as QEMU's implicit filters do).
 
         Raises:
             QMPError: the filter cannot be opened or the parents cannot move (frozen
                 links, permissions); the graph is unchanged then.
         """
         filt = await self._open(options, _Inherit(read_only=above.read_only))
+        filt.implicit = options.get("node-name") is None
         filt.users.append(NodeUser("graph change", "insert"))  # holds it while moving
         try:
             self._move_parents(above, filt, skip=filt)

@@ -15,19 +15,17 @@ from blockd.block.graph import Graph, image_path, resolve_backing_path
 from blockd.block.node import BlockNode
 
 
-def _protocol_node(node: BlockNode) -> BlockNode | None:
-    seen = node
-    while not seen.is_protocol:
-        child = seen.file
-        if child is None:
-            return None
-        seen = child
-    return seen
-
-
 def actual_size(node: BlockNode) -> int | None:
-    """Bytes the host allocates for the node's file (``st_blocks * 512``), if known."""
-    below = _protocol_node(node)
+    """Bytes the host allocates for the node's file (``st_blocks * 512``), if known.
+
+    As QEMU: a ``file`` node knows; formats and filters ask their ``file`` child (not
+    the backing); other drivers (blkdebug) do not know.
+    """
+    below: BlockNode | None = node
+    while below is not None and below.drv != "file":
+        if below.drv == "blkdebug":
+            return None
+        below = below.file
     fd = getattr(getattr(below, "driver", None), "fd", -1)
     if below is None or fd < 0:
         return None
@@ -45,6 +43,10 @@ def image_info(node: BlockNode, *, flat: bool) -> dict[str, Any]:
     size = actual_size(node)
     if size is not None:
         info["actual-size"] = size
+    if node.is_filter and node.file is not None:
+        # QEMU's bdrv_get_info forwards through filters (cluster size, dirty flag)
+        forwarded = node.file.driver.image_info()
+        info.update({k: forwarded[k] for k in ("cluster-size", "dirty-flag") if k in forwarded})
     info.update(node.driver.image_info())
     header = node.driver.header_backing()
     if header is not None and header[0]:

@@ -23,7 +23,36 @@ from blockd.errors import RequestError
 
 #: options that change what data a node shows; a node with any of them set is named by a
 #: ``json:`` filename, as QEMU's ``bdrv_refresh_filename`` does
-STRONG_OPTIONS: dict[str, tuple[str, ...]] = {"raw": ("offset", "size")}
+STRONG_OPTIONS: dict[str, tuple[str, ...]] = {
+    "raw": ("offset", "size"),
+    "blkdebug": (
+        "config",
+        "inject-error",
+        "set-state",
+        "align",
+        "max-transfer",
+        "opt-write-zero",
+        "max-write-zero",
+        "opt-discard",
+        "max-discard",
+    ),
+}
+#: drivers that declare no strong options, so QEMU always names their nodes ``json:``
+ALWAYS_JSON: frozenset[str] = frozenset({"copy-on-read"})
+
+
+def _json_filename(options: dict[str, Any]) -> str:
+    # QEMU prints the options QDict, whose members come in its hash order
+    from blockd.qmp.connection import qdict_order
+
+    def ordered(value: Any) -> Any:
+        if isinstance(value, dict):
+            return {key: ordered(value[key]) for key in qdict_order(value)}
+        if isinstance(value, list):
+            return [ordered(item) for item in value]
+        return value
+
+    return "json:" + json.dumps(ordered(options))
 
 
 def _error(code: int) -> OSError:
@@ -76,6 +105,9 @@ class BlockNode:
             it from the header. Whoever rewrites the header (stream) sets it to the new
             string. A backing link that differs from it is "overridden" (QEMU's
             ``bdrv_backing_overridden``) and the node gets a ``json:`` filename.
+        implicit: a filter the daemon inserted without a user-given name (a stream's
+            copy-on-read): it takes its child's filename and options, so the links to
+            it do not count as overridden.
         perm, shared: the node's cumulative permissions, as the graph last computed
             them from all its parents and users.
     """
@@ -94,6 +126,7 @@ class BlockNode:
     never_freeze: bool = False
     child_role: str = "file"
     auto_backing_file: str = ""
+    implicit: bool = False
     perm: Perm = PERM_NONE
     shared: Perm = PERM_ALL
 
@@ -160,6 +193,8 @@ class BlockNode:
 
     def full_open_options(self) -> dict[str, Any]:
         """The options that reopen exactly this node (``json:`` filenames)."""
+        if self.implicit and self.file is not None:
+            return self.file.full_open_options()
         if self.is_protocol and self.drv == "file":
             return {"driver": "file", "filename": self.driver.filename}
         options: dict[str, Any] = {"driver": self.drv}
@@ -176,11 +211,20 @@ class BlockNode:
 
     @property
     def filename(self) -> str:
-        """QEMU's filename: the driver's, or ``json:{...}`` when options or an overridden
-        backing link make a plain path ambiguous."""
-        strong = any(key in self.options for key in STRONG_OPTIONS.get(self.drv, ()))
-        if strong or self.backing_overridden:
-            return "json:" + json.dumps(self.full_open_options(), sort_keys=True)
+        """QEMU's filename: the driver's, ``blkdebug:<config>:<image>``, or ``json:{...}``
+        when options or an overridden backing link make a plain path ambiguous."""
+        if self.implicit and self.file is not None:
+            return self.file.filename
+        strong = [key for key in STRONG_OPTIONS.get(self.drv, ()) if key in self.options]
+        if self.drv in ALWAYS_JSON or self.backing_overridden:
+            return _json_filename(self.full_open_options())
+        if self.drv == "blkdebug" and self.file is not None:
+            image = self.file.filename
+            if (strong and strong != ["config"]) or image.startswith("json:"):
+                return _json_filename(self.full_open_options())
+            return f"blkdebug:{self.options.get('config', '')}:{image}"
+        if strong:
+            return _json_filename(self.full_open_options())
         return self.driver.filename
 
     @property

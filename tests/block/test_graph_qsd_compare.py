@@ -141,7 +141,9 @@ async def compare(sock_dir: Path, commands: list[tuple[str, dict[str, Any]]]) ->
     theirs = await trio.to_thread.run_sync(run_qsd, sock_dir, commands)
     ours = await run_blockd(commands)
     for (name, arguments), qemu, mine in zip(commands, theirs, ours, strict=True):
-        assert not differences(normalize(mine), normalize(qemu)), (name, arguments)
+        found = differences(normalize(mine), normalize(qemu))
+        print(name, arguments, *found, sep="\n  ")  # shown when the test fails
+        assert not found, (name, arguments)
 
 
 @pytest.fixture
@@ -299,3 +301,42 @@ def run_qsd_locks(
 ) -> list[Reply]:
     assert QSD is not None
     return run_qmp([QSD], sock_dir, commands, files)
+
+
+async def test_filters_windows_and_options(sock_dir: Path, chain: dict[str, Path]) -> None:
+    commands: list[tuple[str, dict[str, Any]]] = [
+        (
+            "blockdev-add",
+            {
+                "driver": "raw",
+                "node-name": "win",
+                "offset": 4096,
+                "size": 65536,
+                "read-only": True,
+                "file": file_ref(chain["base"]),
+            },
+        ),
+        (
+            "blockdev-add",
+            {
+                "driver": "raw",
+                "node-name": "dbg",
+                "file": {"driver": "blkdebug", "image": file_ref(chain["base"])},
+                "read-only": True,
+                "cache": {"no-flush": True},
+                "detect-zeroes": "on",
+            },
+        ),
+        (
+            "blockdev-add",
+            {"driver": "qcow2", "node-name": "top", "file": file_ref(chain["top"])},
+        ),
+        ("blockdev-add", {"driver": "copy-on-read", "node-name": "cor", "file": "top"}),
+        ("query-named-block-nodes", {}),
+        ("query-named-block-nodes", {"flat": True}),
+        ("blockdev-del", {"node-name": "top"}),
+        ("blockdev-del", {"node-name": "cor"}),
+        ("blockdev-del", {"node-name": "top"}),
+        ("query-named-block-nodes", {}),
+    ]
+    await compare(sock_dir, commands)
