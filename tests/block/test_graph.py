@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 from typing import Any
 
 import pytest
-from blocktools import file_ref, qemu_img, write_pattern
+from blocktools import file_ref, qemu_img, qemu_io, write_pattern
 
 from blockd.block.create import create_qcow2
 from blockd.block.graph import Graph
@@ -282,3 +283,34 @@ async def test_filter_insert_and_remove(graph: Graph, chain: dict[str, Path]) ->
     assert top.backing is filt and filt.file is mid and GENERATED.match(filt.name)
     await graph.remove_filter(filt)
     assert top.backing is mid and filt.name not in graph.nodes
+
+
+async def test_json_backing_name_from_header(graph: Graph, tmp_path: Path) -> None:
+    base = tmp_path / "base.raw"
+    qemu_img("create", "-q", "-f", "raw", base, "1M")
+    write_pattern(base, "raw", 4096, 4096, 0x66)
+    name = json.dumps(
+        {
+            "driver": "raw",
+            "offset": 4096,
+            "size": 65536,
+            "file.driver": "file",
+            "file.filename": str(base),
+        }
+    )
+    top = tmp_path / "top.qcow2"
+    create_qcow2(top, 65536, backing_file=f"json:{name}")
+    expected = qemu_io("-r", "-f", "qcow2", "-c", "read -P 0x66 0 4096", top)
+    assert "read 4096/4096" in expected.stdout  # qemu-io reads the window the same way
+    node = await graph.open_node(qcow2(top), top_level=True)
+    assert node.backing is not None and node.backing.length() == 65536
+    assert await node.pread(0, 4096) == b"\x66" * 4096
+    assert node.backing.filename.startswith("json:") and '"offset": 4096' in node.backing.filename
+
+
+async def test_backing_on_a_driver_without_backing(graph: Graph, chain: dict[str, Path]) -> None:
+    options = {"driver": "raw", "node-name": "r", "file": file_ref(chain["base"]), "backing": None}
+    with pytest.raises(RequestError) as info:
+        await graph.open_node(options, top_level=True)
+    assert info.value.desc == "Driver 'raw' of node 'r' does not support backing files"
+    assert graph.nodes == {}
