@@ -5,7 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import trio
 from streamtools import KIB, MIB, Harness, check, create, info, write
+
+from blockd.errors import QMPError
 
 EXCLUSIVE = [
     (
@@ -195,3 +198,28 @@ async def test_read_only_top_is_reopened_and_restored(harness: Harness, tmp_path
     await h.cmd("blockdev-del", node_name="top")
     check(top)
     assert "backing-filename" not in info(top)
+
+
+async def test_concurrent_requests_on_one_chain(chain: Harness) -> None:
+    """Two block-stream requests at once (two clients): one wins, the other is refused
+    by the busy check; they never both hold the chain."""
+    h = chain
+    results: dict[str, str] = {}
+
+    async def request(job_id: str) -> None:
+        try:
+            await h.cmd("block-stream", device="node3", job_id=job_id, speed=1024)
+            results[job_id] = "ok"
+        except QMPError as exc:
+            results[job_id] = exc.desc
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(request, "a")
+        nursery.start_soon(request, "b")
+    assert sorted(results.values()) == [
+        "Node 'node3' is busy: block device is in use by block job: stream",
+        "ok",
+    ]
+    [winner] = [job_id for job_id, text in results.items() if text == "ok"]
+    await h.cmd("block-job-cancel", device=winner)
+    await h.wait_done(winner)
