@@ -179,3 +179,36 @@ async def test_blkdebug_fails_a_plain_read(harness: Harness, tmp_path: Path) -> 
     assert await node.pread(0, 8192) == bytes(8192)  # once: gone
     nodes = {n["node-name"]: n for n in await harness.cmd("query-named-block-nodes")}
     assert nodes["dbg"]["drv"] == "blkdebug"
+
+
+async def test_report_with_config_file(harness: Harness, tmp_path: Path) -> None:
+    """The same rules from an INI config file, as iotest 030 writes them."""
+    config = tmp_path / "blkdebug.conf"
+    config.write_text(
+        '[inject-error]\nevent = "read_aio"\nerrno = "5"\nsector = "1024"\nstate = "1"\n'
+        'once = "on"\nimmediately = "off"\n\n'
+        '[set-state]\nevent = "read_aio"\nstate = "1"\nnew_state = "2"\n\n'
+        '[set-state]\nevent = "read_aio"\nstate = "2"\nnew_state = "1"\n'
+    )
+    backing = create(tmp_path / "backing.img", LEN, fmt="raw")
+    write(backing, 0, LEN, 0x5A, fmt="raw")
+    top = create(tmp_path / "test.qcow2", None, backing, "raw")
+    h = harness
+    assert await h.error("blockdev-add", driver="blkdebug", node_name="bad",
+                         config=str(tmp_path / "missing.conf"),
+                         image={"driver": "file", "filename": str(backing)}) == (
+        "Could not read blkdebug config file: No such file or directory"
+    )  # fmt: skip
+    await h.raw("blockdev-add", {
+        "driver": "qcow2", "node-name": "drive0",
+        "backing": {"driver": "raw", "file": {
+            "driver": "blkdebug", "config": str(config),
+            "image": {"driver": "file", "filename": str(backing)}}},
+        "file": {"driver": "file", "filename": str(top)},
+    })  # fmt: skip
+    await h.cmd("block-stream", device="drive0")
+    done = await h.wait_done("drive0")
+    assert done["error"] == "Input/output error"
+    assert (done["offset"], done["len"]) == (512 * KIB, LEN)
+    await h.cmd("blockdev-del", node_name="drive0")
+    check(top)
