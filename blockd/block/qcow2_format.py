@@ -359,6 +359,45 @@ def validate_header(header: Header, file_length: int) -> None:
             raise ImageError(f"qcow2: {n1} overlaps {n2}")
 
 
+def check_tables(
+    header: Header, l1: Sequence[int], reftable: Sequence[int], file_length: int
+) -> set[int]:
+    """Check the L2 table and refcount block offsets of the active tables.
+
+    Returns:
+        The host cluster indices holding active metadata (header, L1, L2 tables,
+        refcount table and blocks), for the overlap check before in-place writes.
+
+    Raises:
+        ImageError: an offset is unaligned, past the end of the file, or inside the
+            header, the L1 table or the refcount table (QEMU's overlap checks).
+    """
+    cs = header.cluster_size
+    reserved = {0}
+    if header.l1_size:
+        first = header.l1_table_offset // cs
+        reserved.update(range(first, first + -(-header.l1_size * 8 // cs)))
+    first = header.refcount_table_offset // cs
+    reserved.update(range(first, first + header.refcount_table_clusters))
+    limit = -(-file_length // cs)
+    metadata = set(reserved)
+    for what, offsets in (
+        ("L2 table", [e & OFFSET_MASK for e in l1]),
+        ("refcount block", reftable),
+    ):
+        for i, off in enumerate(offsets):
+            if not off:
+                continue
+            if off % cs:
+                raise ImageError(f"qcow2: {what} offset {off:#x} unaligned (index {i:#x})")
+            if off // cs >= limit:
+                raise ImageError(f"qcow2: {what} at {off:#x} is beyond the end of the file")
+            if off // cs in reserved:
+                raise ImageError(f"qcow2: {what} at {off:#x} overlaps other metadata")
+            metadata.add(off // cs)
+    return metadata
+
+
 def l1_entries_for(size: int, cluster_bits: int) -> int:
     """The number of L1 entries needed to map ``size`` guest bytes."""
     per_l2 = 1 << (cluster_bits + cluster_bits - 3)

@@ -139,7 +139,6 @@ REFUSALS = [
     ("dirty read-write", [(72, struct.pack(">Q", 1))], "dirty bit", False),
     ("data file", [(72, struct.pack(">Q", 4))], "external data file", True),
     ("extended L2", [(72, struct.pack(">Q", 16))], "extended L2", True),
-    ("zstd", [(72, struct.pack(">Q", 8)), (104, b"\x01")], "zstd", True),
     ("encrypted", [(32, struct.pack(">I", 2))], "encrypted", True),
     ("L1 past EOF", [(40, struct.pack(">Q", 1 << 30))], "beyond the end", True),
     ("L1 overlaps reftable", [(40, struct.pack(">Q", 65536))], "overlaps", True),

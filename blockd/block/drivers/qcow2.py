@@ -4,7 +4,8 @@ Theory of operation:
 
 * Open reads the header cluster, the active L1 table and the refcount table, and refuses
   (``ImageError``, nothing written) anything it does not fully understand: see
-  :func:`~blockd.block.qcow2_format.validate_header` and :meth:`Qcow2Driver._check_tables`.
+  :func:`~blockd.block.qcow2_format.validate_header` and
+  :func:`~blockd.block.qcow2_format.check_tables`.
 * Guest requests are split per L2 table. Clusters whose L2 entry is a normal cluster with
   the COPIED flag (refcount 1) are rewritten in place; every other cluster touched by a
   write (unallocated, zero, compressed, or shared with an internal snapshot) gets a new
@@ -164,7 +165,7 @@ class Qcow2Driver(Driver):
             flen,
             refcount_blocks,
         )
-        self._check_tables(flen, table)
+        self._metadata = fmt.check_tables(header, self.l1, table, flen)
 
     @staticmethod
     def _used_header_len(cluster0: bytes, header: Header) -> int:
@@ -176,41 +177,6 @@ class Qcow2Driver(Driver):
         if header.backing_file_offset:
             end = max(end, header.backing_file_offset + header.backing_file_size)
         return end
-
-    def _check_tables(self, flen: int, reftable: list[int]) -> None:
-        """Refuse L2 and refcount block offsets that are unaligned, past the end of the
-        file, or inside the header, L1 or refcount table (QEMU's overlap checks)."""
-        h = self.header
-        cs = h.cluster_size
-        reserved = {0}
-        if h.l1_size:
-            first = h.l1_table_offset // cs
-            reserved.update(range(first, first + -(-h.l1_size * 8 // cs)))
-        first = h.refcount_table_offset // cs
-        reserved.update(range(first, first + h.refcount_table_clusters))
-        limit = -(-flen // cs)
-        self._metadata = set(reserved)
-        self._metadata.update(e // cs for e in reftable if e)
-        self._metadata.update((e & fmt.OFFSET_MASK) // cs for e in self.l1 if e & fmt.OFFSET_MASK)
-        for i, entry in enumerate(self.l1):
-            off = entry & fmt.OFFSET_MASK
-            if not off:
-                continue
-            if off % cs:
-                raise ImageError(f"L2 table offset {off:#x} unaligned (L1 index: {i:#x})")
-            if off // cs >= limit:
-                raise ImageError(f"qcow2: L2 table at {off:#x} is beyond the end of the file")
-            if off // cs in reserved:
-                raise ImageError(f"qcow2: L2 table at {off:#x} overlaps other metadata")
-        for i, off in enumerate(reftable):
-            if not off:
-                continue
-            if off % cs:
-                raise ImageError(f"Refblock offset {off:#x} unaligned (reftable index: {i:#x})")
-            if off // cs >= limit:
-                raise ImageError(f"qcow2: refcount block at {off:#x} is beyond the end of the file")
-            if off // cs in reserved:
-                raise ImageError(f"qcow2: refcount block at {off:#x} overlaps other metadata")
 
     # -- simple queries --------------------------------------------------------------
 
