@@ -397,3 +397,26 @@ async def test_full_stream_keeps_zeros_sparse(harness: Harness, tmp_path: Path) 
     compare(top, before)
     check(top)
     assert own_data(top) == [(0, 64 * KIB), (4608 * KIB, 512 * KIB)]
+
+
+async def test_cancel_in_pending_keeps_the_chain(harness: Harness, tmp_path: Path) -> None:
+    base, mid, top = chain3(tmp_path)
+    before = snapshot(top, tmp_path / "before.qcow2")
+    h = harness
+    await add_top(h, top)
+    await h.cmd("block-stream", device="top", job_id="j", base=str(base), auto_finalize=False)
+    await h.wait_event("BLOCK_JOB_PENDING")
+    start = len(h.events)
+    await h.cmd("job-cancel", id="j")
+    assert h.names(start=start) == [
+        "JSC(aborting)",
+        "BLOCK_JOB_CANCELLED",
+        "JSC(concluded)",
+        "JSC(null)",
+    ]
+    assert all(n.drv != "copy-on-read" for n in h.d.graph.nodes.values())
+    assert all(not n.blockers and not n.users for n in h.d.graph.nodes.values())
+    await h.cmd("blockdev-del", node_name="top")
+    assert info(top)["backing-filename"] == str(mid)  # prepare never ran
+    compare(top, before)
+    check(top)
