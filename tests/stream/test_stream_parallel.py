@@ -140,23 +140,25 @@ async def test_cancel_keeps_chain(chain9: tuple[Harness, list[Path]], tmp_path: 
 
 
 async def test_set_speed(chain9: tuple[Harness, list[Path]]) -> None:
-    """TestSetSpeed: speed shows in queries; negative speeds are refused."""
+    """TestSetSpeed: speed shows in queries and events; negative speeds are refused."""
     h, _ = chain9
-    await h.cmd("block-stream", device="node8", job_id="j", speed=0)
-    # The first chunk is not delayed; keep the job around with a tiny speed.
-    await h.cmd("block-job-set-speed", device="j", speed=1)
+    await h.cmd("block-stream", device="node8", job_id="j")
     [job] = await h.cmd("query-block-jobs")
-    assert job["speed"] == 1
+    assert job["speed"] == 0
+    # The first chunk is never delayed; a tiny speed then keeps the job asleep.
+    await h.cmd("block-job-set-speed", device="j", speed=1)
+    await h.cmd("block-job-pause", device="j")
     await h.cmd("block-job-set-speed", device="j", speed=8 * MIB)
-    [job] = await h.cmd("query-block-jobs") or [{"speed": 8 * MIB}]
-    assert job["speed"] == 8 * MIB
+    [job] = await h.cmd("query-block-jobs")
+    assert (job["speed"], job["paused"]) == (8 * MIB, True)
     assert await h.error("block-job-set-speed", device="j", speed=-1) == (
         "Parameter 'speed' expects a non-negative value"
     )
+    await h.cmd("block-job-resume", device="j")
     await h.cmd("block-job-set-speed", device="j", speed=0)
-    await h.wait_done("j")
+    assert (await h.wait_done("j"))["speed"] == 0
     await h.cmd("block-stream", device="node6", job_id="k", speed=4 * MIB)
-    jobs = await h.cmd("query-block-jobs")
-    assert jobs == [] or jobs[0]["speed"] == 4 * MIB
+    [job] = await h.cmd("query-block-jobs")
+    assert job["speed"] == 4 * MIB
     done = await h.wait_done("k")
-    assert done["speed"] == 4 * MIB
+    assert done["speed"] == 4 * MIB and "error" not in done
