@@ -10,6 +10,7 @@ from blockd.block.drivers.blkdebug import (
     InjectRule,
     RuleEngine,
     SetStateRule,
+    legacy_options,
     parse_config,
     parse_inject,
     parse_set_state,
@@ -120,3 +121,18 @@ def test_bad_rules_are_refused() -> None:
         parse_config("[inject-error]\nevent read_aio\n")
     with pytest.raises(RequestError, match="Could not parse blkdebug config file"):
         parse_config("[unknown]\n")
+
+
+def test_legacy_filename() -> None:
+    assert legacy_options("plain.img") is None
+    assert legacy_options("blkdebug::test.img", "/d") == {
+        "driver": "blkdebug",
+        "image": {"driver": "file", "filename": "/d/test.img"},
+    }
+    assert legacy_options("blkdebug:/c/rules.conf:/i/b.img", "/d") == {
+        "driver": "blkdebug",
+        "config": "/c/rules.conf",
+        "image": {"driver": "file", "filename": "/i/b.img"},
+    }
+    with pytest.raises(RequestError, match="requires both config file and image path"):
+        legacy_options("blkdebug:only")

@@ -17,7 +17,9 @@ Theory of operation (QEMU behaviour §6.3):
   the failing request yields once first.
 
 A ``config`` file in QEMU's INI syntax (``[inject-error]`` / ``[set-state]`` sections
-of ``key = "value"`` lines) adds rules before the ones given as options.
+of ``key = "value"`` lines) adds rules before the ones given as options. The legacy
+filename ``blkdebug:<config>:<image>`` (config may be empty) becomes options through
+:func:`legacy_options`.
 """
 
 from __future__ import annotations
@@ -216,6 +218,31 @@ def parse_config(text: str) -> tuple[list[InjectRule], list[SetStateRule]]:
         else:
             set_states.append(parse_set_state(values))
     return injects, set_states
+
+
+def legacy_options(filename: str, base_dir: str = "") -> dict[str, Any] | None:
+    """Blockdev options of a legacy ``blkdebug:<config>:<image>`` filename, or ``None``
+    when ``filename`` has no ``blkdebug:`` prefix. Relative paths are taken relative
+    to ``base_dir`` (the directory of the image whose header names it).
+
+    Raises:
+        RequestError: ``blkdebug requires both config file and image path``.
+    """
+    prefix = "blkdebug:"
+    if not filename.startswith(prefix):
+        return None
+    config, sep, image = filename[len(prefix) :].partition(":")
+    if not sep:
+        raise RequestError("blkdebug requires both config file and image path")
+
+    def resolve(path: str) -> str:
+        return path if os.path.isabs(path) or not base_dir else os.path.join(base_dir, path)
+
+    options: dict[str, Any] = {"driver": "blkdebug"}
+    if config:
+        options["config"] = resolve(config)
+    options["image"] = {"driver": "file", "filename": resolve(image)}
+    return options
 
 
 class BlkdebugDriver(Driver):
