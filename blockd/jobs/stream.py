@@ -57,15 +57,16 @@ def backing_format(node: BlockNode, mask_protocol: bool) -> str:
 
 
 class StreamJob(Job):
-    """One block-stream job; built, held and started by the ``block-stream`` handler.
+    """One block-stream job. The ``block-stream`` handler builds it, then calls
+    :meth:`freeze`, ``JobManager.create``, :meth:`hold` and ``start``; on a failure
+    before the start it calls :meth:`clean`, which undoes whatever was done.
 
     Args:
         manager: the job manager.
         job_id: the job's id.
         graph: the block graph (for the filter and backing-link changes).
         target: the ``device`` node (the filter's child).
-        filter_node: the inserted copy-on-read filter; its links down to
-            ``base_overlay`` are frozen by the caller and unfrozen by the job.
+        filter_node: the inserted copy-on-read filter (the job removes it).
         base_overlay: the lowest image whose data is copied.
         above_base: the node directly above the base (filters counted).
         backing_file: the header string to write instead of the base's filename.
@@ -120,8 +121,8 @@ class StreamJob(Job):
         the filter, the top and every node strictly between the top and the base.
 
         Raises:
-            RequestError: a permission conflict; whatever was taken is given back
-                (call :meth:`release` anyway, it is idempotent).
+            RequestError: a permission conflict; what was taken so far stays taken
+                until :meth:`release` (or :meth:`clean`) gives it back.
         """
         assert self.filter_node is not None
         who = f"stream job '{self.id}'"
