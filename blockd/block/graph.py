@@ -23,19 +23,11 @@ they say otherwise.
 node is flushed and closed, then its children lose a reference in turn. ``blockdev-del``
 removes the monitor's reference (§6.5).
 
-**Permissions** (QEMU's ``BLK_PERM_*``, §4.4-4.6). Each link from a parent and each
-:class:`~blockd.block.node.NodeUser` uses some permissions and shares some with others.
-A node's cumulative ``perm``/``shared`` come from all of them; the rules per link are
-QEMU's defaults: filters and ``raw`` pass their parents' needs down; a format's ``file``
-(metadata) link adds ``consistent read`` and, when the node is writable, ``write`` and
-``resize``, and shares neither; a ``backing`` link uses at most ``consistent read`` and
-shares writes only if the parents do. Every change is checked as a whole before anything
-is applied: a user that needs ``write`` on a read-only node gets
-``Block node is read-only``; two users that disagree get QEMU's
-``Permission conflict on node ...`` text. ``file`` nodes then mirror their cumulative
-permissions into QEMU-compatible lock bytes (:mod:`blockd.block.locking`), so other QEMU
-processes see them, and refuse what another process holds (``Failed to get "write"
-lock``).
+**Permissions.** After every change the graph recomputes all nodes' permissions with
+:mod:`blockd.block.permissions` (QEMU's rules, §4.4-4.6), checks them as a whole before
+anything is applied, and then mirrors each ``file`` node's cumulative permissions into
+QEMU-compatible lock bytes (:mod:`blockd.block.locking`): other QEMU processes see them,
+and what another process holds is refused (``Failed to get "write" lock``).
 
 API for jobs
 ============
@@ -72,9 +64,10 @@ from typing import Any, Final
 
 import trio
 
+from blockd.block import permissions
 from blockd.block.driver import Driver
 from blockd.block.drivers import DRIVERS
-from blockd.block.locking import PERM_ALL, PERM_NONE, LockError, Perm, perm_names
+from blockd.block.locking import PERM_ALL, LockError, Perm
 from blockd.block.node import BlockNode, NodeUser
 from blockd.errors import HostError, QMPError, RequestError
 from blockd.events import EventBus
@@ -83,7 +76,6 @@ NODE_NAME_MAX: Final = 31
 _WELLFORMED: Final = re.compile(r"[A-Za-z][A-Za-z0-9._-]*\Z")
 _PROTOCOL_PREFIX: Final = re.compile(r"[A-Za-z0-9_+.-]+:")
 QCOW2_MAGIC: Final = b"QFI\xfb"
-_WRITES: Final = Perm.WRITE | Perm.WRITE_UNCHANGED
 
 
 @dataclass(frozen=True)
@@ -95,16 +87,6 @@ class _Inherit:
     cache: Mapping[str, bool] | None = None
     discard: str | None = None
     force_share: bool = False
-
-
-@dataclass(frozen=True)
-class _Use:
-    """One user of a node in the permission check: a parent link or a NodeUser."""
-
-    description: str
-    child_name: str
-    perm: Perm
-    shared: Perm
 
 
 def resolve_backing_path(image_filename: str, backing: str) -> str:
@@ -444,52 +426,6 @@ class Graph:
 
     # -- permissions -----------------------------------------------------------------
 
-    def _link_perms(
-        self, parent: BlockNode, role: str, perm: Perm, shared: Perm
-    ) -> tuple[Perm, Perm]:
-        # reference: QEMU bdrv_default_perms (filter / storage / cow children)
-        cls = self._classes.get(parent)
-        if role == "backing":
-            cow_shared = (Perm.WRITE | Perm.RESIZE) if shared & Perm.WRITE else PERM_NONE
-            return (
-                perm & Perm.CONSISTENT_READ,
-                cow_shared | Perm.CONSISTENT_READ | Perm.WRITE_UNCHANGED,
-            )
-        if cls is not None and cls.supports_backing:  # a format's metadata child
-            need = perm | Perm.CONSISTENT_READ
-            if not parent.read_only:
-                need |= Perm.WRITE | Perm.RESIZE
-            return need, shared & ~(Perm.WRITE | Perm.RESIZE)
-        return perm, shared  # filters and raw pass their parents' needs through
-
-    def _plan(self) -> dict[BlockNode, list[_Use]]:
-        uses: dict[BlockNode, list[_Use]] = {}
-        done: dict[BlockNode, tuple[Perm, Perm]] = {}
-
-        def cumulative(node: BlockNode) -> tuple[Perm, Perm]:
-            if node in done:
-                return done[node]
-            mine = [_Use(u.description, u.child_name, u.perm, u.shared) for u in node.users]
-            for parent in dict.fromkeys(node.parents):
-                p_perm, p_shared = cumulative(parent)
-                for role, child in parent.children.items():
-                    if child is node:
-                        perm, shared = self._link_perms(parent, role, p_perm, p_shared)
-                        mine.append(_Use(f"node '{parent.name}'", role, perm, shared))
-            if node.options.get("force-share"):
-                mine = [replace(use, shared=PERM_ALL) for use in mine]
-            total_perm, total_shared = PERM_NONE, PERM_ALL
-            for use in mine:
-                total_perm |= use.perm
-                total_shared &= use.shared
-            uses[node] = mine
-            done[node] = (total_perm, total_shared)
-            return done[node]
-
-        for node in self.nodes.values():
-            cumulative(node)
-        return uses
-
     def refresh_permissions(self) -> None:
         """Recompute every node's permissions, check them, then update lock bytes.
 
@@ -497,26 +433,12 @@ class Graph:
             RequestError: ``Block node is read-only`` or a permission conflict (4.6).
             HostError: another process holds a lock byte we need; nothing changed.
         """
-        plan = self._plan()
-        totals: dict[BlockNode, tuple[Perm, Perm]] = {}
-        for node, uses in plan.items():
-            perm, shared = PERM_NONE, PERM_ALL
-            for use in uses:
-                perm |= use.perm
-                shared &= use.shared
-            if perm & _WRITES and node.read_only:
-                raise RequestError("Block node is read-only")
-            for a in uses:
-                for b in uses:
-                    if a is not b and b.perm & ~a.shared:
-                        raise RequestError(
-                            f"Permission conflict on node '{node.name}': permissions "
-                            f"'{perm_names(b.perm & ~a.shared)}' are both required by "
-                            f"{b.description} (uses node '{node.name}' as '{b.child_name}' "
-                            f"child) and unshared by {a.description} (uses node "
-                            f"'{node.name}' as '{a.child_name}' child)."
-                        )
-            totals[node] = (perm, shared)
+
+        def stores_metadata(parent: BlockNode) -> bool:
+            cls = self._classes.get(parent)
+            return cls is not None and cls.supports_backing
+
+        totals = permissions.check(permissions.plan(self.nodes.values(), stores_metadata))
         changed: list[tuple[Any, Perm, Perm]] = []
         try:
             for node, (perm, shared) in totals.items():

@@ -1,0 +1,130 @@
+"""Who may do what to a node: QEMU's block permissions, computed over the whole graph.
+
+Pure rules, no I/O (the graph applies the result to lock bytes). Every link from a parent
+node and every :class:`~blockd.block.node.NodeUser` *uses* some permissions and *shares*
+some with the other users of the same node (QEMU behaviour §4.4-4.6). Per link the rules
+are QEMU's defaults (``bdrv_default_perms``):
+
+* a filter's or ``raw``'s child: the parent's needs pass through unchanged;
+* a format's ``file`` (its metadata lives there): ``consistent read`` always, ``write``
+  and ``resize`` when the format node is writable, and neither shared with others;
+* a ``backing`` link: at most ``consistent read``; writes shared only if the parents
+  share them; ``consistent read`` and ``write unchanged`` always shared.
+
+A node with ``force-share`` lets its users share everything. The check then refuses a
+writer on a read-only node (``Block node is read-only``) and two users that disagree
+(QEMU's ``Permission conflict on node ...`` text, first pair found).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, replace
+from typing import Final
+
+from blockd.block.locking import PERM_ALL, PERM_NONE, Perm, perm_names
+from blockd.block.node import BlockNode
+from blockd.errors import RequestError
+
+WRITES: Final = Perm.WRITE | Perm.WRITE_UNCHANGED
+
+
+@dataclass(frozen=True)
+class Use:
+    """One user of a node in the check: a parent link or a NodeUser."""
+
+    description: str
+    child_name: str
+    perm: Perm
+    shared: Perm
+
+
+def link_perms(
+    role: str, perm: Perm, shared: Perm, *, metadata: bool, writable: bool
+) -> tuple[Perm, Perm]:
+    """What a parent whose users need ``perm``/``shared`` takes on its ``role`` child.
+
+    ``metadata``: the parent is a format storing metadata in this child (qcow2's
+    ``file``); ``writable``: the parent node is read-write.
+    """
+    # reference: QEMU bdrv_default_perms (filter / storage / cow children)
+    if role == "backing":
+        cow_shared = (Perm.WRITE | Perm.RESIZE) if shared & Perm.WRITE else PERM_NONE
+        return perm & Perm.CONSISTENT_READ, cow_shared | Perm.CONSISTENT_READ | Perm.WRITE_UNCHANGED
+    if metadata:
+        need = perm | Perm.CONSISTENT_READ
+        if writable:
+            need |= Perm.WRITE | Perm.RESIZE
+        return need, shared & ~(Perm.WRITE | Perm.RESIZE)
+    return perm, shared
+
+
+def plan(
+    nodes: Iterable[BlockNode], stores_metadata: Callable[[BlockNode], bool]
+) -> dict[BlockNode, list[Use]]:
+    """The users of every node in ``nodes``, parents' needs propagated downwards.
+
+    ``stores_metadata(parent)`` tells whether ``parent`` keeps metadata in its ``file``.
+    """
+    uses: dict[BlockNode, list[Use]] = {}
+    done: dict[BlockNode, tuple[Perm, Perm]] = {}
+
+    def cumulative(node: BlockNode) -> tuple[Perm, Perm]:
+        if node in done:
+            return done[node]
+        mine = [Use(u.description, u.child_name, u.perm, u.shared) for u in node.users]
+        for parent in dict.fromkeys(node.parents):
+            p_perm, p_shared = cumulative(parent)
+            for role, child in parent.children.items():
+                if child is node:
+                    perm, shared = link_perms(
+                        role,
+                        p_perm,
+                        p_shared,
+                        metadata=stores_metadata(parent),
+                        writable=not parent.read_only,
+                    )
+                    mine.append(Use(f"node '{parent.name}'", role, perm, shared))
+        if node.options.get("force-share"):
+            mine = [replace(use, shared=PERM_ALL) for use in mine]
+        uses[node] = mine
+        done[node] = totals(mine)
+        return done[node]
+
+    for node in nodes:
+        cumulative(node)
+    return uses
+
+
+def totals(uses: Iterable[Use]) -> tuple[Perm, Perm]:
+    """The cumulative ``(perm, shared)`` of ``uses``."""
+    perm, shared = PERM_NONE, PERM_ALL
+    for use in uses:
+        perm |= use.perm
+        shared &= use.shared
+    return perm, shared
+
+
+def check(planned: dict[BlockNode, list[Use]]) -> dict[BlockNode, tuple[Perm, Perm]]:
+    """Each node's cumulative permissions, once every node passed the check.
+
+    Raises:
+        RequestError: ``Block node is read-only``, or a permission conflict (§4.6).
+    """
+    result: dict[BlockNode, tuple[Perm, Perm]] = {}
+    for node, uses in planned.items():
+        perm, shared = totals(uses)
+        if perm & WRITES and node.read_only:
+            raise RequestError("Block node is read-only")
+        for a in uses:
+            for b in uses:
+                if a is not b and b.perm & ~a.shared:
+                    raise RequestError(
+                        f"Permission conflict on node '{node.name}': permissions "
+                        f"'{perm_names(b.perm & ~a.shared)}' are both required by "
+                        f"{b.description} (uses node '{node.name}' as '{b.child_name}' "
+                        f"child) and unshared by {a.description} (uses node "
+                        f"'{node.name}' as '{a.child_name}' child)."
+                    )
+        result[node] = (perm, shared)
+    return result
