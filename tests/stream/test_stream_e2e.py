@@ -145,3 +145,26 @@ def test_errors_and_manual_finalize_over_the_socket(
     assert qmp.cmd_raw("blockdev-del", {"node-name": "top"}) == {"return": {}}
     check(top)
     assert "backing-filename" not in info(top)
+
+
+def test_job_survives_client_disconnect(
+    blockd: tuple[QEMUMonitorProtocol, Path], tmp_path: Path, sock_dir: Path
+) -> None:
+    qmp, top = blockd
+    before = snapshot(top, tmp_path / "before.qcow2")
+    other = QEMUMonitorProtocol(str(sock_dir / "qmp"))
+    other.connect(negotiate=True)
+    args = {"device": "top", "job-id": "j", "speed": 1024}
+    assert other.cmd_raw("block-stream", args) == {"return": {}}
+    with contextlib.suppress(EOFError):
+        other.close()
+    [job] = qmp.cmd_raw("query-jobs")["return"]
+    assert job["id"] == "j" and job["status"] in ("running", "paused")
+    assert qmp.cmd_raw("block-job-set-speed", {"device": "j", "speed": 0}) == {"return": {}}
+    seen = events_until(qmp, "JOB_STATUS_CHANGE", "null")
+    completed = [e["data"] for e in seen if e["event"] == "BLOCK_JOB_COMPLETED"]
+    assert completed and "error" not in completed[0]
+    assert qmp.cmd_raw("blockdev-del", {"node-name": "top"}) == {"return": {}}
+    compare(top, before)
+    check(top)
+    assert "backing-filename" not in info(top)
