@@ -8,6 +8,8 @@ import pytest
 import trio
 from streamtools import KIB, MIB, Harness, check, create, info, write
 
+from blockd.block.locking import Perm
+from blockd.block.node import NodeUser
 from blockd.errors import QMPError
 
 EXCLUSIVE = [
@@ -223,3 +225,44 @@ async def test_concurrent_requests_on_one_chain(chain: Harness) -> None:
     [winner] = [job_id for job_id, text in results.items() if text == "ok"]
     await h.cmd("block-job-cancel", device=winner)
     await h.wait_done(winner)
+
+
+async def test_permission_conflict_fails_early(harness: Harness, tmp_path: Path) -> None:
+    """A writer on an intermediate node (here a stand-in for an export) conflicts with
+    the job's hold on it: created then null, then QEMU's conflict text (§4.6)."""
+    base = create(tmp_path / "base.qcow2", 1 * MIB)
+    mid = create(tmp_path / "mid.qcow2", None, base)
+    top = create(tmp_path / "top.qcow2", None, mid)
+    h = harness
+    await h.raw(
+        "blockdev-add",
+        {
+            "driver": "qcow2",
+            "node-name": "fmt_base",
+            "file": {"driver": "file", "filename": str(mid)},
+        },
+    )
+    await h.raw(
+        "blockdev-add",
+        {
+            "driver": "qcow2",
+            "node-name": "top",
+            "backing": "fmt_base",
+            "file": {"driver": "file", "filename": str(top)},
+        },
+    )
+    node = h.d.graph.find("fmt_base")
+    assert node is not None
+    writer = NodeUser("an unnamed block device", "root", Perm.CONSISTENT_READ | Perm.WRITE)
+    h.d.graph.add_user(node, writer)
+    assert await h.error("block-stream", device="top", job_id="job0") == (
+        "Permission conflict on node 'fmt_base': permissions 'write' are both required by "
+        "an unnamed block device (uses node 'fmt_base' as 'root' child) and unshared by "
+        "stream job 'job0' (uses node 'fmt_base' as 'intermediate node' child)."
+    )
+    assert h.names() == ["JSC(created)", "JSC(null)"]
+    assert node.users == [writer] and not node.blockers
+    assert all(n.drv != "copy-on-read" for n in h.d.graph.nodes.values())
+    await h.d.graph.remove_user(node, writer)
+    await h.cmd("block-stream", device="top", job_id="job0")
+    assert "error" not in await h.wait_done("job0")
