@@ -29,13 +29,14 @@ negotiating, every CommandNotFound desc becomes ``Expecting capabilities negotia
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final
 
 from blockd.errors import CommandNotFound, QMPError, RequestError
 from blockd.qmp.framing import JSONStream, Message, ParseError
 from blockd.qmp.messages import NO_ID, encode, error_response, greeting, success_response
+from blockd.qmp.qdict import qdict_order
 from blockd.qmp.schema import Schema
 
 __all__ = ["NEED_DATA", "NO_ID", "Connection", "Output", "Request", "qdict_order"]
@@ -74,26 +75,6 @@ class Output:
     """Bytes the core produced itself (a reply or an error); send them in order."""
 
     data: bytes
-
-
-def _tdb_hash(key: str) -> int:
-    # reference: tdb_hash() in qobject/qdict.c (keys are modified UTF-8 C strings)
-    raw = key.encode("utf-8", "surrogatepass").replace(b"\0", b"\xc0\x80")
-    value = (0x238F13AF * len(raw)) & 0xFFFFFFFF
-    for i, byte in enumerate(raw):
-        value = (value + (byte << (i * 5 % 24))) & 0xFFFFFFFF
-    return (1103515243 * value + 12345) & 0xFFFFFFFF
-
-
-def qdict_order(keys: Iterable[str]) -> list[str]:
-    """``keys`` (in insertion order) in QEMU's QDict iteration order (§1.1).
-
-    Buckets ``tdb_hash(key) % 512`` in ascending order; inside a bucket the key inserted
-    last comes first.
-    """
-    indexed = [(_tdb_hash(key) % 512, -i, key) for i, key in enumerate(keys)]
-    indexed.sort()
-    return [key for _, _, key in indexed]
 
 
 def _qdict_ordered(value: Any) -> Any:

@@ -40,6 +40,7 @@ integers ``int`` when they fit int64 or uint64 and ``float`` otherwise, as QEMU'
 
 from __future__ import annotations
 
+import codecs
 import json
 import re
 from dataclasses import dataclass
@@ -228,6 +229,52 @@ def _decode_raw(raw: bytes) -> str:
     return text
 
 
+_MIN_CP: Final = (0x80, 0x800, 0x10000, 0x200000, 0x4000000)
+
+
+def _mod_utf8_codepoint(raw: bytes, i: int) -> tuple[int, int]:
+    """The code point at ``raw[i]`` (-1 if invalid) and where the next one starts."""
+    # reference: mod_utf8_codepoint() in util/unicode.c
+    byte = raw[i]
+    if byte < 0x80:
+        return byte, i + 1
+    if byte >= 0xFE or not byte & 0x40:
+        return -1, i + 1
+    length = 2
+    while byte & (0x80 >> length):
+        length += 1
+    cp = byte & ((0x80 >> length) - 1)
+    end = i + 1
+    for _ in range(1, length):
+        if end >= len(raw) or raw[end] & 0xC0 != 0x80:
+            return -1, end
+        cp = cp << 6 | raw[end] & 0x3F
+        end += 1
+    if not _valid_codepoint(cp) or (cp < _MIN_CP[length - 2] and not (cp == 0 and length == 2)):
+        return -1, end
+    return cp, end
+
+
+def _qemu_replace(exc: UnicodeError) -> tuple[str, int]:
+    assert isinstance(exc, UnicodeDecodeError)
+    cp, end = _mod_utf8_codepoint(exc.object, exc.start)
+    return ("\ufffd" if cp < 0 else chr(cp)), end
+
+
+codecs.register_error("blockd-qemu-text", _qemu_replace)
+
+
+def as_qemu_prints(raw: bytes) -> str:
+    """The text QEMU shows for raw input bytes quoted in an error message.
+
+    The bytes end at the first NUL (they are a C string); C0 80 is U+0000 (modified
+    UTF-8); every invalid sequence and every non-character becomes one U+FFFD, as
+    ``to_json()`` in ``qobject/qjson.c`` prints them.
+    """
+    text = raw.split(b"\0")[0].decode("utf-8", "blockd-qemu-text")
+    return _NONCHARS.sub("\ufffd", text) if not text.isascii() else text
+
+
 def _hex4(token: bytes, at: int) -> int:
     return int(token[at : at + 4], 16) if _HEX4.fullmatch(token, at, at + 4) else -1
 
@@ -271,7 +318,7 @@ def decode_string(token: bytes) -> str:
             else:
                 cp = -1
         if not _valid_codepoint(cp):
-            text = token[j:i].split(b"\0")[0].decode("utf-8", "replace")
+            text = as_qemu_prints(token[j:i])
             raise _SyntaxError(f"{text} is not a valid Unicode character")
         parts.append(chr(cp))
     return "".join(parts)
@@ -547,7 +594,7 @@ class JSONStream:
                 continue
             token.append(char)
             if target == _ERROR:
-                stray = bytes(token).split(b"\0")[0].decode("utf-8", "replace")
+                stray = as_qemu_prints(bytes(token))
                 self._limit(f"JSON parse error, stray '{stray}'")
                 token.clear()
                 state = _RECOVERY

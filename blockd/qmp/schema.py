@@ -40,6 +40,7 @@ from jsonschema import Draft202012Validator
 from jsonschema.exceptions import ValidationError  # type: ignore[import-untyped]
 
 from blockd.errors import BlockdError, RequestError
+from blockd.qmp.qdict import first_leftover
 
 __all__ = ["BASE_URI", "Schema", "SchemaError"]
 
@@ -468,11 +469,9 @@ class Schema:
             out.append(_Candidate(self._key(root, resolver, instance, path, 0), desc))
         elif keyword == "enum" and "propertyNames" in exc.relative_schema_path:
             # an unknown key (the closed form of unevaluatedProperties, see _closed)
-            obj = self._locate(root, resolver, instance, path)
+            where, node, node_resolver = self._locate(root, resolver, instance, path)
             container = _walk_instance(instance, path)
-            position = list(container).index(value) if isinstance(container, dict) else 0
-            desc = f"Parameter '{_path_name([*path, value])}' is unexpected"
-            out.append(_Candidate((*obj[0], _BIG, position), desc))
+            self._unexpected(where, path, node, node_resolver, container, out)
         elif keyword in ("enum", "const"):
             if isinstance(value, str):
                 desc = f"Parameter '{_own_name(path)}' does not accept value '{value}'"
@@ -489,13 +488,26 @@ class Schema:
             if not isinstance(value, dict):
                 return
             where, node, node_resolver = self._locate(root, resolver, instance, path)
-            declared = {name for name, _, _ in self._members(node, node_resolver, value)}
-            for position, name in enumerate(value):
-                if name not in declared:
-                    desc = f"Parameter '{_path_name([*path, name])}' is unexpected"
-                    key = (*where, _BIG, position)
-                    out.append(_Candidate(key, desc))
-                    break
+            self._unexpected(where, path, node, node_resolver, value, out)
+
+    def _unexpected(
+        self,
+        where: list[int],
+        path: list[str | int],
+        node: Any,
+        resolver: Any,
+        value: Any,
+        out: list[_Candidate],
+    ) -> None:
+        """The unknown key QEMU reports for the object ``value`` at ``path``."""
+        if not isinstance(value, dict):
+            return
+        declared = [name for name, _, _ in self._members(node, resolver, value)]
+        visited = [name for name in declared if name in value]
+        name = first_leftover(list(value), visited)
+        if name is not None:
+            desc = f"Parameter '{_path_name([*path, name])}' is unexpected"
+            out.append(_Candidate((*where, _BIG), desc))
 
     def _locate(
         self, root: Any, resolver: Any, instance: Any, path: list[str | int]

@@ -282,3 +282,16 @@ def test_back_to_back_with_a_client_parser(schema: Schema) -> None:
         replies.append(item.value)
     assert replies[0] == {"return": {}, "id": 0}
     assert replies[1:] == [{"return": f"t{i}\u20ac\U0001f600", "id": i} for i in range(1, 50)]
+
+
+def test_glib_leftover_order_known_values() -> None:
+    from blockd.qmp.qdict import first_leftover
+
+    # observed on QEMU 10: qmp_capabilities with these (all unknown) arguments
+    assert first_leftover(["job-id", "node-name", "base", "zz-bogus"], []) == "base"
+    assert first_leftover(["a"], ["a"]) is None
+    assert first_leftover(["device", "x"], ["device"]) == "x"
+    # many keys: the table grows (and shrinks as visited keys are removed)
+    keys = [f"k{i}" for i in range(40)]
+    left = first_leftover(keys, keys[:-1])
+    assert left == "k39"

@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import socket
+import string
 import subprocess
 import time
 from collections.abc import Iterator
@@ -365,3 +367,98 @@ def test_pretty_output_as_qemu(tmp_path: Path, schema: Schema) -> None:
     while (event := conn.next_event()) is not NEED_DATA:
         ours += event.data if isinstance(event, Output) else conn.reply(event, [])
     assert ours == expected
+
+
+# --- random inputs -----------------------------------------------------------------------
+# Seeded generators (deterministic): token soup for the JSON layer, random envelopes and
+# arguments for the dispatcher, and many unknown keys for the GHashTable order.
+SOUP = [
+    b"{", b"}", b"[", b"]", b'"execute"', b'"qmp_capabilities"', b'"id"', b'"arguments"',
+    b'"enable"', b'"x"', b"'x'", b":", b",", b"1", b"-", b"0", b".", b"e", b"5", b" ", b"\n",
+    b"'", b'"', b"\\", b"\\u", b"00e9", b"d800", b"dc00", b"tr", b"null", b"true", b"\x1b",
+    b"\xc3", b"\xa9", b"\xff", b"\x00", b"\t", b"\xc0\x80", b"\xef\xbf\xbe", b"\x01", b"@",
+    b"\x7f", b"exec-oob", b"\\'", b"\\n", b"\\x",
+]  # fmt: skip
+
+
+def soup_cases(seed: int, count: int) -> list[bytes]:
+    rng = random.Random(seed)
+    cases = []
+    for _ in range(count):
+        data = b"".join(rng.choice(SOUP) for _ in range(rng.randint(1, 25)))
+        cases.append((b"{" if rng.random() < 0.5 else b"") + data + b"\x1b")
+    return cases
+
+
+STREAM_ARGS: dict[str, Any] = {
+    "job-id": "j", "base": "b", "base-node": "n", "backing-file": "f",
+    "backing-mask-protocol": True, "bottom": "x", "speed": 0, "on-error": "report",
+    "filter-node-name": "f", "auto-finalize": True, "auto-dismiss": False,
+}  # fmt: skip
+
+
+def many_keys_cases(seed: int, count: int) -> list[bytes]:
+    rng = random.Random(seed)
+    alphabet = string.ascii_lowercase + "-_.0\u00e9"
+    cases = []
+    for _ in range(count):
+        args: dict[str, Any] = {"device": "d"}
+        for key in rng.sample(list(STREAM_ARGS), rng.randint(0, len(STREAM_ARGS))):
+            args[key] = STREAM_ARGS[key]
+        for _ in range(rng.randint(1, 12)):
+            args["".join(rng.choice(alphabet) for _ in range(rng.randint(1, 10)))] = 1
+        items = list(args.items())
+        rng.shuffle(items)
+        cases.append(json.dumps({"execute": "block-stream", "arguments": dict(items)}).encode())
+    return cases
+
+
+ENVELOPE_KEYS = ["execute", "exec-oob", "arguments", "id", "foo", "bar", "Execute", "x"]
+COMMANDS = ["x", "qmp_capabilities", "block-stream", "job-dismiss", "query-jobs"]
+ARG_KEYS = ["device", "job-id", "speed", "on-error", "id", "enable", "force", "zz"]
+
+
+def envelope_cases(seed: int, count: int) -> list[bytes]:
+    rng = random.Random(seed)
+
+    def value(depth: int = 0) -> Any:
+        roll = rng.random()
+        if depth < 2 and roll < 0.15:
+            return {rng.choice(ARG_KEYS): value(depth + 1) for _ in range(rng.randint(0, 3))}
+        if depth < 2 and roll < 0.25:
+            return [value(depth + 1) for _ in range(rng.randint(0, 3))]
+        return rng.choice([None, True, 0, -1, 1.5, 2**63, "x", "report", "oob", "", "\u00e9"])
+
+    cases = []
+    for _ in range(count):
+        request: dict[str, Any] = {}
+        for _ in range(rng.randint(0, 4)):
+            key = rng.choice(ENVELOPE_KEYS)
+            if key in ("execute", "exec-oob"):
+                request[key] = rng.choice(COMMANDS) if rng.random() < 0.9 else value()
+            elif key == "arguments" and rng.random() < 0.9:
+                request[key] = {rng.choice(ARG_KEYS): value() for _ in range(rng.randint(0, 4))}
+            else:
+                request[key] = value()
+        if isinstance(request.get("arguments"), dict) or request.get("execute") in COMMANDS[1:]:
+            # never a valid request: QEMU would run it
+            arguments = request.get("arguments")
+            request["arguments"] = {**(arguments if isinstance(arguments, dict) else {}), "~": 1}
+        cases.append(json.dumps(request).encode())
+    return cases
+
+
+@pytest.mark.parametrize("data", soup_cases(1, 150), ids=lambda data: repr(data)[:40])
+def test_random_soup_as_qemu(qsd: str, schema: Schema, data: bytes) -> None:
+    assert blockd_replies(schema, b"", data) == qemu_replies(qsd, b"", data)
+
+
+@pytest.mark.parametrize("data", many_keys_cases(2, 100), ids=lambda data: repr(data)[:40])
+def test_random_unknown_keys_as_qemu(qsd: str, schema: Schema, data: bytes) -> None:
+    assert blockd_replies(schema, NEGOTIATE, data) == qemu_replies(qsd, NEGOTIATE, data)
+
+
+@pytest.mark.parametrize("data", envelope_cases(3, 150), ids=lambda data: repr(data)[:40])
+@pytest.mark.parametrize("prelude", [b"", NEGOTIATE, NEGOTIATE_OOB], ids=["neg", "cmd", "oob"])
+def test_random_envelopes_as_qemu(qsd: str, schema: Schema, prelude: bytes, data: bytes) -> None:
+    assert blockd_replies(schema, prelude, data) == qemu_replies(qsd, prelude, data)
