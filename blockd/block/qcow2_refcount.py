@@ -90,6 +90,8 @@ class Refcounts:
         self._dirty_blocks: set[int] = set()
         self._dirty_table: set[int] = set()
         self._releases: list[int] = []
+        #: blocks were written (cache eviction) and not flushed yet
+        self._unflushed = False
         entries = refblock_entries(cluster_bits, refcount_order)
         self._cache_limit = max(2, cache_blocks or _CACHE_ENTRIES // entries)
 
@@ -136,6 +138,7 @@ class Refcounts:
         blk = self._blocks[index]
         await self.file.write(self.table[index], encode_refblock(blk, self.order))
         self._dirty_blocks.discard(index)
+        self._unflushed = True
 
     async def get(self, cluster: int) -> int:
         """The refcount of host cluster ``cluster`` (0 when no block covers it)."""
@@ -253,6 +256,7 @@ class Refcounts:
             await self._add(cluster, 1)
         await self._write_blocks()
         await self.file.flush()
+        self._unflushed = False
         await self.file.write(start << self.cluster_bits, encode_table(array("Q", new_table)))
         await self.file.flush()
         await self.file.write(
@@ -320,9 +324,10 @@ class Refcounts:
 
     async def write_back(self) -> None:
         """Make every cached refcount change stable: blocks, flush, table entries, flush."""
-        if self._dirty_blocks:
+        if self._dirty_blocks or self._unflushed:
             await self._write_blocks()
             await self.file.flush()
+            self._unflushed = False
         if self._dirty_table:
             cs = self.cluster_size
             per_cluster = cs // 8

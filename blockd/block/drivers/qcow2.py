@@ -33,7 +33,6 @@ import importlib
 import os
 import zlib
 from array import array
-from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -42,6 +41,7 @@ import trio
 
 from blockd.block import qcow2_format as fmt
 from blockd.block.driver import BlockStatus, Driver, Status
+from blockd.block.qcow2_cache import L2Cache
 from blockd.block.qcow2_format import ClusterKind, Extension, Header
 from blockd.block.qcow2_refcount import Refcounts
 from blockd.errors import ImageError
@@ -80,9 +80,7 @@ class Qcow2Driver(Driver):
         self.backing_format: str | None = None
         self.l1: array[int] = array("Q")
         self._l1_dirty: set[int] = set()
-        self._l2: OrderedDict[int, array[int]] = OrderedDict()
-        self._l2_dirty: set[int] = set()
-        self._l2_limit = 4
+        self._l2: L2Cache
         self.refcounts: Refcounts
         self._geometry: fmt.CompressedGeometry
         self._header_area_len = 0
@@ -147,7 +145,7 @@ class Qcow2Driver(Driver):
         self._header_area_len = self._used_header_len(cluster0, header)
         self._geometry = fmt.CompressedGeometry.for_cluster_bits(header.cluster_bits)
         # QEMU's l2-cache-size / refcount-cache-size options (bytes), at least 2 tables
-        self._l2_limit = max(2, int(options.get("l2-cache-size") or L2_CACHE_BYTES) // cs)
+        l2_limit = int(options.get("l2-cache-size") or L2_CACHE_BYTES) // cs
         refcount_cache = options.get("refcount-cache-size")
         refcount_blocks = max(2, int(refcount_cache) // cs) if refcount_cache else None
         if header.l1_size:
@@ -165,6 +163,7 @@ class Qcow2Driver(Driver):
             flen,
             refcount_blocks,
         )
+        self._l2 = L2Cache(file, self.refcounts, cs, l2_limit)
         self._metadata = fmt.check_tables(header, self.l1, table, flen)
 
     @staticmethod
@@ -196,37 +195,6 @@ class Qcow2Driver(Driver):
             "format-specific": fmt.format_specific(h),
         }
 
-    # -- the L2 cache ----------------------------------------------------------------
-
-    async def _load_l2(self, offset: int) -> array[int]:
-        table = self._l2.get(offset)
-        if table is not None:
-            self._l2.move_to_end(offset)
-            return table
-        cs = self.header.cluster_size
-        if offset % cs:
-            raise ImageError(f"L2 table offset {offset:#x} unaligned")
-        table = fmt.decode_table(await self._file.pread(offset, cs))
-        await self._cache_l2(offset, table)
-        return table
-
-    async def _cache_l2(self, offset: int, table: array[int]) -> None:
-        self._l2[offset] = table
-        self._l2.move_to_end(offset)
-        while len(self._l2) > self._l2_limit:
-            victim = next(iter(self._l2))
-            if victim in self._l2_dirty:
-                # an L2 table may only reach the disk after the refcounts it relies on
-                await self.refcounts.write_back()
-                await self._file.write(victim, fmt.encode_table(self._l2[victim]))
-                self._l2_dirty.discard(victim)
-            del self._l2[victim]
-
-    def _l2_changed(self, offset: int, table: array[int]) -> None:
-        if offset not in self._l2:
-            self._l2[offset] = table
-        self._l2_dirty.add(offset)
-
     # -- read ------------------------------------------------------------------------
 
     async def read(self, offset: int, buf: memoryview) -> None:
@@ -249,7 +217,7 @@ class Qcow2Driver(Driver):
                 await self._read_backing(cur, buf[pos:span_end])
                 pos = span_end
                 continue
-            table = await self._load_l2(l2off)
+            table = await self._l2.get(l2off)
             mask = (1 << h.l2_bits) - 1
             while pos < span_end:
                 cur = offset + pos
@@ -350,7 +318,7 @@ class Qcow2Driver(Driver):
                 l2off = self.l1[l1i] & fmt.OFFSET_MASK if l1i < len(self.l1) else 0
                 if not l2off:
                     return 0
-                return (await self._load_l2(l2off))[(pos >> cb) & mask]
+                return (await self._l2.get(l2off))[(pos >> cb) & mask]
 
             first = await entry_at(offset)
             kind = _KIND(first)
@@ -420,16 +388,15 @@ class Qcow2Driver(Driver):
         entry = self.l1[l1i]
         old = entry & fmt.OFFSET_MASK
         if old and entry & fmt.OFLAG_COPIED:
-            return old, await self._load_l2(old)
+            return old, await self._l2.get(old)
         if old:
-            new_table = array("Q", await self._load_l2(old))
+            new_table = array("Q", await self._l2.get(old))
         else:
             new_table = array("Q", [0]) * (1 << self.header.l2_bits)
         cluster = await self.refcounts.allocate(1)
         self._metadata.add(cluster)
         new = cluster << self.header.cluster_bits
-        await self._cache_l2(new, new_table)
-        self._l2_dirty.add(new)
+        await self._l2.add_new(new, new_table)
         self.l1[l1i] = new | fmt.OFLAG_COPIED
         self._l1_dirty.add(l1i)
         if old:
@@ -516,7 +483,7 @@ class Qcow2Driver(Driver):
             old = table[i]
             table[i] = (host + (k << cb)) | fmt.OFLAG_COPIED
             self._release_entry(old)
-        self._l2_changed(l2off, table)
+        self._l2.changed(l2off, table)
 
     def _release_entry(self, entry: int) -> None:
         kind = _KIND(entry)
@@ -538,11 +505,7 @@ class Qcow2Driver(Driver):
         """Metadata to disk in dependency order (see the module docstring)."""
         file = self._file
         await self.refcounts.write_back()
-        if self._l2_dirty:
-            for off in sorted(self._l2_dirty):
-                await file.write(off, fmt.encode_table(self._l2[off]))
-            self._l2_dirty.clear()
-            await file.flush()
+        await self._l2.write_back()
         if self._l1_dirty:
             per_sector = 64
             l1off = self.header.l1_table_offset
