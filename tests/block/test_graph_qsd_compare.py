@@ -271,6 +271,21 @@ async def test_error_texts(sock_dir: Path, chain: dict[str, Path], tmp_path: Pat
                 },
             ),
             ("query-named-block-nodes", {}),
+            ("blockdev-add", {**file_ref(chain["base"]), "node-name": "f1", "aio": "native"}),
+            ("blockdev-add", {**file_ref(chain["base"]), "node-name": "f2", "pr-manager": "x"}),
+            ("blockdev-add", {"driver": "file", "node-name": "f3", "filename": ""}),
+            (
+                "blockdev-add",
+                {
+                    **file_ref(chain["base"]),
+                    "node-name": "f4",
+                    "aio": "io_uring",
+                    "locking": "on",
+                    "drop-cache": False,
+                    "read-only": True,
+                },
+            ),
+            ("query-named-block-nodes", {"flat": True}),
         ],
     )
 

@@ -26,7 +26,7 @@ import trio
 from blockd.block.driver import BlockStatus, Driver, Status
 from blockd.block.locking import FileLocks
 from blockd.block.node import BlockNode
-from blockd.errors import HostError
+from blockd.errors import HostError, RequestError
 
 DIRECT_ALIGNMENT = 4096
 
@@ -109,10 +109,24 @@ class FileDriver(Driver):
 
         Raises:
             HostError: ``Could not open '<filename>': <strerror>``.
+            RequestError: an empty name, ``aio=native`` without ``cache.direct``, a
+                ``pr-manager`` (none exist), with QEMU's texts.
         """
         path = str(options["filename"])
         direct = bool(options.get("cache", {}).get("direct", False))
         locking = options.get("locking", "auto") != "off"
+        # reference: QEMU bdrv_open_inherit / raw_open_common checks, in their order
+        if not path:
+            raise RequestError("The 'file' block driver requires a file name")
+        if options.get("aio") == "native" and not direct:
+            raise RequestError(
+                "aio=native was specified, but it requires cache.direct=on, which was not "
+                "specified."
+            )
+        if options.get("pr-manager") is not None:
+            raise RequestError(
+                f"No persistent reservation manager with id '{options['pr-manager']}'"
+            )
         try:
             fd = cls._open_fd(path, read_only=node.read_only, direct=direct)
         except HostError as exc:
