@@ -16,6 +16,12 @@ I/O. The I/O layer sends :meth:`Connection.greeting`, feeds received bytes to
   (``{}`` when the client sent none). Run it and send :meth:`Connection.reply` or
   :meth:`Connection.error`.
 
+Requests are handled in arrival order. With OOB enabled QEMU runs an ``exec-oob``
+request in its I/O thread as soon as it is parsed, so its reply may overtake replies to
+in-band requests received earlier, depending on thread timing; in-order handling is one
+of the orders QEMU can produce. A :class:`Request` with ``oob=True`` may be run at once by
+the I/O layer.
+
 Events go out through :meth:`Connection.event`, which returns None while the session is
 still negotiating: QEMU drops, not queues, events for such a monitor.
 
