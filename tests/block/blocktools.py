@@ -6,7 +6,10 @@ Imported as ``blocktools`` (pytest puts this directory on ``sys.path``).
 from __future__ import annotations
 
 import json
+import os
+import socket
 import subprocess
+import time
 from pathlib import Path
 from typing import Any
 
@@ -66,3 +69,68 @@ def schema_errors(relative: str, instance: Any) -> list[str]:
     registry: Registry[Any] = Registry().with_resources(resources)
     validator = Draft202012Validator({"$ref": (SCHEMA_DIR / relative).as_uri()}, registry=registry)
     return [error.message for error in validator.iter_errors(instance)]
+
+
+Reply = dict[str, Any]
+
+
+def held_bytes(path: Path) -> set[int]:
+    """The lock bytes any process holds on ``path``, from ``/proc/locks``."""
+    inode = os.stat(path).st_ino
+    found: set[int] = set()
+    with open("/proc/locks") as locks:
+        for line in locks:
+            fields = line.split()
+            if "->" in fields:  # a waiter
+                continue
+            if len(fields) >= 8 and int(fields[5].split(":")[2]) == inode:
+                found.update(range(int(fields[6]), int(fields[7]) + 1))
+    return found
+
+
+def run_qmp(
+    program: list[str],
+    sock_dir: Path,
+    commands: list[tuple[str, dict[str, Any]]],
+    locks_of: list[Path] | None = None,
+) -> list[Reply]:
+    """Start ``program`` with QSD's monitor options, run ``commands``, record the lock
+    bytes held on ``locks_of`` (as a last pseudo-reply), stop it; the replies."""
+    path = sock_dir / "qmp.sock"
+    path.unlink(missing_ok=True)
+    proc = subprocess.Popen(
+        [
+            *program,
+            "--chardev",
+            f"socket,id=m,path={path},server=on,wait=off",
+            "--monitor",
+            "chardev=m",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 10
+        while not path.exists():
+            assert time.monotonic() < deadline, "qemu-storage-daemon did not start"
+            time.sleep(0.01)
+        with socket.socket(socket.AF_UNIX) as sock:
+            sock.settimeout(10)
+            sock.connect(str(path))
+            stream = sock.makefile("rw")
+            stream.readline()  # greeting
+            replies: list[Reply] = []
+            for number, (name, arguments) in enumerate([("qmp_capabilities", {}), *commands]):
+                request = {"execute": name, "arguments": arguments, "id": number}
+                stream.write(json.dumps(request) + "\n")
+                stream.flush()
+                while (reply := json.loads(stream.readline())).get("id") != number:
+                    pass  # events, or anything not answering this request
+                del reply["id"]
+                replies.append(reply)
+            if locks_of:
+                replies.append({"return": [sorted(held_bytes(p)) for p in locks_of]})
+            return replies[1:]
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)

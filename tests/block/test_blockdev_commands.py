@@ -4,12 +4,22 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from blocktools import file_ref, image_info, qemu_img, qemu_io, schema_errors, write_pattern
+import trio
+from blocktools import (
+    file_ref,
+    image_info,
+    qemu_img,
+    qemu_io,
+    run_qmp,
+    schema_errors,
+    write_pattern,
+)
 
 from blockd.commands.registry import load_all
 from blockd.daemon import Daemon
@@ -185,3 +195,39 @@ async def test_raw_reads_and_writes_through_handlers(
     assert (
         qemu_img("compare", "-f", "raw", "-F", "raw", chain["base"], chain["base"]).returncode == 0
     )
+
+
+async def test_through_the_socket(sock_dir: Path, chain: dict[str, Path]) -> None:
+    """A blockd process started like qemu-storage-daemon, driven over its QMP socket."""
+    top = {"driver": "qcow2", "node-name": "top", "file": file_ref(chain["top"])}
+    commands: list[tuple[str, dict[str, Any]]] = [
+        ("blockdev-add", {"driver": "raw", "node-name": "r", "backing": None, "file": "x"}),
+        ("blockdev-add", {"driver": "qcow2", "node-name": "q", "backing": 5, "file": "x"}),
+        ("blockdev-add", {"driver": "file", "node-name": "q"}),
+        ("blockdev-add", {"driver": "qcow2", "node-name": "q", "file": {"driver": "file"}}),
+        ("blockdev-del", {}),
+        ("query-named-block-nodes", {"flat": "yes"}),
+        ("blockdev-add", {**top, "file": {**file_ref(chain["top"]), "locking": "maybe"}}),
+        ("blockdev-add", top),
+        ("query-named-block-nodes", {"flat": True}),
+        ("blockdev-del", {"node-name": "top"}),
+    ]
+    replies = await trio.to_thread.run_sync(
+        lambda: run_qmp([sys.executable, "-m", "blockd"], sock_dir, commands, [chain["top"]])
+    )
+    errors = [reply["error"]["desc"] for reply in replies[:7]]
+    assert errors == [
+        "Parameter 'backing' is unexpected",
+        "Invalid parameter type for 'backing', expected: BlockdevRefOrNull",
+        "Parameter 'filename' is missing",
+        "Parameter 'file.filename' is missing",
+        "Parameter 'node-name' is missing",
+        "Invalid parameter type for 'flat', expected: boolean",
+        "Parameter 'locking' does not accept value 'maybe'",
+    ]
+    assert replies[7] == {"return": {}}
+    nodes = replies[8]["return"]
+    assert [n["drv"] for n in nodes] == ["raw", "file", "qcow2", "file", "qcow2", "file"]
+    assert all(not schema_errors("types/BlockDeviceInfo.json", n) for n in nodes)
+    assert replies[9] == {"return": {}}
+    assert replies[10] == {"return": [[]]}  # no lock byte left on the image after del

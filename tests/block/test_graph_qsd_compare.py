@@ -10,17 +10,13 @@ from __future__ import annotations
 
 import json
 import shutil
-import socket
-import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 import trio
-from blocktools import file_ref, qemu_img, write_pattern
-from test_locking import held_bytes
+from blocktools import Reply, file_ref, qemu_img, run_qmp, write_pattern
 
 from blockd.commands.registry import load_all
 from blockd.daemon import Daemon
@@ -30,61 +26,12 @@ QSD10 = Path("/work/qsd10/root/usr/bin/qemu-storage-daemon")
 QSD = str(QSD10) if QSD10.exists() else shutil.which("qemu-storage-daemon")
 pytestmark = pytest.mark.skipif(QSD is None, reason="no qemu-storage-daemon binary")
 COMMANDS = load_all()
-Reply = dict[str, Any]
 
 
 def run_qsd(sock_dir: Path, commands: list[tuple[str, dict[str, Any]]]) -> list[Reply]:
     """Start qemu-storage-daemon, run ``commands`` over QMP, stop it; the replies."""
     assert QSD is not None
     return run_qmp([QSD], sock_dir, commands)
-
-
-def run_qmp(
-    program: list[str],
-    sock_dir: Path,
-    commands: list[tuple[str, dict[str, Any]]],
-    locks_of: list[Path] = (),  # type: ignore[assignment]
-) -> list[Reply]:
-    """Start ``program`` with QSD's monitor options, run ``commands``, record the lock
-    bytes held on ``locks_of`` (as a last pseudo-reply), stop it; the replies."""
-    path = sock_dir / "qmp.sock"
-    path.unlink(missing_ok=True)
-    proc = subprocess.Popen(
-        [
-            *program,
-            "--chardev",
-            f"socket,id=m,path={path},server=on,wait=off",
-            "--monitor",
-            "chardev=m",
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        deadline = time.monotonic() + 10
-        while not path.exists():
-            assert time.monotonic() < deadline, "qemu-storage-daemon did not start"
-            time.sleep(0.01)
-        with socket.socket(socket.AF_UNIX) as sock:
-            sock.settimeout(10)
-            sock.connect(str(path))
-            stream = sock.makefile("rw")
-            stream.readline()  # greeting
-            replies: list[Reply] = []
-            for number, (name, arguments) in enumerate([("qmp_capabilities", {}), *commands]):
-                request = {"execute": name, "arguments": arguments, "id": number}
-                stream.write(json.dumps(request) + "\n")
-                stream.flush()
-                while (reply := json.loads(stream.readline())).get("id") != number:
-                    pass  # events, or anything not answering this request
-                del reply["id"]
-                replies.append(reply)
-            if locks_of:
-                replies.append({"return": [sorted(held_bytes(p)) for p in locks_of]})
-            return replies[1:]
-    finally:
-        proc.terminate()
-        proc.wait(timeout=10)
 
 
 async def run_blockd(commands: list[tuple[str, dict[str, Any]]]) -> list[Reply]:

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 import trio
-from blocktools import file_ref, qemu_img, qemu_io
+from blocktools import file_ref, held_bytes, qemu_img, qemu_io
 
 from blockd.block.graph import Graph
 from blockd.block.locking import PERM_ALL, FileLocks, LockError, Perm
@@ -22,20 +22,6 @@ SHARED_WRITE_LOCK = 'Failed to get shared "write" lock'
 
 def qcow2(path: Path, **options: Any) -> dict[str, Any]:
     return {"driver": "qcow2", "node-name": "img", "file": file_ref(path), **options}
-
-
-def held_bytes(path: Path) -> set[int]:
-    """The lock bytes any process holds on ``path``, from ``/proc/locks``."""
-    inode = os.stat(path).st_ino
-    found: set[int] = set()
-    with open("/proc/locks") as locks:
-        for line in locks:
-            fields = line.split()
-            if "->" in fields:  # a waiter
-                continue
-            if len(fields) >= 8 and int(fields[5].split(":")[2]) == inode:
-                found.update(range(int(fields[6]), int(fields[7]) + 1))
-    return found
 
 
 @pytest.fixture
