@@ -6,7 +6,8 @@ event order) is the job's; see :mod:`blockd.jobs.job`.
 
 A job that is finishing in its own task (finalising or aborting) would, in QEMU, have
 finished within one main-loop turn and never be seen half-way. So a control command that
-meets one first waits for it to end and then looks the id up again.
+meets one first waits for it to end and then looks the id up again. Likewise a verb that
+wakes a parked job lets it run to its next park before replying (:meth:`Job.settle`).
 """
 
 from __future__ import annotations
@@ -52,13 +53,17 @@ async def query_block_jobs(d: Daemon) -> list[dict[str, Any]]:
 
 @command("job-pause")
 async def job_pause(d: Daemon, *, id: str) -> dict[str, Any]:
-    (await _job(d, id)).pause()
+    job = await _job(d, id)
+    job.pause()
+    await job.settle()
     return {}
 
 
 @command("job-resume")
 async def job_resume(d: Daemon, *, id: str) -> dict[str, Any]:
-    (await _job(d, id)).resume()
+    job = await _job(d, id)
+    job.resume()
+    await job.settle()
     return {}
 
 
@@ -91,7 +96,9 @@ async def job_dismiss(d: Daemon, *, id: str) -> dict[str, Any]:
 
 @command("block-job-set-speed")
 async def block_job_set_speed(d: Daemon, *, device: str, speed: int) -> dict[str, Any]:
-    (await _block_job(d, device)).set_speed(speed)
+    job = await _block_job(d, device)
+    job.set_speed(speed)
+    await job.settle()
     return {}
 
 
@@ -106,13 +113,17 @@ async def block_job_cancel(d: Daemon, *, device: str, force: bool = False) -> di
 
 @command("block-job-pause")
 async def block_job_pause(d: Daemon, *, device: str) -> dict[str, Any]:
-    (await _block_job(d, device)).pause()
+    job = await _block_job(d, device)
+    job.pause()
+    await job.settle()
     return {}
 
 
 @command("block-job-resume")
 async def block_job_resume(d: Daemon, *, device: str) -> dict[str, Any]:
-    (await _block_job(d, device)).resume()
+    job = await _block_job(d, device)
+    job.resume()
+    await job.settle()
     return {}
 
 

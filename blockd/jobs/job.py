@@ -191,6 +191,7 @@ class Job:
         self._sleep_scope: trio.CancelScope | None = None
         self._scope: trio.CancelScope | None = None
         self._completing = False
+        self._woken = False
         self._request: JobVerb | None = None
         self._request_event = trio.Event()
         self._ended = trio.Event()
@@ -309,6 +310,19 @@ class Job:
     def completing(self) -> bool:
         """The job is finishing in its own task (finalising, aborting); commands wait."""
         return self._completing
+
+    async def settle(self) -> None:
+        """Let a job that the last verb woke run up to its next park; else return at once.
+
+        QEMU runs a woken job synchronously inside the command, so the reply already
+        sees it asleep again (or busy with I/O) and follows whatever it emitted. Trio
+        runs it in the next scheduling batch; two checkpoints here make the command's
+        reply come after that batch. Not cancellable (the verb has taken effect).
+        """
+        if self._woken:
+            self._woken = False
+            await trio.lowlevel.cancel_shielded_checkpoint()
+            await trio.lowlevel.cancel_shielded_checkpoint()
 
     async def wait_ended(self) -> None:
         """Wait until the job's completion has run (or, never started, returns at once)."""
@@ -444,6 +458,7 @@ class Job:
             return
         if cond is _Wake.TIMER_NOT_PENDING and sleeping:
             return
+        self._woken = True
         if sleeping:
             assert self._sleep_scope is not None
             self._sleep_scope.cancel()
