@@ -75,6 +75,25 @@ _SCHEMA_KEYWORDS: Final = frozenset(
 _JSON_TYPES: Final = ("object", "array", "string", "integer", "number", "boolean", "null")
 Node = Mapping[str, Any]
 
+#: ``x-qmp-int`` values with a narrower range than int64, and that range.
+_INT_RANGES: Final = {
+    "int8": (-(1 << 7), (1 << 7) - 1),
+    "int16": (-(1 << 15), (1 << 15) - 1),
+    "int32": (-(1 << 31), (1 << 31) - 1),
+    "uint8": (0, (1 << 8) - 1),
+    "uint16": (0, (1 << 16) - 1),
+    "uint32": (0, (1 << 32) - 1),
+}
+#: ``x-qmp-int`` values whose visitor reads a uint64 (a wrong type gives "expects ...").
+_UNSIGNED_WIDE: Final = {
+    "uint8": "uint64",
+    "uint16": "uint64",
+    "uint32": "uint64",
+    "uint64": "uint64",
+    "size": "uint64",  # the input visitor reads a size as a uint64
+}
+_INT_TYPES: Final = frozenset({*_INT_RANGES, "int64", "uint64", "size"})
+
 
 class SchemaError(BlockdError):
     """A schema file is missing, malformed or breaks the ``schema/README.md`` rules."""
@@ -202,6 +221,8 @@ class Schema:
         if not isinstance(node, dict):
             return node
         copy = {key: self._closed(value, resolver) for key, value in node.items()}
+        if node.get("x-qmp-int") in _INT_RANGES:
+            copy["minimum"], copy["maximum"] = _INT_RANGES[node["x-qmp-int"]]
         if copy.get("unevaluatedProperties") is not False:
             return copy
         del copy["unevaluatedProperties"]
@@ -293,6 +314,12 @@ class Schema:
         for key in ("additionalProperties", "unevaluatedProperties"):
             if key in node and node[key] is not False:
                 raise SchemaError(f"{where}{pointer}: {key} must be false")
+        if "x-qmp-int" in node and (
+            node["x-qmp-int"] not in _INT_TYPES or node.get("type") != "integer"
+        ):
+            raise SchemaError(
+                f"{where}{pointer}: x-qmp-int needs type integer and one of {sorted(_INT_TYPES)}"
+            )
         if "$ref" in node:
             try:
                 resolver.lookup(node["$ref"])
@@ -461,11 +488,20 @@ class Schema:
                         if sub.relative_schema_path and sub.relative_schema_path[0] == index:
                             self._candidates(sub, root, resolver, instance, out)
                 return
-        if keyword == "type":
+        int_type = exc.schema.get("x-qmp-int") if isinstance(exc.schema, dict) else None
+        if keyword == "type" and int_type in _UNSIGNED_WIDE:
+            # reference: qobject_input_type_uint64() and _size(): "Parameter '%s' expects %s"
+            desc = f"Parameter '{_path_name(path)}' expects {_UNSIGNED_WIDE[int_type]}"
+            out.append(_Candidate(self._key(root, resolver, instance, path, 0), desc))
+        elif keyword == "type":
             expected = exc.validator_value
             if isinstance(expected, list):
                 expected = expected[0]
             desc = f"Invalid parameter type for '{_path_name(path)}', expected: {expected}"
+            out.append(_Candidate(self._key(root, resolver, instance, path, 0), desc))
+        elif keyword in ("minimum", "maximum") and int_type in _INT_RANGES:
+            # reference: visit_type_intN()/visit_type_uintN() in qapi/qapi-visit-core.c
+            desc = f"Parameter '{_own_name(path)}' expects {int_type}_t"
             out.append(_Candidate(self._key(root, resolver, instance, path, 0), desc))
         elif keyword == "enum" and "propertyNames" in exc.relative_schema_path:
             # an unknown key (the closed form of unevaluatedProperties, see _closed)

@@ -527,3 +527,66 @@ def test_nested_blockdev_options_validate_fast(schema: Schema) -> None:
     start = time.perf_counter()
     schema.validate_arguments("add", options)
     assert time.perf_counter() - start < 0.5
+
+
+INT_FILES: dict[str, Any] = {
+    "commands": {
+        "ints": {
+            "type": "object",
+            "properties": {
+                name: {"type": "integer", "x-qmp-int": name}
+                for name in ("int8", "int32", "uint8", "uint32", "uint64", "size", "int64")
+            }
+            | {"list": {"type": "array", "items": {"type": "integer", "x-qmp-int": "int16"}}},
+            "additionalProperties": False,
+        }
+    }
+}
+INTS: list[tuple[dict[str, Any], str | None]] = [
+    (
+        {
+            "int8": -128,
+            "uint8": 255,
+            "int32": 2**31 - 1,
+            "uint32": 0,
+            "uint64": -1,
+            "size": 2**64 - 1,
+        },
+        None,
+    ),
+    ({"int8": 128}, "Parameter 'int8' expects int8_t"),
+    ({"int32": -(2**31) - 1}, "Parameter 'int32' expects int32_t"),
+    ({"int32": "1"}, "Invalid parameter type for 'int32', expected: integer"),
+    ({"uint8": -1}, "Parameter 'uint8' expects uint8_t"),
+    ({"uint32": 2**32}, "Parameter 'uint32' expects uint32_t"),
+    ({"uint32": "1"}, "Parameter 'uint32' expects uint64"),
+    ({"uint64": 1.5}, "Parameter 'uint64' expects uint64"),
+    ({"size": "1"}, "Parameter 'size' expects uint64"),
+    ({"int64": 2**63}, None),  # QEMU keeps such a value as a uint64; handlers range-check
+    ({"int64": True}, "Invalid parameter type for 'int64', expected: integer"),
+    ({"list": [1, 40000]}, "Parameter 'null' expects int16_t"),
+]
+
+
+@pytest.mark.parametrize(("arguments", "desc"), INTS)
+def test_integer_widths(tmp_path: Path, arguments: dict[str, Any], desc: str | None) -> None:
+    schema = Schema.load(write(tmp_path, INT_FILES))
+    if desc is None:
+        schema.validate_arguments("ints", arguments)
+    else:
+        with pytest.raises(RequestError) as info:
+            schema.validate_arguments("ints", arguments)
+        assert info.value.desc == desc
+    entity = {e["name"]: e for e in schema.introspect()}
+    members = entity[entity["ints"]["arg-type"]]["members"]
+    assert {m["type"] for m in members} == {"int", "[int]"}
+
+
+def test_x_qmp_int_checked(tmp_path: Path) -> None:
+    bad = {
+        "commands": {
+            "x": {"type": "object", "properties": {"a": {"type": "string", "x-qmp-int": "int32"}}}
+        }
+    }
+    with pytest.raises(SchemaError, match="x-qmp-int"):
+        Schema.load(write(tmp_path, bad))
