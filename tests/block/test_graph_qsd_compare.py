@@ -302,3 +302,25 @@ async def test_filters_windows_and_options(sock_dir: Path, chain: dict[str, Path
         ("query-named-block-nodes", {}),
     ]
     await compare(sock_dir, commands)
+
+
+async def test_image_variants(sock_dir: Path, tmp_path: Path) -> None:
+    """format-specific and sizes for compat 0.10, small clusters, refcount widths."""
+    variants = {
+        "v2.qcow2": ["-o", "compat=0.10,cluster_size=512"],
+        "lazy.qcow2": ["-o", "lazy_refcounts=on,refcount_bits=1"],
+        "big.qcow2": ["-o", "cluster_size=2M,refcount_bits=64"],
+    }
+    commands: list[tuple[str, dict[str, Any]]] = []
+    for name, options in variants.items():
+        qemu_img("create", "-q", "-f", "qcow2", *options, tmp_path / name, "3M")
+        write_pattern(tmp_path / name, "qcow2", 4096, 8192, 7)
+        node = name.split(".")[0]
+        commands.append(
+            (
+                "blockdev-add",
+                {"driver": "qcow2", "node-name": node, "file": file_ref(tmp_path / name)},
+            )
+        )
+    commands.append(("query-named-block-nodes", {}))
+    await compare(sock_dir, commands)
