@@ -106,6 +106,8 @@ def _compact(value: Any, out: list[str]) -> None:
             return
         sep = "{"
         for key, item in value.items():
+            if not isinstance(key, str):
+                raise TypeError(f"cannot encode a {type(key).__name__} key as JSON")
             out.append(sep)
             out.append(_string(key))
             out.append(": ")
@@ -128,8 +130,9 @@ def _compact(value: Any, out: list[str]) -> None:
 
 def _pretty(value: Any, indent: int, out: list[str]) -> None:
     # reference: to_json() with pretty=true in qobject/qjson.c
-    if isinstance(value, Mapping):
-        items: Iterable[tuple[str | None, Any]] = value.items()
+    is_object = isinstance(value, Mapping)
+    if is_object:
+        items: Iterable[tuple[Any, Any]] = value.items()
         opener, closer = "{", "}"
     elif isinstance(value, list | tuple):
         items = ((None, item) for item in value)
@@ -144,7 +147,9 @@ def _pretty(value: Any, indent: int, out: list[str]) -> None:
             out.append(",")
         first = False
         out.append("\n" + " " * (4 * (indent + 1)))
-        if key is not None:
+        if is_object:
+            if not isinstance(key, str):
+                raise TypeError(f"cannot encode a {type(key).__name__} key as JSON")
             out.append(_string(key))
             out.append(": ")
         _pretty(item, indent + 1, out)

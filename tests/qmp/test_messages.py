@@ -85,9 +85,11 @@ def test_output_is_ascii_one_line_and_round_trips(value: Any, pretty: bool) -> N
     assert json.loads(text) == expected
 
 
-def test_unencodable_value_is_a_type_error() -> None:
-    with pytest.raises(TypeError):
-        encode({"x": object()})
+@pytest.mark.parametrize("pretty", [False, True])
+def test_unencodable_value_is_a_type_error(pretty: bool) -> None:
+    for value in ({"x": object()}, {1: 2}, [{"a": {None: 1}}]):
+        with pytest.raises(TypeError):
+            encode(value, pretty=pretty)
 
 
 def test_greeting_shape_and_order() -> None:
