@@ -324,3 +324,37 @@ async def test_image_variants(sock_dir: Path, tmp_path: Path) -> None:
         )
     commands.append(("query-named-block-nodes", {}))
     await compare(sock_dir, commands)
+
+
+async def test_cache_and_flags(sock_dir: Path, chain: dict[str, Path]) -> None:
+    commands: list[tuple[str, dict[str, Any]]] = [
+        (
+            "blockdev-add",
+            {
+                "driver": "qcow2",
+                "node-name": "top",
+                "cache": {"direct": True, "no-flush": True},
+                "file": file_ref(chain["top"]),
+                "backing": None,
+            },
+        ),
+        (
+            "blockdev-add",
+            {
+                "driver": "raw",
+                "node-name": "base",
+                "auto-read-only": True,
+                "discard": "unmap",
+                "detect-zeroes": "unmap",
+                "file": file_ref(chain["base"]),
+            },
+        ),
+        ("query-named-block-nodes", {}),
+    ]
+    files = [chain["top"], chain["base"]]
+    theirs = await trio.to_thread.run_sync(run_qsd_locks, sock_dir, commands, files)
+    ours = await run_blockd(commands)
+    for qemu, mine in zip(theirs, ours, strict=False):
+        found = differences(normalize(mine), normalize(qemu))
+        print(*found, sep="\n  ")
+        assert not found
