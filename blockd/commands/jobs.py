@@ -143,3 +143,9 @@ async def block_job_finalize(d: Daemon, *, id: str) -> dict[str, Any]:
 async def block_job_dismiss(d: Daemon, *, id: str) -> dict[str, Any]:
     (await _block_job(d, id)).dismiss()
     return {}
+
+
+@command("block-job-change", raw=True)
+async def block_job_change(d: Daemon, options: dict[str, Any]) -> dict[str, Any]:
+    (await _block_job(d, options["id"])).change()
+    return {}

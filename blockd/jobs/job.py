@@ -381,6 +381,11 @@ class Job:
         check_verb(self.id, self.status, JobVerb.COMPLETE)
         raise RequestError(f"The active block job '{self.id}' cannot be completed")
 
+    def change(self) -> None:
+        """``block-job-change``: only mirror jobs have settings to change."""
+        check_verb(self.id, self.status, JobVerb.CHANGE)
+        raise RequestError("Job type does not support change")
+
     async def finalize(self) -> None:
         """``job-finalize``: run the pending job's finalisation; returns after its events."""
         check_verb(self.id, self.status, JobVerb.FINALIZE)

@@ -31,6 +31,7 @@ BLOCK_JOB_COMMANDS = {
     "block-job-set-speed": "device",
     "block-job-finalize": "id",
     "block-job-dismiss": "id",
+    "block-job-change": "id",
 }
 
 
@@ -98,7 +99,8 @@ async def test_unknown_ids(client: Client) -> None:
     for name in JOB_COMMANDS:
         assert await client.error(name, id="nope") == ("GenericError", "Job not found")
     for name, key in BLOCK_JOB_COMMANDS.items():
-        extra = {"speed": 0} if name == "block-job-set-speed" else {}
+        extra: dict[str, Any] = {"block-job-set-speed": {"speed": 0},
+                                 "block-job-change": {"type": "stream"}}.get(name, {})  # fmt: skip
         assert await client.error(name, **{key: "nope"}, **extra) == (
             "DeviceNotActive", "Block job 'nope' not found",
         )  # fmt: skip
@@ -343,3 +345,30 @@ async def test_shutdown_cancels_every_job(client: Client, autojump_clock: MockCl
     assert kept.status == "concluded"
     assert len(client.rec.data("BLOCK_JOB_CANCELLED")) == 4
     assert [j["id"] for j in await client("query-jobs")] == ["kept"]
+
+
+async def test_block_job_change(client: Client, autojump_clock: MockClock) -> None:
+    client.start(auto_finalize=False)
+    for kind in [{"type": "stream"}, {"type": "mirror", "copy-mode": "write-blocking"}]:
+        assert await client.error("block-job-change", id="job0", **kind) == (
+            "GenericError", "Job type does not support change",
+        )  # fmt: skip
+    await trio.sleep(10)
+    assert await client.error("block-job-change", id="job0", type="stream") == (
+        "GenericError", "Job 'job0' in state 'pending' cannot accept command verb 'change'",
+    )  # fmt: skip
+
+
+async def test_resume_replies_once_the_job_is_asleep_again(
+    client: Client, autojump_clock: MockClock
+) -> None:
+    """As in QEMU, a resumed job has run to its next sleep before the reply."""
+    client.start(speed=1024)
+    await trio.sleep(1)
+    await client("job-pause", id="job0")
+    await client("block-job-resume", device="job0")
+    (info,) = await client("query-block-jobs")
+    assert (info["status"], info["busy"], info["paused"]) == ("running", False, False)
+    await client("block-job-set-speed", device="job0", speed=2048)
+    (info,) = await client("query-block-jobs")
+    assert (info["busy"], info["speed"]) == (False, 2048)  # woken, still in debt: asleep

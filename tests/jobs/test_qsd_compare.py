@@ -248,6 +248,20 @@ def error_then_conclude(on_error: str) -> Callable[[Monitor], None]:
     return script
 
 
+def change(m: Monitor) -> None:
+    m.call("block-job-change", id="nope", type="stream")
+    m.call("block-stream", **{"job-id": "job0", "device": "top", "speed": 1024,
+                              "auto-finalize": False})  # fmt: skip
+    m.wait(sleeping_after_first_chunk)
+    m.call("block-job-change", id="job0", type="stream")
+    m.call("block-job-change", id="job0", type="mirror", **{"copy-mode": "write-blocking"})
+    m.call("block-job-set-speed", device="job0", speed=0)
+    m.wait(status_is("pending"))
+    m.call("block-job-change", id="job0", type="stream")
+    m.call("block-job-cancel", device="job0")
+    m.call("job-cancel", id="job0")
+
+
 EIO_ONCE = {"event": "read_aio", "errno": 5, "sector": 2048, "once": True}
 EIO = {"event": "read_aio", "errno": 5, "sector": 2048}
 ENOSPC = {"event": "read_aio", "errno": 28, "sector": 2048}
@@ -258,6 +272,7 @@ SCENARIOS = {
     "manual-finalize": (manual_finalize, None),
     "cancel-pending": (cancel_pending, None),
     "set-speed-wakes": (set_speed_wakes, None),
+    "block-job-change": (change, None),
     "on-error-stop": (error_stop_resume, EIO_ONCE),
     "on-error-enospc": (error_enospc_cancel, ENOSPC),
     "on-error-ignore": (error_then_conclude("ignore"), EIO),
