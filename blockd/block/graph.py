@@ -632,11 +632,12 @@ class Graph:
             # format drivers write their cached metadata back while they still may
             for n in changed:
                 await n.flush()
-            for n in changed:
-                n.read_only = True
-            self.refresh_permissions()
         reopened: list[BlockNode] = []
         try:
+            if read_only:
+                for n in changed:
+                    n.read_only = True
+                self.refresh_permissions()
             for n in reversed(changed) if not read_only else changed:
                 hook = getattr(n.driver, "reopen", None)
                 if hook is not None:
