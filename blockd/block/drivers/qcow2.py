@@ -12,7 +12,8 @@ Theory of operation:
   host cluster. All new clusters of one request and one L2 table are allocated as one
   contiguous run and written with one file write; partial clusters at its ends are
   completed from the old contents (copy-on-write from the old cluster or the backing node).
-* Metadata lives in write-back caches (L2 tables here, refcount blocks in
+* Metadata lives in write-back caches (L2 tables in
+  :class:`~blockd.block.qcow2_cache.L2Cache`, refcount blocks in
   :class:`~blockd.block.qcow2_refcount.Refcounts`) and reaches the disk in QEMU's
   dependency order: data and refcount increments, flush; L2 tables, flush; L1 entries,
   flush; then the decrements of clusters the new tables no longer reference. A crash at
