@@ -23,6 +23,7 @@ class Recorder:
 
     def __init__(self, bus: EventBus) -> None:
         self.items: list[tuple[str, Any]] = []
+        self.bus = bus
         bus.subscribe(lambda ev: self.items.append((ev["event"], ev.get("data"))))
 
     def mark(self, label: str) -> None:
@@ -56,6 +57,7 @@ class FakeJob(Job):
         failures: offset → errors to raise (one per attempt) when that chunk is copied.
         io_seconds: simulated I/O time per chunk (the job is busy meanwhile).
         prepare_error: raised by :meth:`prepare`.
+        prepare_seconds: simulated I/O time of :meth:`prepare`.
         raise_first: re-raise the first handled error from ``run()`` (as the stream job
             does) instead of relying on the engine remembering it.
     """
@@ -72,6 +74,7 @@ class FakeJob(Job):
         failures: dict[int, list[OSError]] | None = None,
         io_seconds: float = 0.0,
         prepare_error: BaseException | None = None,
+        prepare_seconds: float = 0.001,
         raise_first: bool = False,
         **options: Any,
     ) -> None:
@@ -81,6 +84,7 @@ class FakeJob(Job):
         self.failures = failures or {}
         self.io_seconds = io_seconds
         self.prepare_error = prepare_error
+        self.prepare_seconds = prepare_seconds
         self.raise_first = raise_first
         self.copied: list[int] = []
         self.copy_times: list[float] = []
@@ -117,7 +121,7 @@ class FakeJob(Job):
 
     async def prepare(self) -> None:
         self.calls.append("prepare")
-        await trio.sleep(0.001)  # finalisation does I/O too
+        await trio.sleep(self.prepare_seconds)  # finalisation does I/O too
         if self.prepare_error is not None:
             raise self.prepare_error
 

@@ -372,3 +372,24 @@ async def test_resume_replies_once_the_job_is_asleep_again(
     await client("block-job-set-speed", device="job0", speed=2048)
     (info,) = await client("query-block-jobs")
     assert (info["busy"], info["speed"]) == (False, 2048)  # woken, still in debt: asleep
+
+
+@pytest.mark.parametrize(
+    ("auto_dismiss", "error"),
+    [
+        (False, "Job 'job0' in state 'concluded' cannot accept command verb 'cancel'"),
+        (True, "Job not found"),
+    ],
+)
+async def test_cancel_during_auto_finalisation(
+    client: Client, autojump_clock: MockClock, auto_dismiss: bool, error: str
+) -> None:
+    """QEMU finalises in one main-loop turn, so a cancel can never catch a job half-way:
+    the command waits for the finalisation in progress, then sees its outcome."""
+    job = client.start(prepare_seconds=5.0, auto_dismiss=auto_dismiss)
+    await trio.sleep(1)
+    assert job.status == "pending" and job.completing and job.calls == ["run", "prepare"]
+    assert await client.error("job-cancel", id="job0") == ("GenericError", error)
+    assert trio.current_time() == pytest.approx(5.0, abs=1e-3)
+    assert "BLOCK_JOB_CANCELLED" not in client.rec.names()
+    assert client.rec.data("BLOCK_JOB_COMPLETED")[0].get("error") is None

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 import trio
 import trio.testing
-from jobtools import CHUNK, Recorder
+from jobtools import CHUNK, FakeJob, Recorder
 from trio.testing import MockClock
 
 from blockd.errors import RequestError
@@ -22,6 +22,10 @@ DONE_DEFAULT = [
     "JSC(waiting)", "JSC(pending)", "BLOCK_JOB_COMPLETED", "JSC(concluded)", "JSC(null)",
 ]  # fmt: skip
 CANCELLED = ["JSC(aborting)", "BLOCK_JOB_CANCELLED", "JSC(concluded)", "JSC(null)"]
+
+
+def rec_bus(rec: Recorder) -> Any:
+    return rec.bus
 
 
 def eio() -> OSError:
@@ -440,3 +444,56 @@ async def test_negative_speed(
     with pytest.raises(RequestError, match=r"^Parameter 'speed' expects a non-negative value$"):
         job.set_speed(-1)
     assert job.speed == 0
+
+
+# ------------------------------------------------------------------ corner cases
+
+
+async def test_cancel_of_a_job_never_started(
+    autojump_clock: MockClock, manager: JobManager, rec: Recorder
+) -> None:
+    job = FakeJob(manager, "job0")
+    manager.create(job)
+    await job.cancel()
+    # No completion event for a job that never ran (QEMU job_finalize_single).
+    assert rec.names() == ["JSC(created)", "JSC(aborting)", "JSC(concluded)", "JSC(null)"]
+    assert job.calls == ["abort", "clean"]
+    assert manager.jobs == {}
+
+
+async def test_paused_before_start(
+    autojump_clock: MockClock, manager: JobManager, rec: Recorder
+) -> None:
+    job = FakeJob(manager, "job0")
+    manager.create(job)
+    job.pause()
+    assert job.block_job_info()["paused"]
+    job.start()
+    await trio.sleep(10)
+    assert job.copied == [] and job.status == "paused"
+    job.resume()
+    await job.wait_ended()
+    assert rec.names() == ["JSC(created)", "JSC(running)", "JSC(paused)", "JSC(running)",
+                           *DONE_DEFAULT]  # fmt: skip
+
+
+async def test_daemon_nursery_torn_down(autojump_clock: MockClock, rec: Recorder) -> None:
+    """Not the orderly shutdown (cancel_all) but a cancelled nursery: the job still
+    aborts and cleans up, shielded for a bounded time, and the cancel propagates."""
+    jobs = []
+    with trio.CancelScope() as outer:
+        async with trio.open_nursery() as nursery:
+            manager = JobManager(rec_bus(rec))
+            manager.attach(nursery)
+            for name, options in [("busy", {"io_seconds": 10.0}), ("paused", {"speed": CHUNK})]:
+                job = FakeJob(manager, name, **options)
+                manager.create(job)
+                job.start()
+                jobs.append(job)
+            await trio.sleep(0.5)
+            jobs[1].pause()
+            outer.cancel()
+    for job in jobs:
+        assert job.status == "null"
+        assert job.calls[-2:] == ["abort", "clean"]
+    assert len(rec.data("BLOCK_JOB_CANCELLED")) == 2
