@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import random
 import tempfile
 from pathlib import Path
@@ -187,6 +188,22 @@ async def test_v2_and_refcount_widths(tmp_path: Path) -> None:
             await close(node)
         assert_clean(path)
         assert to_raw(path, tmp_path / "out.raw")[5000:105000] == b"\x99" * 100_000
+
+
+async def test_lazy_refcounts_image_written_eagerly(tmp_path: Path) -> None:
+    """The lazy-refcounts compat bit allows, but does not require, stale refcounts:
+    blockd keeps them exact and never sets the dirty bit."""
+    path = tmp_path / "lazy.qcow2"
+    run("qemu-img", "create", "-q", "-f", "qcow2", "-o", "lazy_refcounts=on", path, "2M")
+    node = await open_qcow2(path)
+    try:
+        await node.write(4096, b"\x31" * 200_000)
+        assert node.driver.image_info()["format-specific"]["data"]["lazy-refcounts"] is True
+    finally:
+        await close(node)
+    assert_clean(path)
+    got = json.loads(run("qemu-img", "info", "--output=json", path))
+    assert got["dirty-flag"] is False
 
 
 async def test_read_only_node_never_writes(tmp_path: Path) -> None:
