@@ -40,6 +40,14 @@ Tools for ``run()``:
   For ``ignore`` and ``report`` the first error is remembered: when ``run()`` returns, the
   job fails with it (``error`` = its strerror) although ``run()`` itself did not raise.
 
+Verbs (called by :mod:`blockd.commands.jobs` after the lookup; each does QEMU's checks
+in QEMU's order and raises :class:`~blockd.errors.RequestError` with QEMU's text):
+``pause()``, ``resume()``, ``set_speed(n)``, ``complete()``, ``change()``, ``dismiss()``
+are synchronous; ``await cancel()`` and ``await finalize()`` may wait for the job's task
+(see below). After a verb that may wake a parked job, ``await settle()`` lets it run to
+its next park before the reply. ``early_fail()`` drops a created, never started job.
+Queries: ``block_job_info()``, ``job_info()``.
+
 Cancellation is cooperative, as in QEMU: ``job-cancel`` marks the job and wakes it, and the
 job stops at its next pause point or rate-limit sleep, never in the middle of I/O. The
 pause points raise ``trio.Cancelled`` by cancelling the job's own cancel scope around
@@ -59,7 +67,9 @@ synchronously inside the command. Trio cannot run the job's task inside the comm
 waking (a sleeping job asked to pause enters its pause point; a paused job being resumed
 or cancelled leaves it). So a ``pause`` of a sleeping job, and a ``resume`` of a paused
 one, emit their ``JOB_STATUS_CHANGE`` before the reply, as in QEMU; a job busy with I/O
-changes later, after the reply. A ``cancel`` of a parked (sleeping or paused) job waits
+changes later, after the reply. A command that woke a job then calls :meth:`settle`, so
+that the job has gone back to sleep (or into I/O) when the reply is sent: ``busy`` in a
+query that follows is what QEMU would show. A ``cancel`` of a parked (sleeping or paused) job waits
 for the job's task to finish: qemu-storage-daemon 10.0 sends ``aborting``,
 ``BLOCK_JOB_CANCELLED``, ``concluded`` and ``null`` before the cancel's reply in that case
 (measured; §9.11 of the spec says otherwise, iotest 141 allows both). A job busy with I/O
@@ -620,6 +630,10 @@ class Job:
 
     async def _cancel(self) -> None:
         """QEMU ``job_cancel`` (always a forced cancel: no job type here has a soft one)."""
+        if self._started and self._completing:
+            # Finishing already (QEMU would have finished within one main-loop turn).
+            await self._ended.wait()
+            return
         if self.user_paused:
             # QEMU job_cancel_async: the cancel lifts the user pause (and its io-status).
             self.io_status = BlockDeviceIoStatus.OK
@@ -634,7 +648,7 @@ class Job:
             finally:
                 self._completing = False
         elif self._park is _Park.DONE:
-            if self.status is S.PENDING and not self._completing:
+            if self.status is S.PENDING:
                 self._send_request(JobVerb.CANCEL)
             await self._ended.wait()
         elif self._park is _Park.RUNNING:
