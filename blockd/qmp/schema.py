@@ -75,6 +75,9 @@ _SCHEMA_KEYWORDS: Final = frozenset(
 _JSON_TYPES: Final = ("object", "array", "string", "integer", "number", "boolean", "null")
 Node = Mapping[str, Any]
 
+#: File contents (canonical JSON) already found to be valid draft 2020-12 schemas.
+_WELL_FORMED: set[str] = set()
+
 #: ``x-qmp-int`` values with a narrower range than int64, and that range.
 _INT_RANGES: Final = {
     "int8": (-(1 << 7), (1 << 7) - 1),
@@ -287,10 +290,13 @@ class Schema:
 
     # --- checks at load time ---------------------------------------------------------------
     def _check(self, where: str, uri: str, contents: Node) -> None:
-        try:
-            Draft202012Validator.check_schema(contents)
-        except jsonschema.SchemaError as exc:
-            raise SchemaError(f"{where}: {exc.message}") from exc
+        text = json.dumps(contents, sort_keys=True)
+        if text not in _WELL_FORMED:  # the metaschema check is slow: once per content
+            try:
+                Draft202012Validator.check_schema(contents)
+            except jsonschema.SchemaError as exc:
+                raise SchemaError(f"{where}: {exc.message}") from exc
+            _WELL_FORMED.add(text)
         if "$id" in contents:
             raise SchemaError(f"{where}: do not write $id")
         resolver = self._registry.resolver(uri)
