@@ -11,6 +11,7 @@ import pytest
 import trio
 from qcow2_util import assert_clean, close, open_qcow2, qemu_io, read_all, run, to_raw
 
+from blockd.block.create import create_qcow2
 from blockd.block.driver import Status
 from blockd.errors import QMPError
 
@@ -118,12 +119,14 @@ async def test_backing_null_reads_zeros(tmp_path: Path) -> None:
         await close(node)
 
 
-async def test_block_status_matches_qemu_img_map(tmp_path: Path) -> None:
+@pytest.mark.parametrize("cluster_size", [512, 65536])
+async def test_block_status_matches_qemu_img_map(tmp_path: Path, cluster_size: int) -> None:
     base = tmp_path / "base.qcow2"
     run("qemu-img", "create", "-q", "-f", "qcow2", base, "6M")
     qemu_io(base, "write -P 1 0 6M")
     top = tmp_path / "top.qcow2"
-    run("qemu-img", "create", "-q", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2", top)
+    run("qemu-img", "create", "-q", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2",
+        "-o", f"cluster_size={cluster_size}", top)  # fmt: skip
     qemu_io(top, *PATTERN_WRITES)
     entries = json.loads(run("qemu-img", "map", "--output=json", top))
     node = await open_qcow2(top, read_only=True)
@@ -172,3 +175,24 @@ async def test_zstd_compressed(tmp_path: Path) -> None:
     expected[1000:1100] = b"\x77" * 100
     assert to_raw(path, tmp_path / "out.raw")[:65536] == expected
     assert_clean(path)
+
+
+async def test_block_status_skips_empty_tables(tmp_path: Path) -> None:
+    """1 TiB, one cluster written in the middle: two status calls, no per-cluster walk."""
+    path = tmp_path / "sparse.qcow2"
+    create_qcow2(path, 1 << 40)
+    qemu_io(path, "write -P 9 512G 64k")
+    node = await open_qcow2(path, read_only=True)
+    try:
+        with trio.fail_after(5):
+            first = await node.block_status(0, 1 << 40)
+            assert first.status == Status.NONE
+            assert first.length == 512 << 30
+            second = await node.block_status(512 << 30, 1 << 40)
+            assert Status.DATA in second.status
+            assert second.length == 65536
+            third = await node.block_status((512 << 30) + 65536, 1 << 40)
+            assert third.status == Status.NONE
+            assert third.length == (512 << 30) - 65536
+    finally:
+        await close(node)

@@ -307,46 +307,62 @@ class Qcow2Driver(Driver):
 
     async def block_status(self, offset: int, length: int) -> BlockStatus:
         async with self._lock:
-            h = self.header
-            cb = h.cluster_bits
-            cs = h.cluster_size
-            span_bits = cb + h.l2_bits
-            mask = (1 << h.l2_bits) - 1
-            end = offset + length
+            first, run = await self._status_run(offset, offset + length)
+        cs = self.header.cluster_size
+        kind = _KIND(first)
+        if kind is _NORMAL:
+            return BlockStatus(
+                Status.DATA | Status.ALLOCATED | Status.OFFSET_VALID,
+                run,
+                (first & fmt.OFFSET_MASK) + (offset & (cs - 1)),
+                self.node.file,
+            )
+        if kind is _COMPRESSED:
+            return BlockStatus(Status.DATA | Status.ALLOCATED, run)
+        if kind is _UNALLOCATED:
+            return BlockStatus(Status.NONE, run)
+        return BlockStatus(Status.ZERO | Status.ALLOCATED, run)
 
-            async def entry_at(pos: int) -> int:
-                l1i = pos >> span_bits
-                l2off = self.l1[l1i] & fmt.OFFSET_MASK if l1i < len(self.l1) else 0
-                if not l2off:
-                    return 0
-                return (await self._l2.get(l2off))[(pos >> cb) & mask]
-
-            first = await entry_at(offset)
-            kind = _KIND(first)
-            run_end = min(((offset >> cb) + 1) << cb, end)
-            nxt = (first & fmt.OFFSET_MASK) + cs
-            while run_end < end:
-                e = await entry_at(run_end)
-                if _KIND(e) is not kind:
+    async def _status_run(self, offset: int, end: int) -> tuple[int, int]:
+        """The L2 entry at ``offset`` and the length of the run of clusters up to ``end``
+        with the same kind (and contiguous host clusters for normal ones). Unallocated
+        L2 tables are skipped whole, so an empty terabyte costs one step per table."""
+        h = self.header
+        cb = h.cluster_bits
+        cs = h.cluster_size
+        span_bits = cb + h.l2_bits
+        mask = (1 << h.l2_bits) - 1
+        first: int | None = None
+        kind = _UNALLOCATED
+        nxt = 0
+        pos = offset
+        while pos < end:
+            l1i = pos >> span_bits
+            span_end = min((l1i + 1) << span_bits, end)
+            l2off = self.l1[l1i] & fmt.OFFSET_MASK if l1i < len(self.l1) else 0
+            if not l2off:
+                if first is None:
+                    first, kind = 0, _UNALLOCATED
+                elif kind is not _UNALLOCATED:
                     break
-                if kind is _NORMAL:
-                    if e & fmt.OFFSET_MASK != nxt:
-                        break
-                    nxt += cs
-                run_end = min(run_end + cs, end)
-            run = run_end - offset
-            if kind is _NORMAL:
-                return BlockStatus(
-                    Status.DATA | Status.ALLOCATED | Status.OFFSET_VALID,
-                    run,
-                    (first & fmt.OFFSET_MASK) + (offset & (cs - 1)),
-                    self.node.file,
-                )
-            if kind is _COMPRESSED:
-                return BlockStatus(Status.DATA | Status.ALLOCATED, run)
-            if kind is _UNALLOCATED:
-                return BlockStatus(Status.NONE, run)
-            return BlockStatus(Status.ZERO | Status.ALLOCATED, run)
+                pos = span_end
+                continue
+            table = await self._l2.get(l2off)
+            while pos < span_end:
+                e = table[(pos >> cb) & mask]
+                if first is None:
+                    first, kind = e, _KIND(e)
+                    nxt = (e & fmt.OFFSET_MASK) + cs
+                else:
+                    if _KIND(e) is not kind:
+                        return first, pos - offset
+                    if kind is _NORMAL:
+                        if e & fmt.OFFSET_MASK != nxt:
+                            return first, pos - offset
+                        nxt += cs
+                pos = min(((pos >> cb) + 1) << cb, span_end)
+        assert first is not None
+        return first, min(pos, end) - offset
 
     # -- write -----------------------------------------------------------------------
 
