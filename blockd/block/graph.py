@@ -434,11 +434,15 @@ class Graph:
             HostError: another process holds a lock byte we need; nothing changed.
         """
 
-        def stores_metadata(parent: BlockNode) -> bool:
+        def link_kind(parent: BlockNode) -> str:
             cls = self._classes.get(parent)
-            return cls is not None and cls.supports_backing
+            if cls is not None and cls.supports_backing:
+                return permissions.METADATA
+            if cls is not None and cls.format_name == "copy-on-read":
+                return permissions.COPY_ON_READ
+            return permissions.PASSTHROUGH
 
-        totals = permissions.check(permissions.plan(self.nodes.values(), stores_metadata))
+        totals = permissions.check(permissions.plan(self.nodes.values(), link_kind))
         changed: list[tuple[Any, Perm, Perm]] = []
         try:
             for node, (perm, shared) in totals.items():

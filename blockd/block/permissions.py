@@ -5,7 +5,8 @@ node and every :class:`~blockd.block.node.NodeUser` *uses* some permissions and 
 some with the other users of the same node (QEMU behaviour §4.4-4.6). Per link the rules
 are QEMU's defaults (``bdrv_default_perms``):
 
-* a filter's or ``raw``'s child: the parent's needs pass through unchanged;
+* a filter's or ``raw``'s child: the parent's needs pass through unchanged, except that
+  ``copy-on-read`` always adds ``write unchanged`` (it writes back what it reads);
 * a format's ``file`` (its metadata lives there): ``consistent read`` always, ``write``
   and ``resize`` when the format node is writable, and neither shared with others;
 * a ``backing`` link: at most ``consistent read``; writes shared only if the parents
@@ -39,19 +40,29 @@ class Use:
     shared: Perm
 
 
+#: how a parent uses its non-backing child, by the parent's driver
+METADATA: Final = "metadata"  # a format keeping its metadata there (qcow2's ``file``)
+COPY_ON_READ: Final = "copy-on-read"  # writes back what it reads: ``write unchanged``
+PASSTHROUGH: Final = "passthrough"  # raw, blkdebug: the parents' needs unchanged
+
+_PASSED: Final = Perm.CONSISTENT_READ | Perm.WRITE | Perm.RESIZE
+
+
 def link_perms(
-    role: str, perm: Perm, shared: Perm, *, metadata: bool, writable: bool
+    role: str, perm: Perm, shared: Perm, *, kind: str, writable: bool
 ) -> tuple[Perm, Perm]:
     """What a parent whose users need ``perm``/``shared`` takes on its ``role`` child.
 
-    ``metadata``: the parent is a format storing metadata in this child (qcow2's
-    ``file``); ``writable``: the parent node is read-write.
+    ``kind``: :data:`METADATA`, :data:`COPY_ON_READ` or :data:`PASSTHROUGH` (how the
+    parent's driver uses a non-backing child); ``writable``: the parent is read-write.
     """
-    # reference: QEMU bdrv_default_perms (filter / storage / cow children)
+    # reference: QEMU bdrv_default_perms (filter / storage / cow), cor_child_perm
     if role == "backing":
         cow_shared = (Perm.WRITE | Perm.RESIZE) if shared & Perm.WRITE else PERM_NONE
         return perm & Perm.CONSISTENT_READ, cow_shared | Perm.CONSISTENT_READ | Perm.WRITE_UNCHANGED
-    if metadata:
+    if kind == COPY_ON_READ:
+        return (perm & _PASSED) | Perm.WRITE_UNCHANGED, (shared & _PASSED) | Perm.WRITE_UNCHANGED
+    if kind == METADATA:
         need = perm | Perm.CONSISTENT_READ
         if writable:
             need |= Perm.WRITE | Perm.RESIZE
@@ -60,11 +71,12 @@ def link_perms(
 
 
 def plan(
-    nodes: Iterable[BlockNode], stores_metadata: Callable[[BlockNode], bool]
+    nodes: Iterable[BlockNode], link_kind: Callable[[BlockNode], str]
 ) -> dict[BlockNode, list[Use]]:
     """The users of every node in ``nodes``, parents' needs propagated downwards.
 
-    ``stores_metadata(parent)`` tells whether ``parent`` keeps metadata in its ``file``.
+    ``link_kind(parent)`` tells how ``parent`` uses its non-backing child (a ``kind``
+    of :func:`link_perms`).
     """
     uses: dict[BlockNode, list[Use]] = {}
     done: dict[BlockNode, tuple[Perm, Perm]] = {}
@@ -81,7 +93,7 @@ def plan(
                         role,
                         p_perm,
                         p_shared,
-                        metadata=stores_metadata(parent),
+                        kind=link_kind(parent),
                         writable=not parent.read_only,
                     )
                     mine.append(Use(f"node '{parent.name}'", role, perm, shared))

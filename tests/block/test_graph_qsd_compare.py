@@ -358,3 +358,28 @@ async def test_cache_and_flags(sock_dir: Path, chain: dict[str, Path]) -> None:
         found = differences(normalize(mine), normalize(qemu))
         print(*found, sep="\n  ")
         assert not found
+
+
+async def test_lock_bytes_during_a_stream(sock_dir: Path, tmp_path: Path) -> None:
+    """While a throttled stream runs, every image holds what QEMU's holds."""
+    base = tmp_path / "base.raw"
+    qemu_img("create", "-q", "-f", "raw", base, "4M")
+    write_pattern(base, "raw", 0, 4 << 20, 1)
+    qemu_img("create", "-q", "-f", "qcow2", "-b", "base.raw", "-F", "raw", tmp_path / "mid.qcow2")
+    qemu_img(
+        "create", "-q", "-f", "qcow2", "-b", "mid.qcow2", "-F", "qcow2", tmp_path / "top.qcow2"
+    )
+    commands: list[tuple[str, dict[str, Any]]] = [
+        (
+            "blockdev-add",
+            {"driver": "qcow2", "node-name": "top", "file": file_ref(tmp_path / "top.qcow2")},
+        ),
+        ("block-stream", {"job-id": "j", "device": "top", "speed": 1}),
+    ]
+    files = [tmp_path / "top.qcow2", tmp_path / "mid.qcow2", base]
+    theirs = await trio.to_thread.run_sync(run_qsd_locks, sock_dir, commands, files)
+    ours = await trio.to_thread.run_sync(
+        lambda: run_qmp([sys.executable, "-m", "blockd"], sock_dir, commands, files)
+    )
+    assert theirs[-1]["return"][0] == [100, 101, 102, 103, 201, 203]
+    assert ours == theirs
