@@ -156,13 +156,15 @@ def test_random_writes_compressed(
     run_case("compressed", cluster_size, ops)
 
 
-async def test_refcount_table_grows(tmp_path: Path) -> None:
-    """512-byte clusters: one refcount table cluster covers 8 MiB; write 12 MiB."""
+@pytest.mark.parametrize("refcount_bits", [16, 64])
+async def test_refcount_table_grows(tmp_path: Path, refcount_bits: int) -> None:
+    """512-byte clusters: one refcount table cluster covers 8 MiB (2 MiB with 64-bit
+    refcounts, so the table moves three times); write 12 MiB with two-table caches."""
     path = tmp_path / "small.qcow2"
     size = 16 * 1024 * 1024
-    create_qcow2(path, size, cluster_size=512)
+    create_qcow2(path, size, cluster_size=512, refcount_bits=refcount_bits)
     ref = bytearray(size)
-    node = await open_qcow2(path)
+    node = await open_qcow2(path, **TINY_CACHES)
     try:
         for i, off in enumerate(range(0, 12 * 1024 * 1024, 256 * 1024)):
             data = bytes([i % 251 + 1]) * (200 * 1024)
