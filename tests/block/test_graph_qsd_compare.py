@@ -383,3 +383,22 @@ async def test_lock_bytes_during_a_stream(sock_dir: Path, tmp_path: Path) -> Non
     )
     assert theirs[-1]["return"][0] == [100, 101, 102, 103, 201, 203]
     assert ours == theirs
+
+
+async def test_two_users_of_one_image(sock_dir: Path, chain: dict[str, Path]) -> None:
+    mid = file_ref(chain["mid"])
+    await compare(
+        sock_dir,
+        [
+            ("blockdev-add", {"driver": "qcow2", "node-name": "a", "file": mid, "backing": None}),
+            ("blockdev-add", {"driver": "qcow2", "node-name": "b", "file": mid, "backing": None}),
+            ("blockdev-add", {**mid, "node-name": "f"}),
+            ("blockdev-add", {"driver": "qcow2", "node-name": "c", "file": "f", "backing": None}),
+            ("blockdev-add", {"driver": "qcow2", "node-name": "d", "file": "f", "backing": None}),
+            (
+                "blockdev-add",
+                {"driver": "raw", "node-name": "e", "file": "f", "read-only": True},
+            ),
+            ("query-named-block-nodes", {"flat": True}),
+        ],
+    )
