@@ -59,6 +59,16 @@ _UNALLOCATED = ClusterKind.UNALLOCATED
 _COMPRESSED = ClusterKind.COMPRESSED
 
 
+_ZEROS = bytes(1 << 20)
+
+
+def _fill_zeros(view: memoryview) -> None:
+    """Zero ``view`` in place without allocating a buffer of its size."""
+    for start in range(0, len(view), len(_ZEROS)):
+        part = view[start : start + len(_ZEROS)]
+        part[:] = _ZEROS[: len(part)]
+
+
 def _zstd_module() -> Any:
     try:
         return importlib.import_module("zstandard")
@@ -253,7 +263,7 @@ class Qcow2Driver(Driver):
                     if kind is _UNALLOCATED:
                         await self._read_backing(cur, buf[pos : run_end - offset])
                     else:
-                        buf[pos : run_end - offset] = bytes(run_end - cur)
+                        _fill_zeros(buf[pos : run_end - offset])
                 pos = run_end - offset
 
     async def _read_backing(self, offset: int, view: memoryview) -> None:
@@ -265,7 +275,7 @@ class Qcow2Driver(Driver):
             if avail:
                 await backing.read(offset, view[:avail])
         if avail < len(view):
-            view[avail:] = bytes(len(view) - avail)
+            _fill_zeros(view[avail:])
 
     async def _decompress(self, entry: int) -> bytes:
         cached = self._last_compressed
@@ -301,7 +311,7 @@ class Qcow2Driver(Driver):
         elif kind is _UNALLOCATED:
             await self._read_backing(guest, out)
         else:
-            out[:] = bytes(len(out))
+            _fill_zeros(out)
 
     # -- block status ----------------------------------------------------------------
 
