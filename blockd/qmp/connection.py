@@ -84,12 +84,24 @@ class Output:
 
 
 def _qdict_ordered(value: Any) -> Any:
-    """``value`` with every object's members in QDict order, as QEMU echoes an ``id``."""
-    if isinstance(value, dict):
-        return {key: _qdict_ordered(value[key]) for key in qdict_order(value)}
-    if isinstance(value, list):
-        return [_qdict_ordered(item) for item in value]
-    return value
+    """``value`` with every object's members in QDict order, as QEMU echoes an ``id``.
+
+    Iterative: an ``id`` may be nested as deeply as the parser allows (1024).
+    """
+    holder = [value]
+    stack: list[tuple[Any, Any]] = [(holder, 0)]
+    while stack:
+        container, slot = stack.pop()
+        item = container[slot]
+        if isinstance(item, dict):
+            ordered = {key: item[key] for key in qdict_order(item)}
+            container[slot] = ordered
+            stack.extend((ordered, key) for key in ordered)
+        elif isinstance(item, list):
+            copy = list(item)
+            container[slot] = copy
+            stack.extend((copy, index) for index in range(len(copy)))
+    return holder[0]
 
 
 class _EnvelopeError(Exception):

@@ -20,7 +20,7 @@ rely on order; only byte-for-byte comparisons with QEMU need more (§1.1).
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, Final
 
 from blockd import QEMU_VERSION, __version__
@@ -87,74 +87,67 @@ def _string(text: str) -> str:
     return '"' + _NEEDS_ESCAPE.sub(_escape_char, text) + '"'
 
 
-def _compact(value: Any, out: list[str]) -> None:
+def _scalar(value: Any) -> str:
     if isinstance(value, str):
-        out.append(_string(value))
-    elif value is True:
-        out.append("true")
-    elif value is False:
-        out.append("false")
-    elif value is None:
-        out.append("null")
-    elif isinstance(value, int):
-        out.append(str(int(value)))
-    elif isinstance(value, float):
-        out.append(format(value, ".17g"))
-    elif isinstance(value, Mapping):
-        if not value:
-            out.append("{}")
-            return
-        sep = "{"
-        for key, item in value.items():
-            if not isinstance(key, str):
-                raise TypeError(f"cannot encode a {type(key).__name__} key as JSON")
-            out.append(sep)
-            out.append(_string(key))
-            out.append(": ")
-            _compact(item, out)
-            sep = ", "
-        out.append("}")
-    elif isinstance(value, list | tuple):
-        if not value:
-            out.append("[]")
-            return
-        sep = "["
-        for item in value:
-            out.append(sep)
-            _compact(item, out)
-            sep = ", "
-        out.append("]")
-    else:
-        raise TypeError(f"cannot encode {type(value).__name__} as JSON")
+        return _string(value)
+    if value is True:
+        return "true"
+    if value is False:
+        return "false"
+    if value is None:
+        return "null"
+    if isinstance(value, int):
+        return str(int(value))
+    if isinstance(value, float):
+        return format(value, ".17g")
+    raise TypeError(f"cannot encode {type(value).__name__} as JSON")
 
 
-def _pretty(value: Any, indent: int, out: list[str]) -> None:
-    # reference: to_json() with pretty=true in qobject/qjson.c
-    is_object = isinstance(value, Mapping)
-    if is_object:
-        items: Iterable[tuple[Any, Any]] = value.items()
-        opener, closer = "{", "}"
-    elif isinstance(value, list | tuple):
-        items = ((None, item) for item in value)
-        opener, closer = "[", "]"
-    else:
-        _compact(value, out)
-        return
-    out.append(opener)
-    first = True
-    for key, item in items:
-        if not first:
-            out.append(",")
-        first = False
-        out.append("\n" + " " * (4 * (indent + 1)))
-        if is_object:
-            if not isinstance(key, str):
-                raise TypeError(f"cannot encode a {type(key).__name__} key as JSON")
-            out.append(_string(key))
-            out.append(": ")
-        _pretty(item, indent + 1, out)
-    out.append("\n" + " " * (4 * indent))
-    out.append(closer)
+_END: Final = object()
+
+
+def _write(value: Any, pretty: bool, out: list[str]) -> None:
+    """Append ``value``'s JSON text to ``out``; iterative, so any nesting depth works."""
+    # reference: to_json() in qobject/qjson.c; each open container is one stack entry:
+    # [iterator over its items, is it an object, closing bracket, nothing written yet]
+    stack: list[list[Any]] = []
+    comma = "," if pretty else ", "
+    while True:
+        if isinstance(value, Mapping):
+            out.append("{")
+            stack.append([iter(value.items()), True, "}", True])
+        elif isinstance(value, list | tuple):
+            out.append("[")
+            stack.append([iter(value), False, "]", True])
+        else:
+            out.append(_scalar(value))
+        while stack:
+            entry = stack[-1]
+            items, is_object, closer, first = entry
+            item: Any = next(items, _END)
+            if item is _END:
+                stack.pop()
+                if pretty:
+                    out.append("\n" + " " * (4 * len(stack)))
+                out.append(closer)
+                continue
+            if not first:
+                out.append(comma)
+            entry[3] = False
+            if pretty:
+                out.append("\n" + " " * (4 * len(stack)))
+            if is_object:
+                key: Any = item[0]
+                value = item[1]
+                if not isinstance(key, str):
+                    raise TypeError(f"cannot encode a {type(key).__name__} key as JSON")
+                out.append(_string(key))
+                out.append(": ")
+            else:
+                value = item
+            break
+        else:
+            return
 
 
 def encode(value: Any, *, pretty: bool = False) -> bytes:
@@ -164,10 +157,9 @@ def encode(value: Any, *, pretty: bool = False) -> bytes:
         TypeError: ``value`` holds something that is not JSON (a bug in the caller).
     """
     out: list[str] = []
+    _write(value, pretty, out)
     if pretty:
-        _pretty(value, 0, out)
         return ("".join(out) + "\n").replace("\n", "\r\n").encode("ascii")
-    _compact(value, out)
     out.append("\r\n")
     return "".join(out).encode("ascii")
 

@@ -44,6 +44,9 @@ from blockd.qmp.qdict import first_leftover
 
 __all__ = ["BASE_URI", "Schema", "SchemaError"]
 
+#: The error for arguments nested too deeply for the validator (blockd's own text: QEMU
+#: has no such limit below the parser's nesting limit of 1024).
+TOO_DEEP: Final = "Parameters are nested too deeply"
 #: The URI the schema directory is mounted at inside the registry.
 BASE_URI: Final = "https://blockd.invalid/schema/"
 _KINDS: Final = ("commands", "events", "types")
@@ -464,13 +467,17 @@ class Schema:
         self._validate(returns, value, ValueError)
 
     def _validate(self, entry: _Entry, instance: Any, error: type[Exception]) -> None:
-        errors = iter(entry.validator.iter_errors(instance))
-        first = next(errors, None)
-        if first is None:
+        try:
+            errors = list(entry.validator.iter_errors(instance))
+        except RecursionError:
+            # jsonschema recurses per level; only absurdly deep inline options get here
+            raise error(TOO_DEEP) from None
+        if not errors:
             return
+        first = errors[0]
         root, resolver = self._deref(entry.contents, self._registry.resolver(entry.uri))
         candidates: list[_Candidate] = []
-        for exc in (first, *errors):
+        for exc in errors:
             self._candidates(exc, root, resolver, instance, candidates)
         if not candidates:  # an error kind the README does not allow; keep jsonschema's
             raise error(first.message)

@@ -295,3 +295,44 @@ def test_glib_leftover_order_known_values() -> None:
     keys = [f"k{i}" for i in range(40)]
     left = first_leftover(keys, keys[:-1])
     assert left == "k39"
+
+
+def test_nesting_at_the_parser_limit_is_safe(schema: Schema) -> None:
+    """Values nested up to QEMU's limit (1024) go through every layer without recursion
+    errors: the parser, the id echo and the encoder are iterative."""
+    conn = make(schema)
+    depth = 1023  # plus the request object: 1024
+    conn.receive_data(b'{"execute": "x", "id": ' + b"[" * depth + b"]" * depth + b"}")
+    out = conn.next_event()
+    assert isinstance(out, Output)
+    assert out.data.startswith(b'{"id": ' + b"[" * depth + b"]" * depth + b", ")
+    pretty = encode({"a": [[[{"b": [[[]]]}]]] * 2}, pretty=True)
+    assert pretty.count(b"\r\n") == 28
+    deep: Any = []
+    for _ in range(5000):
+        deep = [deep]
+    assert encode(deep) == b"[" * 5001 + b"]" * 5001 + b"\r\n"
+
+
+def test_arguments_too_deep_for_the_validator() -> None:
+    from blockd.qmp.schema import TOO_DEEP
+
+    files = {
+        "commands": {
+            "nest": {"type": "object", "properties": {"n": {"$ref": "../types/N.json"}},
+                     "additionalProperties": False}
+        },
+        "types": {
+            "N": {"type": "object", "properties": {"n": {"$ref": "N.json"}},
+                  "additionalProperties": False}
+        },
+    }  # fmt: skip
+    schema = Schema(files)
+    value: dict[str, Any] = {}
+    for _ in range(20):
+        value = {"n": value}
+    schema.validate_arguments("nest", value)
+    for _ in range(1000):
+        value = {"n": value}
+    with pytest.raises(RequestError, match=TOO_DEEP):
+        schema.validate_arguments("nest", value)

@@ -71,6 +71,8 @@ CASES: list[tuple[str, bytes, bytes]] = [
         b'{"execute": "x", "id": -0.0}{"execute": "x", "id": 1e400}{"execute": "x", "id": 1.5e300}'
         b'{"execute": "x", "id": 99999999999999999999}{"execute": "x", "id": -9223372036854775809}',
     ),
+    ("deep-id", b"", b'{"execute": "x", "id": ' + b"[" * 1023 + b"]" * 1023 + b"}"),
+    ("too-deep-id", b"", b'{"execute": "x", "id": ' + b"[" * 1024 + b"]" * 1024 + b"}"),
     (
         "id-object-order",
         b"",
