@@ -180,17 +180,22 @@ class Harness:
 
     async def wait_done(self, job_id: str, timeout: float = 30) -> dict[str, Any]:
         """Wait until ``job_id`` reaches ``null`` or ``concluded``; return its completion."""
-        with trio.fail_after(timeout):
-            while True:
-                for event in self.events:
-                    data = event.get("data", {})
-                    if (
-                        event["event"] in ("BLOCK_JOB_COMPLETED", "BLOCK_JOB_CANCELLED")
-                        and data.get("device") == job_id
-                    ):
-                        result: dict[str, Any] = {"event": event["event"], **data}
-                        job = self.d.jobs.find(job_id)
-                        if job is None or job.status in ("concluded", "null"):
-                            return result
-                self._changed = trio.Event()
-                await self._changed.wait()
+        with trio.move_on_after(timeout) as scope:
+            return await self._wait_done(job_id)
+        assert not scope.cancelled_caught, f"{job_id} not done; events: {self.names()}"
+        raise AssertionError("unreachable")
+
+    async def _wait_done(self, job_id: str) -> dict[str, Any]:
+        while True:
+            for event in self.events:
+                data = event.get("data", {})
+                if (
+                    event["event"] in ("BLOCK_JOB_COMPLETED", "BLOCK_JOB_CANCELLED")
+                    and data.get("device") == job_id
+                ):
+                    result: dict[str, Any] = {"event": event["event"], **data}
+                    job = self.d.jobs.find(job_id)
+                    if job is None or job.status in ("concluded", "null"):
+                        return result
+            self._changed = trio.Event()
+            await self._changed.wait()
