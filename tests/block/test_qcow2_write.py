@@ -258,3 +258,29 @@ async def test_reopen_dirty_image_read_write_refused(tmp_path: Path) -> None:
     finally:
         await close(node)
     assert path.read_bytes() == bytes(data)
+
+
+@pytest.mark.parametrize("cluster_size", [4096, 65536, 2 * 1024 * 1024])
+async def test_large_unaligned_writes_over_backing(tmp_path: Path, cluster_size: int) -> None:
+    """Multi-MiB requests with partial first and last clusters: copy-on-write of both
+    ends from the backing file, the middle written straight from the caller's buffer."""
+    size = 12 * 1024 * 1024
+    base = tmp_path / "base.qcow2"
+    create_qcow2(base, size)
+    qemu_io(base, "write -P 0x5c 0 12M")
+    path = tmp_path / "top.qcow2"
+    create_qcow2(path, size, cluster_size=cluster_size, backing_file="base.qcow2",
+                 backing_fmt="qcow2")  # fmt: skip
+    ref = bytearray(b"\x5c" * size)
+    rnd = random.Random(cluster_size)
+    node = await open_qcow2(path)
+    try:
+        for off, length in [(1000, 3 << 20), (5 << 20, (2 << 20) + 777), (9 << 20, 1 << 20),
+                            ((4 << 20) - 1, 3)]:  # fmt: skip
+            data = rnd.randbytes(length)
+            await node.write(off, data)
+            ref[off : off + length] = data
+        assert await read_all(node) == ref
+    finally:
+        await close(node)
+    judge(path, bytes(ref), tmp_path)

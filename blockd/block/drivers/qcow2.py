@@ -60,6 +60,8 @@ _COMPRESSED = ClusterKind.COMPRESSED
 
 
 _ZEROS = bytes(1 << 20)
+#: allocating runs up to this size are completed in one buffer and written at once
+_MERGE_LIMIT = 1 << 20
 
 
 def _fill_zeros(view: memoryview) -> None:
@@ -493,9 +495,11 @@ class Qcow2Driver(Driver):
         g0, g1 = c0 << cb, c1 << cb
         d0, d1 = max(offset, g0), min(offset + len(data), g1)
         host = (await self.refcounts.allocate(count)) << cb
+        cs = 1 << cb
         if d0 == g0 and d1 == g1:
-            payload: bytes | bytearray | memoryview = data[d0 - offset : d1 - offset]
-        else:
+            await self._file.write(host, data[d0 - offset : d1 - offset])
+        elif count == 1 or g1 - g0 <= _MERGE_LIMIT:
+            # small run: complete it in one buffer, one file write
             buf = bytearray(g1 - g0)
             mv = memoryview(buf)
             if d0 > g0:
@@ -503,8 +507,25 @@ class Qcow2Driver(Driver):
             if d1 < g1:
                 await self._old_cluster(d1, table[(c1 - 1) & mask], mv[d1 - g0 :])
             mv[d0 - g0 : d1 - g0] = data[d0 - offset : d1 - offset]
-            payload = buf
-        await self._file.write(host, payload)
+            await self._file.write(host, buf)
+        else:
+            # large run: only the partial end clusters are copied, the middle goes as is
+            head_end = min(g1, ((d0 + cs - 1) >> cb) << cb) if d0 > g0 else g0
+            tail_start = max(head_end, (d1 >> cb) << cb) if d1 < g1 else g1
+            if head_end > g0:
+                head = memoryview(bytearray(head_end - g0))
+                await self._old_cluster(g0, table[c0 & mask], head[: d0 - g0])
+                head[d0 - g0 :] = data[: head_end - d0]
+                await self._file.write(host, head)
+            if tail_start > head_end:
+                await self._file.write(
+                    host + head_end - g0, data[head_end - offset : tail_start - offset]
+                )
+            if g1 > tail_start:
+                tail = memoryview(bytearray(g1 - tail_start))
+                await self._old_cluster(d1, table[(c1 - 1) & mask], tail[d1 - tail_start :])
+                tail[: d1 - tail_start] = data[tail_start - offset : d1 - offset]
+                await self._file.write(host + tail_start - g0, tail)
         for k in range(count):
             i = (c0 + k) & mask
             old = table[i]
