@@ -13,6 +13,7 @@ job's read.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 from typing import Any, ClassVar, Final
 
@@ -23,6 +24,25 @@ from blockd.errors import RequestError
 
 #: the largest piece copied in one read/write pair (bounds the bounce buffer)
 MAX_BOUNCE: Final = 1024 * 1024
+
+
+_ZERO_PREFIX: Final = bytes(4096)
+
+
+@functools.lru_cache(maxsize=8)
+def _zeros(length: int) -> bytes:
+    return bytes(length)
+
+
+def _is_zero(view: memoryview) -> bool:
+    """Whether ``view`` holds only zero bytes (memcmp speed; data rarely starts zeroed)."""
+    obj = view.obj
+    if isinstance(obj, bytearray) and len(obj) == len(view):
+        if not obj.startswith(_ZERO_PREFIX[: len(obj)]):
+            return False
+        return obj == _zeros(len(obj))
+    data = view.tobytes()
+    return data.startswith(_ZERO_PREFIX[: len(data)]) and data == _zeros(len(data))
 
 
 def _find_below(start: BlockNode, name: str) -> BlockNode | None:
@@ -48,6 +68,7 @@ class CopyOnReadDriver(Driver):
         #: nothing will show through them: a stream that removes the whole backing
         #: chain sets it (QEMU writes zero clusters there; blockd has no write-zeroes).
         self.skip_zero_writes = False
+        self._bounce = bytearray()
 
     @classmethod
     async def open(cls, node: BlockNode, options: Mapping[str, Any]) -> CopyOnReadDriver:
@@ -101,13 +122,18 @@ class CopyOnReadDriver(Driver):
     async def _copy(self, offset: int, length: int, buf: memoryview | None) -> None:
         """Read ``[offset, offset + length)`` through the child and store it there."""
         top = self._child
-        bounce = buf if buf is not None else memoryview(bytearray(min(MAX_BOUNCE, length)))
+        if buf is None:
+            if len(self._bounce) < min(MAX_BOUNCE, length):
+                self._bounce = bytearray(min(MAX_BOUNCE, length))
+            bounce = memoryview(self._bounce)
+        else:
+            bounce = buf
         done = 0
         while done < length:
             piece = min(len(bounce), length - done)
             view = bounce[done : done + piece] if buf is not None else bounce[:piece]
             await top.read(offset + done, view)
-            if not (self.skip_zero_writes and view.tobytes() == bytes(piece)):
+            if not (self.skip_zero_writes and _is_zero(view)):
                 await top.write(offset + done, view)
             done += piece
 
