@@ -8,6 +8,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 import blockd.qmp
 from blockd.qmp.schema import Schema
@@ -153,3 +155,35 @@ def test_no_trio_in_the_protocol_core() -> None:
             for name in names:
                 assert name.split(".")[0] != "trio", f"{path.name} imports {name}"
                 assert not name.startswith(("blockd.server", "blockd.daemon")), path.name
+
+
+_KEYS = ["device", "job-id", "id", "speed", "driver", "node-name", "file", "filename",
+         "backing", "image", "enable", "flat", "force", "x"]  # fmt: skip
+_VALUES = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**70), 2**70)
+    | st.floats(allow_nan=False)
+    | st.sampled_from(["", "x", "file", "qcow2", "raw", "blkdebug", "report", "oob"]),
+    lambda inner: (
+        st.lists(inner, max_size=3) | st.dictionaries(st.sampled_from(_KEYS), inner, max_size=4)
+    ),
+    max_leaves=12,
+)
+
+
+@given(data=st.data())
+def test_any_request_gets_an_answer(schema: Schema, data: st.DataObject) -> None:
+    """Whatever the arguments, the core answers with a Request or an error, never raises."""
+    from blockd.qmp.connection import NEED_DATA, Connection, Output, Request
+    from blockd.qmp.messages import encode, version_info
+
+    command = data.draw(st.sampled_from(sorted(schema.commands)))
+    arguments = data.draw(st.dictionaries(st.sampled_from(_KEYS), _VALUES, max_size=6))
+    conn = Connection(schema, version=version_info())
+    conn.receive_data(b'{"execute": "qmp_capabilities"}')
+    assert isinstance(conn.next_event(), Output)
+    conn.receive_data(encode({"execute": command, "arguments": arguments, "id": arguments}))
+    event = conn.next_event()
+    assert isinstance(event, Request | Output)
+    assert conn.next_event() is NEED_DATA
