@@ -63,7 +63,7 @@ def test_kill_at_random_points(tmp_path: Path, setup: str) -> None:
         qemu_io(base, "write -P 0x22 0 6M")
         create_qcow2(path, 8 * 1024 * 1024, cluster_size=4096, backing_file="base.qcow2",
                      backing_fmt="qcow2")  # fmt: skip
-    for round_ in range(5):
+    for round_ in range(8):
         kill_after(path, rnd.randrange(1 << 30), rnd.randrange(1, 300), tiny=setup == "tiny-caches")
         assert_consistent(path)
         if setup == "snapshot":

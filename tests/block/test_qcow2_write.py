@@ -36,7 +36,7 @@ _ops = st.lists(
 )
 
 SETTINGS = settings(
-    max_examples=8,
+    max_examples=15,
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
