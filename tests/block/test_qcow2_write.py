@@ -85,7 +85,7 @@ def run_case(
             qemu_io(base, "write -P 0x5a 0 1M", "write -P 0x5b 1200k 1M")
             create_qcow2(path, SIZE, cluster_size=cluster_size, backing_file="base.qcow2",
                          backing_fmt="qcow2")  # fmt: skip
-            qemu_io(path, "write -P 0x61 64k 64k", "write -z 1M 64k")
+            qemu_io(path, "write -P 0x61 64k 64k", "write -z 1M 64k", "write -z 64k 32k")
         elif setup == "snapshot":
             create_qcow2(path, SIZE, cluster_size=cluster_size)
             qemu_io(path, "write -P 0x71 0 2M", "write -z 2M 128k")
