@@ -6,7 +6,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import trio
+import trio.testing
 from streamtools import KIB, MIB, Harness, check, compare, create, info, own_data, snapshot, write
+
+from blockd.block.drivers.copy_on_read import CopyOnReadDriver
 
 
 @pytest.mark.parametrize(("mask", "fmt"), [(True, "raw"), (False, "file"), (None, "file")])
@@ -94,3 +98,42 @@ async def test_copy_on_read_filter_alone(harness: Harness, tmp_path: Path) -> No
         await h.cmd("blockdev-del", node_name=name)
     check(top)
     assert own_data(top) == [(512 * KIB, 64 * KIB)]  # mid's data copied, base's not
+
+
+async def test_copy_never_overwrites_a_concurrent_write(
+    harness: Harness, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A write through the filter that arrives while a copy is between its read and its
+    write is not lost to the stale copied data."""
+    base = create(tmp_path / "base.qcow2", 1 * MIB)
+    write(base, 0, 1 * MIB, 0x51)
+    top = create(tmp_path / "top.qcow2", None, base)
+    h = harness
+    await h.raw(
+        "blockdev-add",
+        {"driver": "qcow2", "node-name": "top", "file": {"driver": "file", "filename": str(top)}},
+    )
+    await h.raw("blockdev-add", {"driver": "copy-on-read", "node-name": "cor", "file": "top"})
+    cor, top_node = h.d.graph.find("cor"), h.d.graph.find("top")
+    assert cor is not None and top_node is not None
+    driver = cor.driver
+    assert isinstance(driver, CopyOnReadDriver)
+    new = bytes([0x77]) * (64 * KIB)
+    real_read = top_node.driver.read
+
+    async with trio.open_nursery() as nursery:
+
+        async def read_then_race(offset: int, buf: memoryview) -> None:
+            await real_read(offset, buf)
+            # The copy has read the old data: a guest write comes in now.
+            nursery.start_soon(cor.write, 128 * KIB, new)
+            await trio.testing.wait_all_tasks_blocked()
+
+        monkeypatch.setattr(top_node.driver, "read", read_then_race)
+        await driver.prefetch(0, 512 * KIB)
+        monkeypatch.undo()
+    assert await cor.pread(128 * KIB, 64 * KIB) == new
+    assert await cor.pread(0, 64 * KIB) == bytes([0x51]) * (64 * KIB)
+    await h.cmd("blockdev-del", node_name="cor")
+    await h.cmd("blockdev-del", node_name="top")
+    check(top)

@@ -8,7 +8,9 @@ below ``bottom`` stays where it is. This is how ``block-stream`` copies (QEMU be
 §4.4, §6.2; QEMU's ``block/copy-on-read.c`` and ``bdrv_co_do_copy_on_readv``).
 
 :meth:`CopyOnReadDriver.prefetch` does the copying without returning data: the stream
-job's read.
+job's read. A copy (its decision, read and write) and a write through the filter never
+overlap, so a copy cannot store stale data over a newer write; every parent of the child
+writes through the filter once ``block-stream`` has inserted it.
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ from __future__ import annotations
 import functools
 from collections.abc import Mapping
 from typing import Any, ClassVar, Final
+
+import trio
 
 from blockd.block import chain
 from blockd.block.driver import BlockStatus, Driver
@@ -69,6 +73,8 @@ class CopyOnReadDriver(Driver):
         #: chain sets it (QEMU writes zero clusters there; blockd has no write-zeroes).
         self.skip_zero_writes = False
         self._bounce = bytearray()
+        #: copies (decision, read, write) and writes through the filter never overlap
+        self._serial = trio.Lock()
 
     @classmethod
     async def open(cls, node: BlockNode, options: Mapping[str, Any]) -> CopyOnReadDriver:
@@ -141,15 +147,16 @@ class CopyOnReadDriver(Driver):
         end = offset + len(buf)
         pos = offset
         while pos < end:
-            copy, n = await self._copy_decision(pos, end - pos)
-            if n == 0:
-                # Past the end of a shorter backing chain: nothing to copy.
-                await self._child.read(pos, buf[pos - offset :])
-                return
-            view = buf[pos - offset : pos - offset + n]
-            if copy:
-                await self._copy(pos, n, view)
-            else:
+            async with self._serial:
+                copy, n = await self._copy_decision(pos, end - pos)
+                if n == 0:
+                    # Past the end of a shorter backing chain: nothing to copy.
+                    await self._child.read(pos, buf[pos - offset :])
+                    return
+                view = buf[pos - offset : pos - offset + n]
+                if copy:
+                    await self._copy(pos, n, view)
+            if not copy:
                 await self._child.read(pos, view)
             pos += n
 
@@ -164,15 +171,19 @@ class CopyOnReadDriver(Driver):
         end = offset + length
         pos = offset
         while pos < end:
-            copy, n = await self._copy_decision(pos, end - pos)
-            if n == 0:
-                return
-            if copy:
-                await self._copy(pos, n, None)
+            async with self._serial:
+                copy, n = await self._copy_decision(pos, end - pos)
+                if n == 0:
+                    return
+                if copy:
+                    await self._copy(pos, n, None)
             pos += n
 
     async def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
-        await self._child.write(offset, data)
+        # Never between a copy's decision and its write: the copy would store the old
+        # data over this write (QEMU serialises copy-on-read requests the same way).
+        async with self._serial:
+            await self._child.write(offset, data)
 
     async def flush(self) -> None:
         await self._child.flush()
