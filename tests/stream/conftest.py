@@ -18,7 +18,7 @@ from blockd.daemon import Daemon
 @pytest.fixture
 async def harness() -> AsyncIterator[Harness]:
     """A daemon with its job nursery running; shut down (jobs cancelled, images closed)
-    at the end of the test."""
+    at the end of the test, and every event it sent checked against ``schema/events``."""
     daemon = Daemon()
     async with trio.open_nursery() as nursery:
         await nursery.start(daemon.run)
@@ -27,3 +27,6 @@ async def harness() -> AsyncIterator[Harness]:
             yield h
         finally:
             daemon.request_shutdown()
+    # Every event the test saw matches its schema file.
+    for event in h.events:
+        daemon.schema.validate_event(event["event"], event.get("data", {}))
