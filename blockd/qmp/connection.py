@@ -220,9 +220,11 @@ class Connection:
             raise _EnvelopeError(RequestError("QMP input lacks member 'execute'"), id)
         command: str = request[exec_key]
         oob = exec_key == "exec-oob"
-        known = command == "qmp_capabilities" if not self._negotiated else None
-        if known is None:
+        # negotiation mode has a command table of its own: qmp_capabilities alone
+        if self._negotiated:
             known = command in self._schema.commands
+        else:
+            known = command == "qmp_capabilities"
         if not known:
             raise _EnvelopeError(CommandNotFound(f"The command {command} has not been found"), id)
         if oob and not self._schema.allow_oob(command):
