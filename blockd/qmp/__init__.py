@@ -1,4 +1,11 @@
-"""The QMP protocol core, sans-IO: framing, messages, sessions and the schema.
+"""The QMP protocol core, sans-IO: nothing in this package imports trio or does I/O.
 
-Nothing in this package imports trio; :mod:`blockd.server` drives it.
+* :mod:`blockd.qmp.framing` -- the input byte stream to JSON values, with QEMU's lexer,
+  limits and error texts;
+* :mod:`blockd.qmp.messages` -- QEMU's output encoding and the shapes of replies;
+* :mod:`blockd.qmp.connection` -- one monitor session (negotiation, envelope checks,
+  validation), driven by :mod:`blockd.server`;
+* :mod:`blockd.qmp.schema` and :mod:`blockd.qmp.introspect` -- ``schema/``: loading,
+  argument validation with QEMU's texts, ``query-qmp-schema``;
+* :mod:`blockd.qmp.qdict` -- QEMU's hash-table orders, where they pick the error reported.
 """
