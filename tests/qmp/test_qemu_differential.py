@@ -340,8 +340,8 @@ def test_blockdev_add_variants_as_qemu(
     assert variant(ours) == variant(qemu_schema)
 
 
-def test_pretty_output_as_qemu(tmp_path: Path, schema: Schema) -> None:
-    path = str(tmp_path / "p.sock")
+def test_pretty_output_as_qemu(sock_dir: Path, schema: Schema) -> None:
+    path = str(sock_dir / "p.sock")
     proc = start_qsd(path, "chardev=m,pretty=on")
     data = (
         b'{"execute": "qmp_capabilities", "id": [1, {"a": [], "b": {}}]}'
