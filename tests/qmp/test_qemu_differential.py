@@ -13,9 +13,11 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 import socket
 import string
 import subprocess
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -181,8 +183,9 @@ def wait_socket(proc: subprocess.Popen[bytes], path: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def qsd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    path = str(tmp_path_factory.mktemp("qsd") / "m.sock")
+def qsd() -> Iterator[str]:
+    directory = tempfile.mkdtemp(prefix="blockd-")  # short: a socket path has <= 107 bytes
+    path = os.path.join(directory, "m.sock")
     proc = start_qsd(path)
     try:
         wait_socket(proc, path)
@@ -190,6 +193,7 @@ def qsd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     finally:
         proc.terminate()
         proc.wait(timeout=10)
+        shutil.rmtree(directory, ignore_errors=True)
 
 
 def qemu_replies(path: str, prelude: bytes, data: bytes) -> list[bytes]:
