@@ -335,7 +335,9 @@ class Schema:
             except referencing.exceptions.Unresolvable as exc:
                 raise SchemaError(f"{where}{pointer}: cannot resolve {node['$ref']!r}") from exc
         if "x-qmp-alternate" in node:
-            self._alternates[node["x-qmp-alternate"]] = self._branch_types(where, node, resolver)
+            name, kinds = node["x-qmp-alternate"], self._branch_types(where, node, resolver)
+            if self._alternates.setdefault(name, kinds) != kinds:
+                raise SchemaError(f"{where}{pointer}: another alternate is named {name!r}")
         if "x-qmp-union" in node:
             self._check_union(where + pointer, node)
         for name, sub in node.get("properties", {}).items():
