@@ -3,10 +3,12 @@ socket, real qcow2 chains, and qemu-img as the judge."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import subprocess
 import sys
 import time
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -16,6 +18,17 @@ from qemu.qmp.legacy import QEMUMonitorProtocol
 from streamtools import KIB, MIB, check, compare, create, info, own_data, snapshot, write
 
 TIMEOUT = 30
+
+
+def close_legacy_loop() -> None:
+    """Close the thread's default asyncio loop that qemu.qmp's legacy client made, so it
+    is not garbage collected unclosed during some later test."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        loop = asyncio.get_event_loop()
+    if not loop.is_running():
+        loop.close()
+        asyncio.set_event_loop(None)
 
 
 @pytest.fixture
@@ -51,6 +64,7 @@ def blockd(sock_dir: Path, tmp_path: Path) -> Iterator[tuple[QEMUMonitorProtocol
             assert qmp.cmd_obj({"execute": "quit"}) == {"return": {}}
             with contextlib.suppress(EOFError):  # qemu.qmp re-raises the server's EOF
                 qmp.close()
+            close_legacy_loop()
         assert proc.wait(timeout=TIMEOUT) == 0
     finally:
         proc.kill()
