@@ -479,6 +479,15 @@ LOAD_ERRORS: list[tuple[dict[str, Any], str]] = [
         "distinct JSON types",
     ),
     (
+        {
+            "types": {
+                "A": {"x-qmp-alternate": "A", "oneOf": [{"type": "string"}]},
+                "B": {"x-qmp-alternate": "A", "oneOf": [{"type": "integer"}]},
+            }
+        },
+        "another alternate is named 'A'",
+    ),
+    (
         {"types": {"U": {"type": "object", "x-qmp-union": "kind", "properties": {}}}},
         "union tag 'kind' must be a required member",
     ),
