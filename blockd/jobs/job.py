@@ -202,6 +202,7 @@ class Job:
         self._scope: trio.CancelScope | None = None
         self._completing = False
         self._woken = False
+        self._parked = trio.Event()
         self._request: JobVerb | None = None
         self._request_event = trio.Event()
         self._ended = trio.Event()
@@ -333,6 +334,23 @@ class Job:
             self._woken = False
             await trio.lowlevel.cancel_shielded_checkpoint()
             await trio.lowlevel.cancel_shielded_checkpoint()
+
+    async def drain(self) -> None:
+        """Pause the job internally and wait until it is parked (QEMU ``bdrv_drain_all``).
+
+        Used on shutdown before the cancels: a running job moves to ``paused`` (a sleeping
+        one at once, a busy one at its next pause point); the pause is never lifted, the
+        cancel that follows takes the job out of its pause point. Jobs that finished their
+        work, or never started, are left alone.
+        """
+        if not self._started or self._park is _Park.DONE:
+            return
+        self.pause_count += 1
+        if self._park is not _Park.PAUSED:
+            self._enter(_Wake.ALWAYS)
+        while self._park is _Park.RUNNING:
+            self._parked = trio.Event()
+            await self._parked.wait()
 
     async def wait_ended(self) -> None:
         """Wait until the job's completion has run (or, never started, returns at once)."""
@@ -492,6 +510,7 @@ class Job:
         self._park = _Park.PAUSED
         self.busy = False
         self._wake = trio.Event()
+        self._parked.set()
 
     def _leave_pause_point(self) -> None:
         self._park = _Park.RUNNING
@@ -566,6 +585,7 @@ class Job:
         # QEMU job_co_entry/job_exit/job_completed: from here on the job is not busy.
         self._park = _Park.DONE
         self.busy = False
+        self._parked.set()
         self._completing = True
         if not self._ret and self._first_error is not None:
             self._fail(self._first_error)

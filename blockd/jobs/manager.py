@@ -121,11 +121,17 @@ class JobManager:
     async def cancel_all(self) -> None:
         """Cancel every job that has not finished, and wait until each has ended.
 
+        As qemu-storage-daemon on ``quit`` and SIGTERM: first every running job is
+        drained (paused internally: ``JOB_STATUS_CHANGE paused``), then the jobs are
+        cancelled one after the other, newest first, each finished before the next
+        (``running``, ``aborting``, ``BLOCK_JOB_CANCELLED``, ``concluded``, ``null``).
         Jobs that finished their work and wait for ``job-finalize`` are aborted too;
-        concluded jobs are left alone. Used by ``quit`` and SIGTERM (QEMU
-        ``job_cancel_sync_all``).
+        concluded jobs are left alone. (QEMU ``bdrv_drain_all_begin`` and
+        ``job_cancel_sync_all``.)
         """
         jobs = self.newest_first()
+        for job in jobs:
+            await job.drain()
         for job in jobs:
             if job.completing or (job.status in COMPLETED and job.status is not JobStatus.PENDING):
                 continue

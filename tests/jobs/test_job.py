@@ -497,3 +497,42 @@ async def test_daemon_nursery_torn_down(autojump_clock: MockClock, rec: Recorder
         assert job.status == "null"
         assert job.calls[-2:] == ["abort", "clean"]
     assert len(rec.data("BLOCK_JOB_CANCELLED")) == 2
+
+
+async def test_cancel_all_drains_then_cancels_newest_first(
+    autojump_clock: MockClock, manager: JobManager, rec: Recorder
+) -> None:
+    """The transcript qemu-storage-daemon 10.0 gives on ``quit`` with a user-paused job A
+    and a sleeping job B (newer): B is drained (paused), then each job in turn is
+    cancelled and finished, newest first."""
+    jobs = {}
+    for name in ("jobA", "jobB"):
+        jobs[name] = FakeJob(manager, name, speed=1024)
+        manager.create(jobs[name])
+        jobs[name].start()
+    await trio.sleep(1)
+    jobs["jobA"].pause()
+    rec.clear()
+    await manager.cancel_all()
+    got = [
+        f"{data['id']}:{data['status']}" if name == "JOB_STATUS_CHANGE" else
+        f"{name}:{data['device']}"
+        for name, data in rec.items
+    ]  # fmt: skip
+    assert got == [
+        "jobB:paused",
+        "jobB:running", "jobB:aborting", "BLOCK_JOB_CANCELLED:jobB", "jobB:concluded",
+        "jobB:null",
+        "jobA:running", "jobA:aborting", "BLOCK_JOB_CANCELLED:jobA", "jobA:concluded",
+        "jobA:null",
+    ]  # fmt: skip
+
+
+async def test_drain_waits_for_a_busy_job(
+    autojump_clock: MockClock, manager: JobManager, rec: Recorder, make_job: Any
+) -> None:
+    job = make_job(io_seconds=1.0)
+    await trio.sleep(0.25)
+    await job.drain()
+    assert trio.current_time() == pytest.approx(1.0)  # the chunk in flight finished first
+    assert job.status == "paused" and not job.busy and job.copied == [0]
