@@ -69,6 +69,25 @@ class Monitor:
             assert time.monotonic() < deadline, "timed out waiting for a job state"
             time.sleep(0.02)
 
+    def read_to_eof(self) -> None:
+        """Record every event until the daemon closes the connection (after ``quit``)."""
+        deadline = time.monotonic() + TIMEOUT
+        while True:
+            while b"\n" in self.buffer:
+                line, _, self.buffer = self.buffer.partition(b"\n")
+                message = json.loads(line)
+                if "event" in message:
+                    self.transcript.append(("event", message["event"], message.get("data")))
+            ready, _, _ = select.select([self.sock], [], [], deadline - time.monotonic())
+            assert ready, "the daemon did not close the connection"
+            try:
+                data = self.sock.recv(65536)
+            except ConnectionResetError:
+                return
+            if not data:
+                return
+            self.buffer += data
+
     def close(self) -> None:
         self.sock.close()
 
