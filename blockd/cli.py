@@ -54,6 +54,8 @@ QMP-compatible block-job daemon (a drop-in for qemu-storage-daemon's block-strea
                             plus --monitor on it
   --pidfile <path>          write the daemon's pid to <path> once it accepts connections
   --daemonize               run in the background once started
+  --allow-header-json       follow json: and protocol-prefixed (nbd:, file: ...) backing
+                            names found in image headers (refused by default)
 
 Every socket serves many clients at once. SIGINT, SIGTERM, SIGHUP or the QMP command
 'quit' stop the daemon cleanly.
@@ -111,6 +113,7 @@ class Config:
     help: bool = False
     version: bool = False
     monitors: tuple[MonitorSpec, ...] = field(default=())
+    allow_header_json: bool = False
 
 
 _WITH_VALUE: Final = frozenset(
@@ -127,7 +130,7 @@ _WITH_VALUE: Final = frozenset(
         "-T",
     }
 )
-_FLAGS: Final = frozenset({"--daemonize", "--help", "-h", "--version", "-V"})
+_FLAGS: Final = frozenset({"--daemonize", "--help", "-h", "--version", "-V", "--allow-header-json"})
 _UNSUPPORTED: Final = frozenset({"--object", "--export", "--nbd-server", "--trace", "-T"})
 _CHARDEV_KEYS: Final = frozenset({"backend", "id", "path", "server", "wait", "fd"})
 _MONITOR_KEYS: Final = frozenset({"chardev", "id", "mode", "pretty"})
@@ -272,6 +275,7 @@ def parse_args(argv: Sequence[str]) -> Config:
         help="--help" in flags,
         version="--version" in flags,
         monitors=tuple(monitors),
+        allow_header_json="--allow-header-json" in flags,
     )
 
 

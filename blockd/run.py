@@ -133,6 +133,7 @@ async def _start(
 async def _main(config: Config, ready_fd: int | None) -> None:
     pidfile = PidFile(config.pidfile) if config.pidfile else None
     daemon = Daemon()
+    daemon.graph.allow_header_json = config.allow_header_json
     commands = load_all()
     server = Server(daemon, commands)
     with trio.open_signal_receiver(*_SIGNALS) as signals:

@@ -23,7 +23,9 @@ Rules:
   server shutdown cancels commands, after a grace period.
 * At most :data:`MAX_CONNECTIONS` sessions run at once; a connection beyond that is
   accepted and closed at once, with a warning on stderr.
-* A socket file is created with mode 0600 (or stricter, per the umask). A stale socket
+* A socket file is created with mode 0600 (or stricter, per the umask), never in a
+  directory everyone may write to without the sticky bit, never through a symlink (any
+  non-socket at the path is refused). A stale socket
   (nobody answers a connect) is replaced; a live one makes startup fail. Sockets this
   server created are removed when it closes, if they are still the same files.
 """
@@ -242,9 +244,25 @@ def _unlink_stale(path: str) -> None:
     raise EndpointError(f"Failed to bind socket to {path}: a running daemon is listening there")
 
 
+def _check_directory(path: str) -> None:
+    """Refuse a socket directory where another user could swap the file: one writable by
+    everyone without the sticky bit (a sticky one such as /tmp is fine)."""
+    directory = os.path.dirname(os.path.abspath(path))
+    try:
+        info = os.stat(directory)
+    except OSError as exc:
+        raise EndpointError(f"Failed to bind socket to {path}: {exc.strerror}") from exc
+    if info.st_mode & stat.S_IWOTH and not info.st_mode & stat.S_ISVTX:
+        raise EndpointError(
+            f"Failed to bind socket to {path}: the directory {directory} is writable by "
+            "everyone and not sticky"
+        )
+
+
 def _bind_unix(path: str) -> socket.socket:
     if len(os.fsencode(path)) > _UNIX_PATH_MAX:
         raise EndpointError(f"UNIX socket path '{path}' is too long")
+    _check_directory(path)
     _unlink_stale(path)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     # The umask decides the mode bind() gives the file: never wider than 0600, and

@@ -136,6 +136,9 @@ class Graph:
         self._inherits_ro: set[BlockNode] = set()  # opened inline without 'read-only'
         self._counter = 0
         self._random = random.Random()
+        #: Follow ``json:`` and protocol-prefixed backing names found in image headers
+        #: (the daemon's ``--allow-header-json``); off, such names are refused.
+        self.allow_header_json = False
 
     # -- lookup ----------------------------------------------------------------------
 
@@ -313,7 +316,23 @@ class Graph:
 
     def header_backing_options(self, node: BlockNode, name: str, fmt: str | None) -> dict[str, Any]:
         """The blockdev options that open the backing file ``name`` recorded in the
-        header of ``node`` with format ``fmt`` (probed as qcow2 or raw when ``None``)."""
+        header of ``node`` with format ``fmt`` (probed as qcow2 or raw when ``None``).
+
+        A header name is data from the image: a ``json:`` pseudo-filename or a protocol
+        prefix (``nbd:``, ``blkdebug:``, ``file:`` ...) could make the daemon open any
+        host file or service, so it is refused unless :attr:`allow_header_json` is set.
+        Plain relative and absolute paths are followed as QEMU follows them.
+
+        Raises:
+            RequestError: such a name without the opt-in, or a malformed ``json:`` name.
+        """
+        if not self.allow_header_json and _PROTOCOL_PREFIX.match(name):
+            shown = name if len(name) <= 80 else name[:77] + "..."
+            raise RequestError(
+                f"The backing file name '{shown}' in the header of '{image_path(node)}' "
+                "is a json: or protocol name, which blockd follows only when started "
+                "with --allow-header-json (or give 'backing' explicitly)"
+            )
         if name.startswith("json:"):
             try:
                 parsed = json.loads(name[5:])

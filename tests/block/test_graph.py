@@ -302,6 +302,7 @@ async def test_json_backing_name_from_header(graph: Graph, tmp_path: Path) -> No
     create_qcow2(top, 65536, backing_file=f"json:{name}")
     expected = qemu_io("-r", "-f", "qcow2", "-c", "read -P 0x66 0 4096", top)
     assert "read 4096/4096" in expected.stdout  # qemu-io reads the window the same way
+    graph.allow_header_json = True  # the opt-in (refused by default: tests/reliability)
     node = await graph.open_node(qcow2(top), top_level=True)
     assert node.backing is not None and node.backing.length() == 65536
     assert await node.pread(0, 4096) == b"\x66" * 4096
