@@ -51,6 +51,11 @@ async def query_qmp_schema(d: Daemon) -> list[dict[str, Any]]:
 
 @command("quit")
 async def quit_(d: Daemon) -> dict[str, Any]:
-    """Ask the daemon to shut down; the reply goes out before the sockets close."""
+    """Shut the daemon down; the reply goes out before the sockets close.
+
+    As qemu-storage-daemon does, running jobs are cancelled (newest first) before the
+    reply, so every monitor receives their final events before ``{"return": {}}``.
+    """
+    await d.jobs.cancel_all()
     d.request_shutdown()
     return {}

@@ -181,12 +181,6 @@ def quit_with_jobs(m: Monitor) -> None:
     m.read_to_eof()
 
 
-@pytest.mark.xfail(
-    reason="blockd replies to quit before the jobs are cancelled and closes the socket "
-    "meanwhile; QEMU sends drain/cancel events first (needs quit/run.py to await "
-    "JobManager.cancel_all() before replying and closing)",
-    strict=True,
-)
 def test_quit_transcript(where: Path, sock_dir: Path) -> None:
     assert QSD is not None
     qemu = transcript([QSD], where, sock_dir, quit_with_jobs)
