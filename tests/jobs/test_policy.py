@@ -43,7 +43,7 @@ def test_action_table(key: tuple[str, int], action: str) -> None:
     assert error_action(BlockdevOnError(policy), code) == action
 
 
-@pytest.mark.parametrize(("policy", "code"), itertools.product(BlockdevOnError, OTHER_ERRNOS))
+@pytest.mark.parametrize(("policy", "code"), list(itertools.product(BlockdevOnError, OTHER_ERRNOS)))
 def test_any_other_errno_is_treated_as_eio(policy: BlockdevOnError, code: int) -> None:
     assert error_action(policy, code) == error_action(policy, errno.EIO)
 

@@ -54,7 +54,7 @@ def test_enums_are_qapi_order() -> None:
     ]  # fmt: skip
 
 
-@pytest.mark.parametrize(("old", "new"), itertools.product(JobStatus, JobStatus))
+@pytest.mark.parametrize(("old", "new"), list(itertools.product(JobStatus, JobStatus)))
 def test_transition_table_both_directions(old: JobStatus, new: JobStatus) -> None:
     allowed = new.value in SPEC_TRANSITIONS[old.value]
     assert (new in TRANSITIONS[old]) == allowed
@@ -65,7 +65,7 @@ def test_transition_table_both_directions(old: JobStatus, new: JobStatus) -> Non
             check_transition(old, new)
 
 
-@pytest.mark.parametrize(("verb", "status"), itertools.product(JobVerb, JobStatus))
+@pytest.mark.parametrize(("verb", "status"), list(itertools.product(JobVerb, JobStatus)))
 def test_verb_table_both_directions(verb: JobVerb, status: JobStatus) -> None:
     allowed = status.value in SPEC_VERBS[verb.value]
     assert (status in VERBS[verb]) == allowed
