@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import sys
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -43,3 +43,27 @@ def connect() -> Iterator[Callable[[Path | str], FuzzClient]]:
     yield open_client
     for client in opened:
         client.close()
+
+
+# The stream tests' helpers (qemu-img wrappers and an in-process daemon harness).
+STREAM_TESTS = ROOT / "tests" / "stream"
+if str(STREAM_TESTS) not in sys.path:
+    sys.path.insert(0, str(STREAM_TESTS))
+
+import trio  # noqa: E402
+from streamtools import Harness  # noqa: E402
+
+from blockd.daemon import Daemon  # noqa: E402
+
+
+@pytest.fixture
+async def harness() -> AsyncIterator[Harness]:
+    """A daemon driven through its handlers (as tests/stream's fixture of that name)."""
+    d = Daemon()
+    async with trio.open_nursery() as nursery:
+        await nursery.start(d.run)
+        h = Harness(d)
+        try:
+            yield h
+        finally:
+            d.request_shutdown()

@@ -85,6 +85,8 @@ class FileDriver(Driver):
     @classmethod
     def _open_fd(cls, path: str, *, read_only: bool, direct: bool) -> int:
         try:
+            if "\0" in path:  # no such name can exist (a header's name bytes may hold one)
+                raise OSError(errno.EINVAL, os.strerror(errno.EINVAL))
             fd = os.open(path, _open_flags(read_only, direct))
         except OSError as exc:
             code = exc.errno if exc.errno is not None else errno.EIO
