@@ -17,6 +17,7 @@ import subprocess
 import sys
 import time
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -61,8 +62,10 @@ def blockdevs(d: Path, errno_: int | None) -> list[dict[str, Any]]:
 
 
 def scenario(cmd: list[str], d: Path, sock_dir: Path, stream: dict[str, Any],
-             errno_: int | None) -> dict[str, Any]:  # fmt: skip
-    """Run one stream under the daemon ``cmd``; what a client and qemu-img then see."""
+             errno_: int | None, during: Sequence[tuple[str, dict[str, Any]]] = ()
+             ) -> dict[str, Any]:  # fmt: skip
+    """Run one stream under the daemon ``cmd`` (``during``: commands sent right after
+    it started); what a client and qemu-img then see."""
     d.mkdir()
     make_chain(d)
     sock = sock_dir / f"{d.name}.sock"
@@ -88,6 +91,8 @@ def scenario(cmd: list[str], d: Path, sock_dir: Path, stream: dict[str, Any],
             qmp.cmd_raw("block-stream", {"device": "top", "job-id": "x", "backing-file": "y"}),
         ]
         seen.append(qmp.cmd_raw("block-stream", {"device": "top", "job-id": "j", **stream}))
+        for name, arguments in during:
+            seen.append([name, qmp.cmd_raw(name, arguments)])
         while True:
             event = qmp.pull_event(wait=TIMEOUT)
             assert event is not None
@@ -97,6 +102,11 @@ def scenario(cmd: list[str], d: Path, sock_dir: Path, stream: dict[str, Any],
                 [job] = qmp.cmd_raw("query-block-jobs")["return"]
                 seen.append({k: job[k] for k in ("offset", "len", "io-status", "paused")})
                 qmp.cmd_raw("block-job-resume", {"device": "j"})
+            if event["event"] == "BLOCK_JOB_PENDING":
+                seen.append(["job-finalize", qmp.cmd_raw("job-finalize", {"id": "j"})])
+            if data.get("status") == "concluded" and stream.get("auto-dismiss") is False:
+                seen.append(["query-jobs", qmp.cmd_raw("query-jobs")])
+                seen.append(["job-dismiss", qmp.cmd_raw("job-dismiss", {"id": "j"})])
             if data.get("status") == "null":
                 break
         nodes = qmp.cmd_raw("query-named-block-nodes", {"flat": True})["return"]
@@ -143,6 +153,37 @@ def test_same_as_qemu(
     # Events (all but timestamps, in order) and the final query; json: filenames are
     # compared as flattened option sets (QEMU writes dotted keys in hash order).
     assert normalize(ours["seen"]) == normalize(qemu["seen"])
+
+
+BUSY_CHECKS = [
+    ("block-stream", {"device": "mid", "job-id": "x"}),
+    ("block-stream", {"device": "top", "job-id": "y", "base-node": "mid"}),
+    ("block-stream", {"device": "sf", "job-id": "z"}),
+    ("blockdev-del", {"node-name": "mid"}),
+    ("blockdev-del", {"node-name": "base"}),
+    ("block-stream", {"device": "top", "job-id": "j"}),
+    ("query-block-jobs", {}),
+    ("block-job-set-speed", {"device": "j", "speed": -1}),
+    ("block-job-set-speed", {"device": "j", "speed": 0}),
+]
+
+
+def test_busy_nodes_same_as_qemu(tmp_path: Path, sock_dir: Path) -> None:
+    """A throttled stream holds its nodes: the same refusals as QEMU, then it finishes."""
+    assert QSD is not None
+    stream = {"base-node": "base", "filter-node-name": "sf", "speed": 1024}
+    qemu = scenario([QSD], tmp_path / "qemu", sock_dir, stream, None, BUSY_CHECKS)
+    ours = scenario(BLOCKD, tmp_path / "blockd", sock_dir, stream, None, BUSY_CHECKS)
+    assert normalize(ours) == normalize(qemu)
+
+
+def test_manual_finalize_same_as_qemu(tmp_path: Path, sock_dir: Path) -> None:
+    assert QSD is not None
+    stream = {"auto-finalize": False, "auto-dismiss": False, "speed": 1024}
+    during = [("query-jobs", {}), ("block-job-set-speed", {"device": "j", "speed": 0})]
+    qemu = scenario([QSD], tmp_path / "qemu", sock_dir, stream, None, during)
+    ours = scenario(BLOCKD, tmp_path / "blockd", sock_dir, stream, None, during)
+    assert normalize(ours) == normalize(qemu)
 
 
 def flatten(value: Any, prefix: str = "") -> dict[str, Any]:
