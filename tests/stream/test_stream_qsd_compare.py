@@ -92,6 +92,7 @@ def scenario(cmd: list[str], d: Path, sock_dir: Path, stream: dict[str, Any],
         ]
         seen.append(qmp.cmd_raw("block-stream", {"device": "top", "job-id": "j", **stream}))
         for name, arguments in during:
+            # (only commands whose answers do not depend on how far the job got)
             seen.append([name, qmp.cmd_raw(name, arguments)])
         while True:
             event = qmp.pull_event(wait=TIMEOUT)
@@ -162,7 +163,6 @@ BUSY_CHECKS = [
     ("blockdev-del", {"node-name": "mid"}),
     ("blockdev-del", {"node-name": "base"}),
     ("block-stream", {"device": "top", "job-id": "j"}),
-    ("query-block-jobs", {}),
     ("block-job-set-speed", {"device": "j", "speed": -1}),
     ("block-job-set-speed", {"device": "j", "speed": 0}),
 ]
@@ -180,7 +180,7 @@ def test_busy_nodes_same_as_qemu(tmp_path: Path, sock_dir: Path) -> None:
 def test_manual_finalize_same_as_qemu(tmp_path: Path, sock_dir: Path) -> None:
     assert QSD is not None
     stream = {"auto-finalize": False, "auto-dismiss": False, "speed": 1024}
-    during = [("query-jobs", {}), ("block-job-set-speed", {"device": "j", "speed": 0})]
+    during = [("block-job-set-speed", {"device": "j", "speed": 0})]
     qemu = scenario([QSD], tmp_path / "qemu", sock_dir, stream, None, during)
     ours = scenario(BLOCKD, tmp_path / "blockd", sock_dir, stream, None, during)
     assert normalize(ours) == normalize(qemu)
