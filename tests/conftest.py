@@ -24,8 +24,10 @@ deterministic and fast:
 
 from __future__ import annotations
 
+import asyncio
 import shutil
 import tempfile
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -44,3 +46,23 @@ def sock_dir() -> Iterator[Path]:
         yield path
     finally:
         shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture(autouse=True)
+def _close_default_asyncio_loop() -> Iterator[None]:
+    """Close the thread's default asyncio loop after each test.
+
+    ``qemu.qmp``'s synchronous client (``qemu.qmp.legacy``, also used by the examples)
+    leaves the thread's default event loop open; garbage-collected later, it would raise
+    an unclosed-loop ``ResourceWarning`` inside whatever test runs then.
+    """
+    yield
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        try:
+            loop = asyncio.get_event_loop_policy().get_event_loop()
+        except RuntimeError:  # set to None already (asyncio.run does that)
+            return
+    if not loop.is_running():
+        loop.close()
+        asyncio.set_event_loop(None)
