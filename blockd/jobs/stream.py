@@ -186,16 +186,19 @@ class StreamJob(Job):
             copy = False
             n = min(STREAM_CHUNK, length - offset)
             try:
-                allocated, n = await chain.is_allocated(top, offset, STREAM_CHUNK)
-                if not allocated:
-                    # reference: stream_run: copy if a layer down to base_overlay has it
-                    copy, n = await chain.is_allocated_above(
-                        top.backing, self.base_overlay, True, offset, n
-                    )
-                    if not copy and n == 0:
-                        n = length - offset  # the end of a shorter backing chain
-                if copy:
-                    await cor.prefetch(offset, n)
+                # The decision and the copy under the filter's lock: no write through
+                # the filter lands between them, so the chain is asked once per step.
+                async with cor.serial:
+                    allocated, n = await chain.is_allocated(top, offset, STREAM_CHUNK)
+                    if not allocated:
+                        # reference: stream_run: copy if a layer down to base_overlay has it
+                        copy, n = await chain.is_allocated_above(
+                            top.backing, self.base_overlay, True, offset, n
+                        )
+                        if not copy and n == 0:
+                            n = length - offset  # the end of a shorter backing chain
+                    if copy:
+                        await cor.copy_decided(offset, n)
             except OSError as exc:
                 action = await self.handle_io_error(exc)
                 if action == "retry":

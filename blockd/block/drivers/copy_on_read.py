@@ -179,6 +179,25 @@ class CopyOnReadDriver(Driver):
                     await self._copy(pos, n, None)
             pos += n
 
+    @property
+    def serial(self) -> trio.Lock:
+        """The lock that keeps copies and writes through the filter apart. A caller
+        that decides itself what to copy holds it from the decision through
+        :meth:`copy_decided` (the stream job does, to query the chain once per step)."""
+        return self._serial
+
+    async def copy_decided(self, offset: int, length: int) -> None:
+        """Copy ``[offset, offset + length)`` into the child, decided by the caller under
+        :attr:`serial` (held by the caller): the child stores none of the range and a
+        layer down to ``bottom`` stores all of it.
+
+        Raises:
+            OSError: a read or the copy's write failed (the range may be partly copied).
+        """
+        if offset < 0 or length < 0 or offset + length > self.length():
+            raise OSError(22, "Invalid argument")
+        await self._copy(offset, length, None)
+
     async def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
         # Never between a copy's decision and its write: the copy would store the old
         # data over this write (QEMU serialises copy-on-read requests the same way).
