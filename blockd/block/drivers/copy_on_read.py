@@ -125,9 +125,13 @@ class CopyOnReadDriver(Driver):
             return True, n
         return allocated, n
 
-    async def _copy(self, offset: int, length: int, buf: memoryview | None) -> None:
-        """Read ``[offset, offset + length)`` through the child and store it there."""
+    async def _copy(
+        self, offset: int, length: int, buf: memoryview | None, source: BlockNode | None = None
+    ) -> None:
+        """Read ``[offset, offset + length)`` through the child (or ``source``, which
+        shows the same data there) and store it in the child."""
         top = self._child
+        reader = top if source is None else source
         if buf is None:
             if len(self._bounce) < min(MAX_BOUNCE, length):
                 self._bounce = bytearray(min(MAX_BOUNCE, length))
@@ -138,8 +142,10 @@ class CopyOnReadDriver(Driver):
         while done < length:
             piece = min(len(bounce), length - done)
             view = bounce[done : done + piece] if buf is not None else bounce[:piece]
-            await top.read(offset + done, view)
+            await reader.read(offset + done, view)
             if not (self.skip_zero_writes and _is_zero(view)):
+                # QEMU fires cor_write on the node it copies into (io.c)
+                top.debug_event("cor_write")
                 await top.write(offset + done, view)
             done += piece
 
@@ -196,7 +202,20 @@ class CopyOnReadDriver(Driver):
         """
         if offset < 0 or length < 0 or offset + length > self.length():
             raise OSError(22, "Invalid argument")
-        await self._copy(offset, length, None)
+        await self._copy(offset, length, None, source=self._backing_source(offset + length))
+
+    def _backing_source(self, end: int) -> BlockNode | None:
+        """The node a copy may read from instead of the child: the child's backing node
+        when the child is an image (not a filter) whose backing reaches ``end``. The
+        child stores nothing of a range it copies, so its reads there are exactly the
+        backing node's; reading that directly skips one layer per copy."""
+        child = self._child
+        if child.is_filter or child.is_protocol:
+            return None
+        backing = child.backing
+        if backing is None or backing.length() < end:
+            return None
+        return backing
 
     async def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
         # Never between a copy's decision and its write: the copy would store the old
