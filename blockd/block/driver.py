@@ -131,6 +131,10 @@ class Driver(ABC):
     async def close(self) -> None:
         """Write back cached metadata and release the node's resources."""
 
+    def debug_event(self, name: str) -> None:  # noqa: B027 - optional hook
+        """A format driver above reached debug point ``name`` (a BlkdebugEvent) on its
+        way to this node; only ``blkdebug`` reacts (QEMU's ``bdrv_co_debug_event``)."""
+
     # -- image headers (format drivers only) ---------------------------------------
 
     def header_backing(self) -> tuple[str, str | None] | None:

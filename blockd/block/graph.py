@@ -344,6 +344,12 @@ class Graph:
             if fmt and "driver" not in opts:
                 opts["driver"] = fmt
             return opts
+        from blockd.block.drivers.blkdebug import legacy_options
+
+        legacy = legacy_options(name, os.path.dirname(image_path(node)))
+        if legacy is not None:  # blkdebug:<config>:<image>, under the recorded format
+            image = legacy["image"]["filename"]
+            return {"driver": fmt or _probe_format(image), "file": legacy}
         path = resolve_backing_path(image_path(node), name)
         if fmt is None:
             fmt = _probe_format(path)

@@ -250,7 +250,9 @@ class BlockNode:
             raise _error(errno.EINVAL)
         if write and self.read_only:
             raise _error(errno.EPERM)
-        if not self.is_protocol and offset + length > self.length():
+        # a filter leaves the bound to its child: blkdebug over a file must let the
+        # qcow2 above grow the file, as QEMU does
+        if not (self.is_protocol or self.is_filter) and offset + length > self.length():
             raise _error(errno.EINVAL)
 
     async def read(self, offset: int, buf: memoryview | bytearray) -> None:
@@ -292,7 +294,19 @@ class BlockNode:
             return
         await self.driver.write(offset, view)
 
+    def debug_event(self, name: str) -> None:
+        """Tell this node's driver that the node above reached debug point ``name``.
+
+        As in QEMU 10 (``bdrv_co_debug_event``) the event goes to this node only, not
+        further down: a format driver fires it on its ``file`` child right before the
+        request it announces."""
+        self.driver.debug_event(name)
+
     async def flush(self) -> None:
+        file = self.children.get(self.child_role)
+        if file is not None:
+            file.debug_event("flush_to_os")
+            file.debug_event("flush_to_disk")
         await self.driver.flush()
 
     async def block_status(self, offset: int, length: int) -> BlockStatus:

@@ -50,6 +50,7 @@ class L2Cache:
             return table
         if offset % self.cluster_size:
             raise ImageError(f"L2 table offset {offset:#x} unaligned")
+        self.file.debug_event("l2_load")
         table = fmt.decode_table(await self.file.pread(offset, self.cluster_size))
         await self._insert(offset, table)
         return table
@@ -72,6 +73,7 @@ class L2Cache:
             victim = next(iter(self._tables))
             if victim in self._dirty:
                 await self.refcounts.write_back()
+                self.file.debug_event("l2_update")
                 await self.file.write(victim, fmt.encode_table(self._tables[victim]))
                 self._dirty.discard(victim)
                 self._unflushed = True
@@ -82,6 +84,7 @@ class L2Cache:
         if not (self._dirty or self._unflushed):
             return
         for offset in sorted(self._dirty):
+            self.file.debug_event("l2_update")
             await self.file.write(offset, fmt.encode_table(self._tables[offset]))
             self._dirty.discard(offset)
         await self.file.flush()

@@ -120,6 +120,7 @@ class Refcounts:
         offset = self.table[index]
         if offset % self.cluster_size:
             raise ImageError(f"qcow2: refcount block offset {offset:#x} unaligned")
+        self.file.debug_event("refblock_load")
         data = await self.file.pread(offset, self.cluster_size)
         blk = decode_refblock(data, self.order)
         await self._insert(index, blk)
@@ -136,6 +137,7 @@ class Refcounts:
 
     async def _write_block(self, index: int) -> None:
         blk = self._blocks[index]
+        self.file.debug_event("refblock_update")
         await self.file.write(self.table[index], encode_refblock(blk, self.order))
         self._dirty_blocks.discard(index)
         self._unflushed = True

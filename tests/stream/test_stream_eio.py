@@ -150,7 +150,7 @@ async def test_stop_and_resume(
 
 
 async def test_blkdebug_fails_a_plain_read(harness: Harness, tmp_path: Path) -> None:
-    """The driver on its own: the rule fires at its offset, once, with its errno."""
+    """The driver under raw: the rule fires at its offset, once, with its errno."""
     path = create(tmp_path / "disk.raw", 1 * MIB, fmt="raw")
     await harness.raw(
         "blockdev-add",
@@ -170,8 +170,12 @@ async def test_blkdebug_fails_a_plain_read(harness: Harness, tmp_path: Path) -> 
             ],
         },
     )
-    node = harness.d.graph.find("dbg")
-    assert node is not None and node.driver.request_alignment == 4096
+    dbg = harness.d.graph.find("dbg")
+    assert dbg is not None and dbg.driver.request_alignment == 4096
+    # events come from a format driver above (raw fires read_aio), as in QEMU
+    await harness.raw("blockdev-add", {"driver": "raw", "node-name": "fmt", "file": "dbg"})
+    node = harness.d.graph.find("fmt")
+    assert node is not None
     assert await node.pread(0, 4096) == bytes(4096)  # does not cover sector 8
     with pytest.raises(OSError) as failure:
         await node.pread(0, 8192)

@@ -4,13 +4,16 @@ Theory of operation (QEMU behaviour §6.3):
 
 * The node has a numbered *state*, 1 at open. Rules are attached to *events*.
   ``inject-error`` rules arm an error; ``set-state`` rules move the state machine.
-* blockd raises ``read_aio`` before every read and ``write_aio`` before every write the
-  node receives (in QEMU the format driver above raises them when it reads or writes
-  its data child), ``flush_to_disk`` before a flush, and ``none`` once at open.
+* Events come from the node above through :meth:`BlockNode.debug_event`: a format
+  driver fires them on its ``file`` child at the points QEMU does (``read_aio`` right
+  before a qcow2 or raw data read, ``l2_load`` before an L2 table is read,
+  ``write_aio``, ``cluster_alloc``, ...; ``flush_to_os``/``flush_to_disk`` when the
+  parent is flushed). Requests that arrive without an event (a qcow2 header read)
+  only meet the rules armed earlier. ``none`` fires once at open.
 * When an event fires, its rules whose ``state`` matches (0 = any) are processed in the
   order given: the first matching inject rule *replaces* the set of active rules, further
-  ones join it; the last matching set-state rule wins and the state changes once all
-  rules were processed.
+  ones join it; the first matching set-state rule given wins and the state changes
+  once all rules were processed (every rule sees the old state).
 * Every request then checks the active rules: the first one whose I/O type matches and
   whose ``sector`` is any (-1) or lies inside a non-empty request fails it with
   ``errno``. A ``once`` rule is deleted when it fires. Unless ``immediately`` is set
@@ -105,11 +108,12 @@ class RuleEngine:
                     self.active = []
                     replaced = True
                 self.active.append(rule)
-        new_state = self.state
+        # the first matching set-state rule given wins (QEMU walks its per-event rule
+        # list newest first and keeps the last new state it sees)
         for set_rule in self.set_states:
             if set_rule.event == name and set_rule.state in (0, self.state):
-                new_state = set_rule.new_state
-        self.state = new_state
+                self.state = set_rule.new_state
+                break
 
     def check(self, offset: int, length: int, iotype: str) -> InjectRule | None:
         """The active rule that fails this request, if any (a ``once`` rule is removed)."""
@@ -293,6 +297,9 @@ class BlkdebugDriver(Driver):
         below = child.driver.request_alignment if child is not None else 1
         return max(self._align, below)
 
+    def debug_event(self, name: str) -> None:
+        self.rules.event(name)
+
     async def _check(self, offset: int, length: int, iotype: str) -> None:
         rule = self.rules.check(offset, length, iotype)
         if rule is None:
@@ -302,21 +309,18 @@ class BlkdebugDriver(Driver):
         raise OSError(rule.errno, os.strerror(rule.errno))
 
     async def read(self, offset: int, buf: memoryview) -> None:
-        self.rules.event("read_aio")
         await self._check(offset, len(buf), "read")
         child = self.node.file
         assert child is not None
         await child.read(offset, buf)
 
     async def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
-        self.rules.event("write_aio")
         await self._check(offset, len(data), "write")
         child = self.node.file
         assert child is not None
         await child.write(offset, data)
 
     async def flush(self) -> None:
-        self.rules.event("flush_to_disk")
         await self._check(0, 0, "flush")
         child = self.node.file
         assert child is not None

@@ -144,6 +144,8 @@ class CopyOnReadDriver(Driver):
             view = bounce[done : done + piece] if buf is not None else bounce[:piece]
             await reader.read(offset + done, view)
             if not (self.skip_zero_writes and _is_zero(view)):
+                # QEMU fires cor_write on the node it copies into (io.c)
+                top.debug_event("cor_write")
                 await top.write(offset + done, view)
             done += piece
 

@@ -252,6 +252,7 @@ class Qcow2Driver(Driver):
                             break
                         nxt += cs
                         run_end = min(run_end + cs, offset + span_end)
+                    self._file.debug_event("read_aio")
                     await self._file.read(host, buf[pos : run_end - offset])
                 elif kind is _COMPRESSED:
                     data = await self._decompress(entry)
@@ -273,6 +274,7 @@ class Qcow2Driver(Driver):
         backing = self.node.backing
         avail = 0
         if backing is not None:
+            self._file.debug_event("read_backing_aio")
             avail = max(0, min(len(view), backing.length() - offset))
             if avail:
                 await backing.read(offset, view[:avail])
@@ -285,6 +287,7 @@ class Qcow2Driver(Driver):
             return cached[1]
         cs = self.header.cluster_size
         coffset, csize = self._geometry.parse(entry)
+        self._file.debug_event("read_compressed")
         raw = await self._file.pread(coffset, csize)
         try:
             if self.header.compression_type == fmt.COMPRESSION_ZSTD:
@@ -304,7 +307,9 @@ class Qcow2Driver(Driver):
         (inside one cluster whose L2 entry is ``entry``): the COW source."""
         kind = _KIND(entry)
         cs = self.header.cluster_size
+        self._file.debug_event("cow_read")
         if kind is _NORMAL:
+            self._file.debug_event("read_aio")
             await self._file.read((entry & fmt.OFFSET_MASK) + (guest & (cs - 1)), out)
         elif kind is _COMPRESSED:
             data = await self._decompress(entry)
@@ -422,6 +427,7 @@ class Qcow2Driver(Driver):
             new_table = array("Q", await self._l2.get(old))
         else:
             new_table = array("Q", [0]) * (1 << self.header.l2_bits)
+        self._file.debug_event("cluster_alloc")
         cluster = await self.refcounts.allocate(1)
         self._metadata.add(cluster)
         new = cluster << self.header.cluster_bits
@@ -461,6 +467,7 @@ class Qcow2Driver(Driver):
                 g1 = min(end, d << cb)
                 self._check_data_run(entry, d - c)
                 host = (entry & fmt.OFFSET_MASK) + (g0 & (cs - 1))
+                self._file.debug_event("write_aio")
                 await self._file.write(host, data[g0 - offset : g1 - offset])
             else:
                 while d <= last:
@@ -492,12 +499,41 @@ class Qcow2Driver(Driver):
         cb = h.cluster_bits
         mask = (1 << h.l2_bits) - 1
         count = c1 - c0
+        self._file.debug_event("cluster_alloc")
+        host = (await self.refcounts.allocate(count)) << cb
+        try:
+            await self._fill_new_clusters(table, c0, c1, offset, data, host)
+        except BaseException:
+            # no L2 entry points at the new clusters yet: give them back (QEMU frees
+            # them too), so a failed write (ENOSPC, EIO) leaks nothing. The release
+            # is applied at the next write-back and the allocator never goes back
+            # below ``next_free``, so they are not handed out again before then.
+            for k in range(count):
+                self.refcounts.release((host >> cb) + k)
+            raise
+        for k in range(count):
+            i = (c0 + k) & mask
+            old = table[i]
+            table[i] = (host + (k << cb)) | fmt.OFLAG_COPIED
+            self._release_entry(old)
+        self._l2.changed(l2off, table)
+
+    async def _fill_new_clusters(
+        self, table: array[int], c0: int, c1: int, offset: int, data: memoryview, host: int
+    ) -> None:
+        """Write guest clusters ``[c0, c1)`` to the new host clusters at ``host``: the
+        part of ``data`` that falls there, completed from the old contents."""
+        h = self.header
+        cb = h.cluster_bits
+        mask = (1 << h.l2_bits) - 1
+        count = c1 - c0
         g0, g1 = c0 << cb, c1 << cb
         d0, d1 = max(offset, g0), min(offset + len(data), g1)
-        host = (await self.refcounts.allocate(count)) << cb
         cs = 1 << cb
+        file = self._file
         if d0 == g0 and d1 == g1:
-            await self._file.write(host, data[d0 - offset : d1 - offset])
+            file.debug_event("write_aio")
+            await file.write(host, data[d0 - offset : d1 - offset])
         elif count == 1 or g1 - g0 <= _MERGE_LIMIT:
             # small run: complete it in one buffer, one file write
             buf = bytearray(g1 - g0)
@@ -507,7 +543,9 @@ class Qcow2Driver(Driver):
             if d1 < g1:
                 await self._old_cluster(d1, table[(c1 - 1) & mask], mv[d1 - g0 :])
             mv[d0 - g0 : d1 - g0] = data[d0 - offset : d1 - offset]
-            await self._file.write(host, buf)
+            # the data merged into its copy-on-write areas: one COW write (as QEMU)
+            file.debug_event("cow_write")
+            await file.write(host, buf)
         else:
             # large run: only the partial end clusters are copied, the middle goes as is
             head_end = min(g1, ((d0 + cs - 1) >> cb) << cb) if d0 > g0 else g0
@@ -516,22 +554,19 @@ class Qcow2Driver(Driver):
                 head = memoryview(bytearray(head_end - g0))
                 await self._old_cluster(g0, table[c0 & mask], head[: d0 - g0])
                 head[d0 - g0 :] = data[: head_end - d0]
-                await self._file.write(host, head)
+                file.debug_event("cow_write")
+                await file.write(host, head)
             if tail_start > head_end:
-                await self._file.write(
+                file.debug_event("write_aio")
+                await file.write(
                     host + head_end - g0, data[head_end - offset : tail_start - offset]
                 )
             if g1 > tail_start:
                 tail = memoryview(bytearray(g1 - tail_start))
                 await self._old_cluster(d1, table[(c1 - 1) & mask], tail[d1 - tail_start :])
                 tail[: d1 - tail_start] = data[tail_start - offset : d1 - offset]
-                await self._file.write(host + tail_start - g0, tail)
-        for k in range(count):
-            i = (c0 + k) & mask
-            old = table[i]
-            table[i] = (host + (k << cb)) | fmt.OFLAG_COPIED
-            self._release_entry(old)
-        self._l2.changed(l2off, table)
+                file.debug_event("cow_write")
+                await file.write(host + tail_start - g0, tail)
 
     def _release_entry(self, entry: int) -> None:
         kind = _KIND(entry)
@@ -558,6 +593,7 @@ class Qcow2Driver(Driver):
             per_sector = 64
             l1off = self.header.l1_table_offset
             for chunk in sorted({i // per_sector for i in self._l1_dirty}):
+                file.debug_event("l1_update")
                 part = self.l1[chunk * per_sector : (chunk + 1) * per_sector]
                 await file.write(l1off + chunk * per_sector * 8, fmt.encode_table(part))
             self._l1_dirty.clear()

@@ -74,9 +74,11 @@ class RawDriver(Driver):
         return self._child.driver.request_alignment
 
     async def read(self, offset: int, buf: memoryview) -> None:
+        self._child.debug_event("read_aio")
         await self._child.read(self.offset + offset, buf)
 
     async def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
+        self._child.debug_event("write_aio")
         await self._child.write(self.offset + offset, data)
 
     async def flush(self) -> None:

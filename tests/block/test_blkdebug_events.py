@@ -1,0 +1,230 @@
+"""blkdebug driven by the debug events the format drivers fire (QEMU behaviour §6.3).
+
+A rule only arms when its event fires: qcow2 fires ``read_aio`` right before a data
+read of its file, ``l2_load`` before an L2 table read, ``cluster_alloc``, ``write_aio``,
+``cow_write``, ``l1_update``, ``refblock_update`` ... on its ``file`` child, raw fires
+``read_aio``/``write_aio``. The comparison runs the same requests through QEMU 10.0's
+block layer (its ``qemu-io``, shipped with its qemu-storage-daemon) and through blockd,
+and compares which request fails with which error, then ``qemu-img check`` of both.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+from blocktools import qemu_img, qemu_io
+
+from blockd.block.graph import Graph
+from blockd.events import EventBus
+
+KIB = 1024
+QEMU10_BIN = Path("/work/qsd10/root/usr/bin")
+QEMU10_IO = QEMU10_BIN / "qemu-io"
+needs_qemu10 = pytest.mark.skipif(
+    not (QEMU10_IO.exists() and (QEMU10_BIN / "qemu-storage-daemon").exists()),
+    reason="no QEMU 10.0 binaries",
+)
+
+# (operation, offset, length)
+Op = tuple[str, int, int]
+
+
+def make_chain(tmp_path: Path) -> Path:
+    """base (1 MiB of 0x01) <- top (64 KiB of 0x02 at 512 KiB), both 2 MiB qcow2."""
+    base = tmp_path / "base.qcow2"
+    top = tmp_path / "top.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", base, "2M")
+    qemu_io("-f", "qcow2", "-c", "write -P 1 0 1M", base)
+    qemu_img("create", "-q", "-f", "qcow2", "-b", base.name, "-F", "qcow2", top)
+    qemu_io("-f", "qcow2", "-c", "write -P 2 512k 64k", top)
+    return top
+
+
+def options(top: Path, rules: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "driver": "qcow2",
+        "node-name": "top",
+        "file": {
+            "driver": "blkdebug",
+            **rules,
+            "image": {"driver": "file", "filename": str(top)},
+        },
+    }
+
+
+def qemu_results(top: Path, rules: dict[str, Any], ops: list[Op]) -> list[str]:
+    """Run ``ops`` through QEMU 10.0's qemu-io; one result string per op."""
+    args: list[str] = [str(QEMU10_IO)]
+    for op, offset, length in ops:
+        args += [
+            "-c",
+            f"{op} -P 3 {offset} {length}" if op == "write" else f"{op} {offset} {length}",
+        ]
+    args.append("json:" + json.dumps(options(top, rules)))
+    out = subprocess.run(args, capture_output=True, text=True, timeout=30, check=False)
+    results = []
+    for line in (out.stdout + out.stderr).splitlines():
+        if " failed: " in line:
+            results.append(line.split(" failed: ", 1)[1])
+        elif line.startswith(("read ", "wrote ")):
+            results.append("ok")
+    assert len(results) == len(ops), out
+    return results
+
+
+async def blockd_results(top: Path, rules: dict[str, Any], ops: list[Op]) -> list[str]:
+    graph = new_graph()
+    results = []
+    try:
+        with trio.fail_after(30):
+            node = await graph.open_node(options(top, rules), top_level=True)
+            for op, offset, length in ops:
+                try:
+                    if op == "read":
+                        await node.pread(offset, length)
+                    else:
+                        await node.write(offset, b"\x03" * length)
+                    results.append("ok")
+                except OSError as exc:
+                    assert exc.errno is not None
+                    results.append(os.strerror(exc.errno))
+    finally:
+        with trio.fail_after(30):
+            await graph.close_all()
+    return results
+
+
+def new_graph() -> Graph:
+    return Graph(EventBus())
+
+
+READS: list[Op] = [("read", 0, 64 * KIB), ("read", 512 * KIB, 64 * KIB)] * 2
+WRITES: list[Op] = [
+    ("write", 1024 * KIB, 64 * KIB),
+    ("write", 256 * KIB + 4 * KIB, 8 * KIB),
+    ("read", 1024 * KIB, 64 * KIB),
+    ("write", 512 * KIB, 64 * KIB),
+]
+
+RULE_SETS: dict[str, tuple[dict[str, Any], list[Op]]] = {
+    # no sector: open reads the header and the L1 table unharmed; the first data read
+    # of the qcow2 (not the backing read at 0, which fires read_backing_aio) fails
+    "read_aio-any": ({"inject-error": [{"event": "read_aio", "once": True}]}, READS),
+    "read_aio-sector": (
+        {"inject-error": [{"event": "read_aio", "sector": 660}]},
+        READS,
+    ),
+    "l2_load-once": ({"inject-error": [{"event": "l2_load", "once": True}]}, READS),
+    "read_backing_aio": (
+        {"inject-error": [{"event": "read_backing_aio", "errno": errno.ENOSPC, "once": True}]},
+        READS,
+    ),
+    "state-machine": (
+        {
+            "inject-error": [{"event": "read_aio", "state": 2, "errno": errno.EIO}],
+            "set-state": [
+                {"event": "read_aio", "state": 1, "new_state": 2},
+                {"event": "read_aio", "state": 2, "new_state": 1},
+            ],
+        },
+        READS,
+    ),
+    "write_aio-once": (
+        {"inject-error": [{"event": "write_aio", "errno": errno.ENOSPC, "once": True}]},
+        WRITES,
+    ),
+    "cow_write": ({"inject-error": [{"event": "cow_write", "once": True}]}, WRITES),
+}
+
+
+@needs_qemu10
+@pytest.mark.parametrize("name", sorted(RULE_SETS))
+async def test_same_failures_as_qemu_10(tmp_path: Path, name: str) -> None:
+    rules, ops = RULE_SETS[name]
+    (tmp_path / "q").mkdir()
+    (tmp_path / "b").mkdir()
+    q_top = make_chain(tmp_path / "q")
+    b_top = make_chain(tmp_path / "b")
+    theirs = await trio.to_thread.run_sync(qemu_results, q_top, rules, ops)
+    mine = await blockd_results(b_top, rules, ops)
+    assert mine == theirs
+    assert "ok" in theirs and any(r != "ok" for r in theirs)  # the rule set is a real test
+    for top in (q_top, b_top):
+        check = qemu_img("check", "--output=json", top, check=False)
+        assert json.loads(check.stdout).get("corruptions", 0) == 0
+    # the data each side left behind is the same (a failed write changed nothing visible)
+    assert qemu_img("compare", "-q", q_top, b_top, check=False).returncode == 0
+
+
+async def test_read_aio_rule_without_sector_opens(tmp_path: Path) -> None:
+    """QEMU opens such an image; the rule waits for the first data read."""
+    top = make_chain(tmp_path)
+    rules = {"inject-error": [{"event": "read_aio", "errno": errno.EIO}]}
+    results = await blockd_results(top, rules, READS)
+    assert results == ["ok", "Input/output error", "ok", "Input/output error"]
+
+
+async def test_iotest_030_backing_fails_second_chunk_once(tmp_path: Path) -> None:
+    """TestEIO's setup: raw backing over blkdebug with the state 1/2 flip; reading the
+    image in 512 KiB chunks fails exactly the second chunk, once."""
+    backing = tmp_path / "backing.img"
+    qemu_img("create", "-q", "-f", "raw", backing, "2M")
+    config = tmp_path / "blkdebug.conf"
+    config.write_text(
+        '[inject-error]\nevent = "read_aio"\nerrno = "5"\nsector = "1024"\nstate = "1"\n'
+        'once = "on"\nimmediately = "off"\n\n'
+        '[set-state]\nevent = "read_aio"\nstate = "1"\nnew_state = "2"\n\n'
+        '[set-state]\nevent = "read_aio"\nstate = "2"\nnew_state = "1"\n'
+    )
+    top = tmp_path / "test.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", "-F", "raw", "-b", f"blkdebug:{config}:{backing}", top)
+    graph = new_graph()
+    graph.allow_header_json = True  # the daemon's --allow-header-json
+    try:
+        node = await graph.open_node(
+            {
+                "driver": "qcow2",
+                "node-name": "top",
+                "file": {"driver": "file", "filename": str(top)},
+            },
+            top_level=True,
+        )
+        outcome = []
+        for _ in range(2):
+            for chunk in range(4):
+                try:
+                    await node.pread(chunk * 512 * KIB, 512 * KIB)
+                    outcome.append("ok")
+                except OSError as exc:
+                    outcome.append(errno.errorcode[exc.errno or 0])
+        assert outcome == ["ok", "EIO", "ok", "ok", "ok", "ok", "ok", "ok"]
+    finally:
+        await graph.close_all()
+
+
+async def test_failed_write_leaks_nothing(tmp_path: Path) -> None:
+    """An allocating write that fails gives its clusters back: ``qemu-img check`` is
+    clean (QEMU frees them as well); a later write still lands correctly."""
+    top = make_chain(tmp_path)
+    rules = {"inject-error": [{"event": "write_aio", "errno": errno.ENOSPC, "once": True}]}
+    results = await blockd_results(
+        top, rules, [("write", 1024 * KIB, 128 * KIB), ("write", 1536 * KIB, 4 * KIB)]
+    )
+    assert results == ["No space left on device", "ok"]
+    check = qemu_img("check", "--output=json", top, check=False)
+    report = json.loads(check.stdout)
+    assert check.returncode == 0, report
+    assert report.get("leaks", 0) == 0 and report.get("corruptions", 0) == 0
+    assert await blockd_results(top, {}, [("write", 1024 * KIB, 128 * KIB)]) == ["ok"]
+    assert qemu_img("check", top, check=False).returncode == 0
+    expect = qemu_io("-f", "qcow2", "-c", "read -P 3 1M 128k", top, check=False)
+    assert "Pattern verification failed" not in expect.stdout
+    assert shutil.which("qemu-img") is not None
