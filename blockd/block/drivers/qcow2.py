@@ -45,6 +45,7 @@ from blockd.block.driver import BlockStatus, Driver, Status
 from blockd.block.qcow2_cache import L2Cache
 from blockd.block.qcow2_format import ClusterKind, Extension, Header
 from blockd.block.qcow2_refcount import Refcounts
+from blockd.block.qcow2_snapshots import MAX_TABLE_BYTES, ShortTable, Snapshot, parse_table
 from blockd.errors import ImageError
 
 if TYPE_CHECKING:
@@ -103,6 +104,8 @@ class Qcow2Driver(Driver):
         #: host clusters of the active metadata (header, L1, L2, refcount structures):
         #: in-place data writes must never land there (QEMU's overlap check)
         self._metadata: set[int] = set()
+        #: the internal snapshot table (listed in ImageInfo, never changed)
+        self.snapshots: list[Snapshot] = []
 
     # -- open ----------------------------------------------------------------------
 
@@ -178,6 +181,24 @@ class Qcow2Driver(Driver):
         )
         self._l2 = L2Cache(file, self.refcounts, cs, l2_limit)
         self._metadata = fmt.check_tables(header, self.l1, table, flen)
+        if header.nb_snapshots:
+            self.snapshots = await self._read_snapshots(header, flen)
+
+    async def _read_snapshots(self, header: Header, flen: int) -> list[Snapshot]:
+        """The snapshot table, read in growing pieces up to QEMU's 64 MiB limit."""
+        start = header.snapshots_offset
+        limit = min(MAX_TABLE_BYTES, max(0, flen - start))
+        want = min(limit, 64 * 1024)
+        while True:
+            data = await self._file.pread(start, want)
+            try:
+                return parse_table(data, header.nb_snapshots, cluster_size=header.cluster_size)
+            except ShortTable as short:
+                if want >= limit or short.needed > limit:
+                    raise ImageError(
+                        "qcow2: snapshot table is beyond the end of the image file"
+                    ) from None
+                want = min(limit, max(short.needed, want * 2))
 
     @staticmethod
     def _used_header_len(cluster0: bytes, header: Header) -> int:
@@ -206,7 +227,7 @@ class Qcow2Driver(Driver):
             "cluster-size": h.cluster_size,
             "dirty-flag": bool(h.incompatible_features & fmt.INCOMPAT_DIRTY),
             "format-specific": fmt.format_specific(h),
-        }
+        } | ({"snapshots": [s.info() for s in self.snapshots]} if self.snapshots else {})
 
     # -- read ------------------------------------------------------------------------
 
