@@ -55,6 +55,50 @@ def _json_filename(options: dict[str, Any]) -> str:
     return "json:" + json.dumps(ordered(options))
 
 
+#: QAPI member order of BlkdebugInjectErrorOptions / BlkdebugSetStateOptions
+_MEMBER_RANK: dict[str, int] = {
+    name: i
+    for i, name in enumerate(
+        ("event", "state", "iotype", "errno", "sector", "once", "immediately", "new_state")
+    )
+}
+
+
+def _member_rank(name: str) -> int:
+    return _MEMBER_RANK.get(name, len(_MEMBER_RANK))
+
+
+def _flatten(key: str, value: Any) -> dict[str, Any]:
+    """``{key: value}`` with lists and dicts inside ``value`` turned into dotted keys."""
+    from blockd.qmp.connection import qdict_order
+
+    if isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
+        # a list of objects (blkdebug's rules): QEMU's options QDict ends up holding
+        # its members grouped by member name, in reverse QDict order of the names, and
+        # by list index inside a group (found by comparison with QSD 10.0)
+        names = sorted({k for v in value for k in v}, key=_member_rank)
+        out: dict[str, Any] = {}
+        for name in reversed(qdict_order(names)):
+            for i, item in enumerate(value):
+                if name in item:
+                    out.update(_flatten(f"{key}.{i}.{name}", item[name]))
+        return out
+    if isinstance(value, list):
+        items = [(str(i), item) for i, item in enumerate(value)]
+    elif isinstance(value, dict):
+        # QEMU's QDict of the member was built by the QAPI output visitor (schema member
+        # order); its members reach the node's options in reverse hash order (found by
+        # comparison with qemu-storage-daemon 10.0)
+        keys = sorted(value, key=_member_rank)
+        items = [(sub, value[sub]) for sub in reversed(qdict_order(keys))]
+    else:
+        return {key: value}
+    flat: dict[str, Any] = {}
+    for sub, item in items:
+        flat.update(_flatten(f"{key}.{sub}", item))
+    return flat
+
+
 def _error(code: int) -> OSError:
     return OSError(code, os.strerror(code))
 
@@ -198,9 +242,16 @@ class BlockNode:
         if self.is_protocol and self.drv == "file":
             return {"driver": "file", "filename": self.driver.filename}
         options: dict[str, Any] = {"driver": self.drv}
+        strong: dict[str, Any] = {}
         for key in STRONG_OPTIONS.get(self.drv, ()):
             if key in self.options:
-                options[key] = self.options[key]
+                # list options (blkdebug's rule lists) appear flattened, as QEMU's
+                # options QDict holds them: inject-error.0.event
+                strong.update(_flatten(key, self.options[key]))
+        # QEMU copies them by walking its flattened options QDict, which reverses the
+        # order inside a hash bucket once more
+        for key in reversed(strong):
+            options[key] = strong[key]
         overridden = self.backing_overridden
         for role, child in self.children.items():
             if role != "backing" or overridden:
@@ -225,7 +276,11 @@ class BlockNode:
             return f"blkdebug:{self.options.get('config', '')}:{image}"
         if strong:
             return _json_filename(self.full_open_options())
-        return self.driver.filename
+        name = self.driver.filename
+        if name.startswith("json:") and self.file is not None and not self.is_protocol:
+            # the child has no plain name: QEMU names this node by its own options
+            return _json_filename(self.full_open_options())
+        return name
 
     @property
     def filtered(self) -> BlockNode | None:
