@@ -27,9 +27,7 @@ the ``query-qmp-schema`` answer in QEMU's ``SchemaInfo`` format (§1.9).
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -82,22 +80,6 @@ Node = Mapping[str, Any]
 
 #: File contents (canonical JSON) already found to be valid draft 2020-12 schemas.
 _WELL_FORMED: set[str] = set()
-
-
-def _checked_marker(files: Mapping[str, Mapping[str, Node]]) -> Path | None:
-    """The cache file whose existence records that ``files`` passed the metaschema
-    checks (named by a digest of their contents and the metaschema), or ``None``
-    when no cache directory is known."""
-    root = os.environ.get("XDG_CACHE_HOME") or (
-        os.path.join(os.environ["HOME"], ".cache") if os.environ.get("HOME") else ""
-    )
-    if not root:
-        return None
-    digest = hashlib.sha256(
-        json.dumps([Draft202012Validator.META_SCHEMA, files], sort_keys=True).encode()
-    ).hexdigest()[:32]
-    return Path(root) / "blockd" / f"schema-wellformed-{digest}"
-
 
 #: ``x-qmp-int`` values with a narrower range than int64, and that range.
 _INT_RANGES: Final = {
@@ -307,23 +289,7 @@ class Schema:
                 if not isinstance(contents, dict):
                     raise SchemaError(f"{kind}/{path.name}: not a JSON object")
                 files[kind][path.stem] = contents
-        marker = _checked_marker(files)
-        if marker is not None and marker.exists():
-            # Every file was found well-formed before (same contents, same jsonschema):
-            # skip the slow metaschema checks, which are most of a daemon's start-up.
-            _WELL_FORMED.update(
-                json.dumps(contents, sort_keys=True)
-                for kind in _KINDS
-                for contents in files[kind].values()
-            )
-        schema = cls(files)
-        if marker is not None and not marker.exists():
-            try:
-                marker.parent.mkdir(parents=True, exist_ok=True)
-                marker.touch()
-            except OSError:
-                pass  # no cache: the next start checks again
-        return schema
+        return cls(files)
 
     # --- checks at load time ---------------------------------------------------------------
     def _check(self, where: str, uri: str, contents: Node) -> None:
