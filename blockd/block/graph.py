@@ -126,6 +126,36 @@ def _probe_format(path: str) -> str:
     return "qcow2" if magic == QCOW2_MAGIC else "raw"
 
 
+def _check_header_name_passes(options: Mapping[str, Any]) -> None:
+    """QEMU opens an inline backing node whose options lack ``file.filename`` with the
+    header's backing file name as its filename (block.c, ``bdrv_open_backing_file``).
+    The name travels down the data children (``file``, blkdebug's ``image``) until a
+    node takes it: one that also has an explicit ``filename`` or is a reference to an
+    existing node refuses it. Raise the error QEMU raises there, if any.
+
+    Raises:
+        RequestError: ``Can't specify 'file' and 'filename' options at the same time``
+            or ``Cannot reference an existing block device with additional options or
+            a new filename``.
+    """
+    first = options.get("file")
+    if isinstance(first, Mapping) and "filename" in first:
+        return  # file.filename given: the header name is not used
+    node: Mapping[str, Any] = options
+    while True:
+        child = node.get("image" if node.get("driver") == "blkdebug" else "file")
+        if isinstance(child, str):
+            raise RequestError(
+                "Cannot reference an existing block device with additional options "
+                "or a new filename"
+            )
+        if not isinstance(child, Mapping):
+            return
+        if "filename" in child:
+            raise RequestError("Can't specify 'file' and 'filename' options at the same time")
+        node = child
+
+
 class Graph:
     """All nodes of the daemon, oldest first in :attr:`nodes`; see the module docstring."""
 
@@ -295,6 +325,8 @@ class Graph:
             return
         try:  # QEMU prefixes the errors of finding or opening the backing node
             if "backing" in options:
+                if isinstance(ref, Mapping) and header is not None and header[0]:
+                    _check_header_name_passes(ref)
                 child = await self._open_ref(ref, backing_inherit)
             else:
                 assert header is not None

@@ -46,12 +46,15 @@ async def setup(h: Harness, tmp: Path, code: int = errno.EIO) -> tuple[Path, Pat
     top = create(tmp / "test.qcow2", None, backing, "raw")
     write(top, 1536 * KIB, 64 * KIB, 0x01)
     before = snapshot(top, tmp / "before.qcow2")
+    # the backing node first, then referenced: QEMU refuses it inline under an image
+    # whose header names a backing file (the header name collides with image.filename)
+    await h.raw("blockdev-add", {"node-name": "bk", **blkdebug_backing(backing, code)})
     await h.raw(
         "blockdev-add",
         {
             "driver": "qcow2",
             "node-name": "drive0",
-            "backing": blkdebug_backing(backing, code),
+            "backing": "bk",
             "file": {"driver": "file", "filename": str(top)},
         },
     )
@@ -204,10 +207,11 @@ async def test_report_with_config_file(harness: Harness, tmp_path: Path) -> None
         "Could not read blkdebug config file: No such file or directory"
     )  # fmt: skip
     await h.raw("blockdev-add", {
-        "driver": "qcow2", "node-name": "drive0",
-        "backing": {"driver": "raw", "file": {
+        "driver": "raw", "node-name": "bk", "file": {
             "driver": "blkdebug", "config": str(config),
-            "image": {"driver": "file", "filename": str(backing)}}},
+            "image": {"driver": "file", "filename": str(backing)}}})  # fmt: skip
+    await h.raw("blockdev-add", {
+        "driver": "qcow2", "node-name": "drive0", "backing": "bk",
         "file": {"driver": "file", "filename": str(top)},
     })  # fmt: skip
     await h.cmd("block-stream", device="drive0")
