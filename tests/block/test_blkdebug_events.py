@@ -22,6 +22,7 @@ import pytest
 import trio
 from blocktools import qemu_img, qemu_io
 
+from blockd.block.drivers.blkdebug import InjectRule, RuleEngine, SetStateRule
 from blockd.block.graph import Graph
 from blockd.events import EventBus
 
@@ -228,3 +229,19 @@ async def test_failed_write_leaks_nothing(tmp_path: Path) -> None:
     expect = qemu_io("-f", "qcow2", "-c", "read -P 3 1M 128k", top, check=False)
     assert "Pattern verification failed" not in expect.stdout
     assert shutil.which("qemu-img") is not None
+
+
+def test_first_matching_set_state_rule_wins() -> None:
+    """QEMU keeps a node's rules per event newest first and applies the last new state
+    it meets: the first rule given wins; every rule sees the state before the event."""
+    engine = RuleEngine(
+        [InjectRule("read_aio", state=2)],
+        [SetStateRule("read_aio", 3), SetStateRule("read_aio", 4), SetStateRule("l2_load", 2, 3)],
+    )
+    engine.event("read_aio")
+    assert engine.state == 3 and engine.active == []  # the inject rule needed state 2
+    engine.event("l2_load")
+    assert engine.state == 2
+    engine.event("read_aio")
+    assert engine.state == 3 and len(engine.active) == 1
+    assert engine.check(0, 512, "read") is engine.active[0]
