@@ -245,3 +245,29 @@ def test_first_matching_set_state_rule_wins() -> None:
     engine.event("read_aio")
     assert engine.state == 3 and len(engine.active) == 1
     assert engine.check(0, 512, "read") is engine.active[0]
+
+
+@needs_qemu10
+@pytest.mark.parametrize("event", ["write_aio", "cow_write", "cluster_alloc"])
+async def test_partial_writes_on_fresh_image_as_qemu_10(tmp_path: Path, event: str) -> None:
+    """Copy-on-write areas that read as zeros (no backing, zero clusters): QEMU writes
+    zeros and then the data (write_aio), not a COW write."""
+    ops: list[Op] = [
+        ("write", 4 * KIB, 4 * KIB),
+        ("write", 200 * KIB, 300 * KIB),
+        ("write", 68 * KIB, 4 * KIB),
+        ("read", 0, 512 * KIB),
+    ]
+    rules = {"inject-error": [{"event": event, "errno": errno.EIO, "once": True}]}
+    tops = []
+    for side in ("q", "b"):
+        (tmp_path / side).mkdir()
+        top = tmp_path / side / "fresh.qcow2"
+        qemu_img("create", "-q", "-f", "qcow2", top, "1M")
+        tops.append(top)
+    theirs = await trio.to_thread.run_sync(qemu_results, tops[0], rules, ops)
+    mine = await blockd_results(tops[1], rules, ops)
+    assert mine == theirs
+    for top in tops:
+        assert qemu_img("check", top, check=False).returncode == 0
+    assert qemu_img("compare", "-q", *tops, check=False).returncode == 0

@@ -559,13 +559,16 @@ class Qcow2Driver(Driver):
             # small run: complete it in one buffer, one file write
             buf = bytearray(g1 - g0)
             mv = memoryview(buf)
-            if d0 > g0:
+            head_zero = d0 == g0 or self._zero_source(table[c0 & mask], g0)
+            tail_zero = d1 == g1 or self._zero_source(table[(c1 - 1) & mask], d1)
+            if not head_zero:
                 await self._old_cluster(g0, table[c0 & mask], mv[: d0 - g0])
-            if d1 < g1:
+            if not tail_zero:
                 await self._old_cluster(d1, table[(c1 - 1) & mask], mv[d1 - g0 :])
             mv[d0 - g0 : d1 - g0] = data[d0 - offset : d1 - offset]
-            # the data merged into its copy-on-write areas: one COW write (as QEMU)
-            file.debug_event("cow_write")
+            # the data merged into its copy-on-write areas: one COW write; QEMU writes
+            # zeros and then the data when the COW areas read as zeros (write_aio)
+            file.debug_event("write_aio" if head_zero and tail_zero else "cow_write")
             await file.write(host, buf)
         else:
             # large run: only the partial end clusters are copied, the middle goes as is
@@ -573,9 +576,11 @@ class Qcow2Driver(Driver):
             tail_start = max(head_end, (d1 >> cb) << cb) if d1 < g1 else g1
             if head_end > g0:
                 head = memoryview(bytearray(head_end - g0))
-                await self._old_cluster(g0, table[c0 & mask], head[: d0 - g0])
+                zero = self._zero_source(table[c0 & mask], g0)
+                if not zero:
+                    await self._old_cluster(g0, table[c0 & mask], head[: d0 - g0])
                 head[d0 - g0 :] = data[: head_end - d0]
-                file.debug_event("cow_write")
+                file.debug_event("write_aio" if zero else "cow_write")
                 await file.write(host, head)
             if tail_start > head_end:
                 file.debug_event("write_aio")
@@ -584,10 +589,23 @@ class Qcow2Driver(Driver):
                 )
             if g1 > tail_start:
                 tail = memoryview(bytearray(g1 - tail_start))
-                await self._old_cluster(d1, table[(c1 - 1) & mask], tail[d1 - tail_start :])
+                zero = self._zero_source(table[(c1 - 1) & mask], d1)
+                if not zero:
+                    await self._old_cluster(d1, table[(c1 - 1) & mask], tail[d1 - tail_start :])
                 tail[: d1 - tail_start] = data[tail_start - offset : d1 - offset]
-                file.debug_event("cow_write")
+                file.debug_event("write_aio" if zero else "cow_write")
                 await file.write(host + tail_start - g0, tail)
+
+    def _zero_source(self, entry: int, guest: int) -> bool:
+        """The old contents of the cluster of ``entry`` from ``guest`` on read as zeros
+        without any I/O (a zero cluster, or unallocated with no backing data there)."""
+        kind = _KIND(entry)
+        if kind is ClusterKind.ZERO_PLAIN or kind is ClusterKind.ZERO_ALLOC:
+            return True
+        if kind is _UNALLOCATED:
+            backing = self.node.backing
+            return backing is None or guest >= backing.length()
+        return False
 
     def _release_entry(self, entry: int) -> None:
         kind = _KIND(entry)
