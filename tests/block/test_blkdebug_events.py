@@ -21,14 +21,13 @@ from typing import Any
 import pytest
 import trio
 from blocktools import qemu_img, qemu_io
+from reference import QEMU10_BIN, QEMU10_IO
 
 from blockd.block.drivers.blkdebug import InjectRule, RuleEngine, SetStateRule
 from blockd.block.graph import Graph
 from blockd.events import EventBus
 
 KIB = 1024
-QEMU10_BIN = Path("/work/qsd10/root/usr/bin")
-QEMU10_IO = QEMU10_BIN / "qemu-io"
 needs_qemu10 = pytest.mark.skipif(
     not (QEMU10_IO.exists() and (QEMU10_BIN / "qemu-storage-daemon").exists()),
     reason="no QEMU 10.0 binaries",

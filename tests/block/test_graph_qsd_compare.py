@@ -9,7 +9,6 @@ Generated ``#block`` names are compared by position, ``children`` (QEMU 10.1) is
 from __future__ import annotations
 
 import json
-import shutil
 import sys
 from pathlib import Path
 from typing import Any
@@ -17,13 +16,12 @@ from typing import Any
 import pytest
 import trio
 from blocktools import Reply, file_ref, qemu_img, run_qmp, write_pattern
+from reference import QSD
 
 from blockd.commands.registry import load_all
 from blockd.daemon import Daemon
 from blockd.errors import QMPError
 
-QSD10 = Path("/work/qsd10/root/usr/bin/qemu-storage-daemon")
-QSD = str(QSD10) if QSD10.exists() else shutil.which("qemu-storage-daemon")
 pytestmark = pytest.mark.skipif(QSD is None, reason="no qemu-storage-daemon binary")
 COMMANDS = load_all()
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import select
-import shutil
 import socket
 import subprocess
 import sys
@@ -19,8 +18,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-QSD10 = Path("/work/qsd10/root/usr/bin/qemu-storage-daemon")
-QSD = str(QSD10) if QSD10.exists() else shutil.which("qemu-storage-daemon")
+from reference import QEMU10_LIB, QSD, QSD10
+
 BLOCKD = [sys.executable, "-m", "blockd"]
 
 TIMEOUT = 10.0
@@ -135,7 +134,7 @@ def transcript(
     path.unlink(missing_ok=True)
     env = dict(os.environ)
     if program[0] == QSD and QSD10.exists():
-        env["LD_LIBRARY_PATH"] = "/work/qsd10/root/usr/lib/x86_64-linux-gnu"
+        env["LD_LIBRARY_PATH"] = str(QEMU10_LIB)
     proc = subprocess.Popen(
         [*program, *blockdevs(where, inject), "--chardev",
          f"socket,id=m,path={path},server=on,wait=off", "--monitor", "chardev=m"],

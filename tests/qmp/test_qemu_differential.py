@@ -24,17 +24,17 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from reference import QSD10
 
 from blockd.qmp.connection import NEED_DATA, Connection, Output, Request
 from blockd.qmp.messages import version_info
 from blockd.qmp.schema import Schema
 
-QSD = Path("/work/qsd10/root/usr/bin/qemu-storage-daemon")
 MARKER = b'{"execute": "query-version", "id": "SYNC"}'
 NEGOTIATE = b'{"execute": "qmp_capabilities"}'
 NEGOTIATE_OOB = b'{"execute": "qmp_capabilities", "arguments": {"enable": ["oob"]}}'
 
-pytestmark = pytest.mark.skipif(not QSD.exists(), reason="QEMU 10 qemu-storage-daemon missing")
+pytestmark = pytest.mark.skipif(not QSD10.exists(), reason="QEMU 10 qemu-storage-daemon missing")
 
 # (name, prelude, input): the prelude negotiates (or not) before the input.
 CASES: list[tuple[str, bytes, bytes]] = [
@@ -169,7 +169,7 @@ CASES: list[tuple[str, bytes, bytes]] = [
 
 
 def start_qsd(path: str, monitor: str = "chardev=m") -> subprocess.Popen[bytes]:
-    args = [str(QSD), "--chardev", f"socket,id=m,path={path},server=on,wait=off"]
+    args = [str(QSD10), "--chardev", f"socket,id=m,path={path},server=on,wait=off"]
     return subprocess.Popen(
         [*args, "--monitor", monitor], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
@@ -178,7 +178,7 @@ def start_qsd(path: str, monitor: str = "chardev=m") -> subprocess.Popen[bytes]:
 def wait_socket(proc: subprocess.Popen[bytes], path: str) -> None:
     deadline = time.monotonic() + 10
     while not os.path.exists(path):
-        assert proc.poll() is None and time.monotonic() < deadline, "QSD did not start"
+        assert proc.poll() is None and time.monotonic() < deadline, "QSD10 did not start"
         time.sleep(0.02)
 
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import shutil
 import subprocess
 import sys
 import time
@@ -23,10 +22,9 @@ from typing import Any
 
 import pytest
 from qemu.qmp.legacy import QEMUMonitorProtocol
+from reference import QSD
 from streamtools import tool
 
-QSD10 = Path("/work/qsd10/root/usr/bin/qemu-storage-daemon")
-QSD = str(QSD10) if QSD10.exists() else shutil.which("qemu-storage-daemon")
 pytestmark = pytest.mark.skipif(QSD is None, reason="no qemu-storage-daemon binary")
 BLOCKD = [sys.executable, "-m", "blockd"]
 TIMEOUT = 30

@@ -1,0 +1,23 @@
+"""Where the reference QEMU binaries are, for the tests that compare blockd with them.
+
+QEMU 10.0's ``qemu-storage-daemon`` and ``qemu-io`` are unpacked (not installed) by the
+project's ``get-qsd10.sh`` under ``$BLOCKD_QEMU10_ROOT`` (default ``/work/qsd10/root``);
+Debian's packaged ``qemu-storage-daemon`` (7.2, ``qemu-system-common``) is the fallback
+where a test accepts any release. Tests that need a binary skip when it is missing, so the
+suite passes on a machine without them.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+QEMU10_ROOT = Path(os.environ.get("BLOCKD_QEMU10_ROOT", "/work/qsd10/root"))
+QEMU10_BIN = QEMU10_ROOT / "usr" / "bin"
+QEMU10_LIB = QEMU10_ROOT / "usr" / "lib" / "x86_64-linux-gnu"
+QSD10 = QEMU10_BIN / "qemu-storage-daemon"
+QEMU10_IO = QEMU10_BIN / "qemu-io"
+
+#: QEMU 10.0's daemon when unpacked, else one on PATH, else None.
+QSD: str | None = str(QSD10) if QSD10.exists() else shutil.which("qemu-storage-daemon")
