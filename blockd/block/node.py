@@ -316,15 +316,12 @@ class BlockNode:
         self._check(offset, len(view), write=False)
         if not view:
             return
-        align = self.driver.request_alignment
-        if offset % align or len(view) % align:
-            start = offset - offset % align
-            end = -(-(offset + len(view)) // align) * align
-            bounce = bytearray(end - start)
-            await self.driver.read(start, memoryview(bounce))
-            view[:] = bounce[offset - start : offset - start + len(view)]
+        padded = await self._read_padded(offset, len(view))
+        if padded is None:
+            await self.driver.read(offset, view)
             return
-        await self.driver.read(offset, view)
+        start, bounce = padded
+        view[:] = bounce[offset - start : offset - start + len(view)]
 
     async def pread(self, offset: int, length: int) -> bytes:
         """Convenience: read ``length`` bytes into a new buffer."""
@@ -338,16 +335,25 @@ class BlockNode:
         self._check(offset, len(view), write=True)
         if not view:
             return
-        align = self.driver.request_alignment
-        if offset % align or len(view) % align:
-            start = offset - offset % align
-            end = -(-(offset + len(view)) // align) * align
-            bounce = bytearray(end - start)
-            await self.driver.read(start, memoryview(bounce))
-            bounce[offset - start : offset - start + len(view)] = view
-            await self.driver.write(start, bounce)
+        padded = await self._read_padded(offset, len(view))
+        if padded is None:
+            await self.driver.write(offset, view)
             return
-        await self.driver.write(offset, view)
+        start, bounce = padded  # read-modify-write of the aligned range
+        bounce[offset - start : offset - start + len(view)] = view
+        await self.driver.write(start, bounce)
+
+    async def _read_padded(self, offset: int, length: int) -> tuple[int, bytearray] | None:
+        """``None`` when ``[offset, offset + length)`` suits the driver's alignment;
+        otherwise the aligned range around it, read: its start and its bytes."""
+        align = self.driver.request_alignment
+        if not (offset % align or length % align):
+            return None
+        start = offset - offset % align
+        end = -(-(offset + length) // align) * align
+        bounce = bytearray(end - start)
+        await self.driver.read(start, memoryview(bounce))
+        return start, bounce
 
     def debug_event(self, name: str) -> None:
         """Tell this node's driver that the node above reached debug point ``name``.
