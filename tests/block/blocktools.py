@@ -13,19 +13,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-TIMEOUT = 30
-
-
-def run_tool(
-    *args: str | Path, check: bool = True, cwd: Path | None = None
-) -> subprocess.CompletedProcess[str]:
-    """Run ``args`` (``qemu-img``/``qemu-io``) and return the finished process."""
-    result = subprocess.run(
-        [str(a) for a in args], capture_output=True, text=True, timeout=TIMEOUT, cwd=cwd
-    )
-    if check and result.returncode != 0:
-        raise AssertionError(f"{args!r} failed: {result.stdout}{result.stderr}")
-    return result
+from qemutools import image_info as image_info  # the block tests import it from here
+from qemutools import run_tool
 
 
 def qemu_img(*args: str | Path, check: bool = True) -> subprocess.CompletedProcess[str]:
@@ -34,13 +23,6 @@ def qemu_img(*args: str | Path, check: bool = True) -> subprocess.CompletedProce
 
 def qemu_io(*args: str | Path, check: bool = True) -> subprocess.CompletedProcess[str]:
     return run_tool("qemu-io", *args, check=check)
-
-
-def image_info(path: Path, *, force_share: bool = True) -> dict[str, Any]:
-    """``qemu-img info --output=json`` of ``path``."""
-    args = ["info", "--output=json", *(["-U"] if force_share else []), str(path)]
-    info: dict[str, Any] = json.loads(qemu_img(*args).stdout)
-    return info
 
 
 def write_pattern(path: Path, fmt: str, offset: int, length: int, pattern: int) -> None:

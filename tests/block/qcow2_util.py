@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import json
-import subprocess
 from pathlib import Path
 from typing import Any
+
+from qemutools import image_info, run_tool
 
 from blockd.block.graph import Graph
 from blockd.block.node import BlockNode
@@ -14,10 +15,7 @@ from blockd.events import EventBus
 
 def run(*args: str | Path) -> str:
     """Run a command, fail loudly, return its stdout."""
-    proc = subprocess.run([str(a) for a in args], capture_output=True, text=True, check=False)
-    if proc.returncode != 0:
-        raise AssertionError(f"{args} failed ({proc.returncode}): {proc.stderr}{proc.stdout}")
-    return proc.stdout
+    return run_tool(*args).stdout
 
 
 def qemu_io(path: Path, *commands: str, fmt: str = "qcow2") -> None:
@@ -34,12 +32,7 @@ def to_raw(path: Path, out: Path) -> bytes:
 
 def check(path: Path) -> dict[str, Any]:
     """``qemu-img check --output=json`` (exit codes 0..3 are results, not failures)."""
-    proc = subprocess.run(
-        ["qemu-img", "check", "--output=json", str(path)],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
+    proc = run_tool("qemu-img", "check", "--output=json", path, check=False)
     assert proc.returncode in (0, 2, 3), proc.stderr
     result: dict[str, Any] = json.loads(proc.stdout)
     result["_rc"] = proc.returncode
@@ -55,8 +48,7 @@ def assert_clean(path: Path, *, leaks_ok: bool = False) -> None:
 
 
 def info(path: Path) -> dict[str, Any]:
-    out: dict[str, Any] = json.loads(run("qemu-img", "info", "--output=json", "-U", path))
-    return out
+    return image_info(path)
 
 
 async def open_qcow2(

@@ -3,6 +3,7 @@ image it leaves behind passes ``qemu-img check`` without corruption (leaks are a
 
 from __future__ import annotations
 
+import os
 import random
 import signal
 import subprocess
@@ -16,6 +17,13 @@ from qcow2_util import check, qemu_io, run
 from blockd.block.create import create_qcow2
 
 CHILD = Path(qcow2_util.__file__)
+#: the child imports the shared helpers of tests/ (qemutools) as the test process does
+CHILD_ENV = {
+    **os.environ,
+    "PYTHONPATH": os.pathsep.join(
+        filter(None, [str(CHILD.parents[1]), os.environ.get("PYTHONPATH")])
+    ),
+}
 
 
 def kill_after(path: Path, seed: int, writes: int, *, tiny: bool = False) -> None:
@@ -25,6 +33,7 @@ def kill_after(path: Path, seed: int, writes: int, *, tiny: bool = False) -> Non
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        env=CHILD_ENV,
     ) as proc:
         try:
             assert proc.stdout is not None

@@ -13,22 +13,19 @@ from pathlib import Path
 from typing import Any
 
 import trio
+from qemutools import image_info, run_tool
 
 from blockd.commands.registry import load_all
 from blockd.daemon import Daemon
 from blockd.errors import QMPError
 
-TIMEOUT = 60
 MIB = 1024 * 1024
 KIB = 1024
 
 
 def tool(*args: str | Path, check: bool = True) -> subprocess.CompletedProcess[str]:
     """Run ``qemu-img``/``qemu-io`` with a timeout; fail the test on an error."""
-    result = subprocess.run([str(a) for a in args], capture_output=True, text=True, timeout=TIMEOUT)
-    if check and result.returncode != 0:
-        raise AssertionError(f"{args!r} failed: {result.stdout}{result.stderr}")
-    return result
+    return run_tool(*args, check=check)
 
 
 def create(
@@ -56,10 +53,7 @@ def write(path: Path, offset: int, length: int, pattern: int, fmt: str = "qcow2"
 
 
 def info(path: Path) -> dict[str, Any]:
-    result: dict[str, Any] = json.loads(
-        tool("qemu-img", "info", "-U", "--output=json", path).stdout
-    )
-    return result
+    return image_info(path)
 
 
 def image_map(path: Path, fmt: str = "qcow2") -> list[dict[str, Any]]:
