@@ -14,6 +14,7 @@ Run long: ``python -m stress.powerloss --replays 2000``.
 from __future__ import annotations
 
 import argparse
+import os
 import random
 import shutil
 import sys
@@ -44,12 +45,17 @@ class Op:
 def recording(paths: set[str]) -> Iterator[list[Op]]:
     """Log the writes and flushes blockd's file driver issues to ``paths``."""
     log: list[Op] = []
-    write, flush = FileDriver.write, FileDriver.flush
+    write, flush, copy_in = FileDriver.write, FileDriver.flush, FileDriver.copy_in
 
     async def rec_write(self: FileDriver, offset: int, data: Any) -> None:
         if self.path in paths:
             log.append(Op(offset, bytes(memoryview(data).cast("B"))))
         await write(self, offset, data)
+
+    async def rec_copy_in(self: FileDriver, offset: int, extents: Any) -> None:
+        await copy_in(self, offset, extents)
+        if self.path in paths:  # an offloaded copy: log the bytes it wrote
+            log.append(Op(offset, os.pread(self.fd, sum(e.length for e in extents), offset)))
 
     async def rec_flush(self: FileDriver) -> None:
         if self.path in paths and not self.no_flush:
@@ -57,10 +63,12 @@ def recording(paths: set[str]) -> Iterator[list[Op]]:
         await flush(self)
 
     FileDriver.write, FileDriver.flush = rec_write, rec_flush  # type: ignore[method-assign]
+    FileDriver.copy_in = rec_copy_in  # type: ignore[method-assign]
     try:
         yield log
     finally:
         FileDriver.write, FileDriver.flush = write, flush  # type: ignore[method-assign]
+        FileDriver.copy_in = copy_in  # type: ignore[method-assign]
 
 
 def make_chain(directory: Path, size: str = "24M", cluster: int = 4096) -> Path:

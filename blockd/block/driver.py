@@ -27,8 +27,9 @@ buffer; writes take any bytes-like object.
 from __future__ import annotations
 
 import enum
+import errno
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -70,6 +71,41 @@ class BlockStatus:
     @property
     def allocated(self) -> bool:
         return Status.ALLOCATED in self.status
+
+
+@dataclass(frozen=True, slots=True)
+class Extent:
+    """``length`` bytes stored at ``offset`` of the protocol node ``node``: one piece
+    of a copy offloaded to the host (see :mod:`blockd.block.offload`)."""
+
+    node: BlockNode
+    offset: int
+    length: int
+
+
+def split_extents(extents: Sequence[Extent], length: int) -> tuple[list[Extent], list[Extent]]:
+    """The first ``length`` bytes of ``extents`` and the rest, splitting one extent
+    where the boundary falls inside it."""
+    head: list[Extent] = []
+    rest = list(extents)
+    while length and rest:
+        first = rest.pop(0)
+        if first.length <= length:
+            head.append(first)
+            length -= first.length
+            continue
+        head.append(Extent(first.node, first.offset, length))
+        rest.insert(0, Extent(first.node, first.offset + length, first.length - length))
+        length = 0
+    return head, rest
+
+
+class OffloadNotSupported(OSError):
+    """Raised by :meth:`Driver.copy_in`, before anything is written, when a node
+    cannot take part in an offloaded copy; the caller copies through buffers."""
+
+    def __init__(self) -> None:
+        super().__init__(errno.ENOTSUP, "copy offload not supported")
 
 
 class Driver(ABC):
@@ -121,19 +157,30 @@ class Driver(ABC):
         """Store ``data`` at ``offset``; stable only after :meth:`flush`."""
         raise OSError(13, "Permission denied")  # EACCES: the driver cannot write
 
-    async def flush(self) -> None:
+    async def flush(self) -> None:  # noqa: B027 - nothing to flush by default
         """Make every completed write stable on disk, in this node and its children."""
 
     @abstractmethod
     async def block_status(self, offset: int, length: int) -> BlockStatus:
         """The status of this layer at ``offset`` for a run of at most ``length`` bytes."""
 
-    async def close(self) -> None:
+    async def close(self) -> None:  # noqa: B027 - nothing to release by default
         """Write back cached metadata and release the node's resources."""
 
     def debug_event(self, name: str) -> None:  # noqa: B027 - optional hook
         """A format driver above reached debug point ``name`` (a BlkdebugEvent) on its
         way to this node; only ``blkdebug`` reacts (QEMU's ``bdrv_co_debug_event``)."""
+
+    async def copy_in(self, offset: int, extents: Sequence[Extent]) -> None:
+        """Store at ``offset`` the bytes of the host ``extents``, one after the other,
+        without passing them through Python (QEMU's ``bdrv_co_copy_range_to``).
+
+        Raises:
+            OffloadNotSupported: this node (or one below it) cannot; nothing was
+                written.
+            OSError: the copy failed part-way.
+        """
+        raise OffloadNotSupported
 
     # -- image headers (format drivers only) ---------------------------------------
 

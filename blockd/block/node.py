@@ -14,10 +14,11 @@ from __future__ import annotations
 import errno
 import json
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from blockd.block.driver import BlockStatus, Driver, Status
+from blockd.block.driver import BlockStatus, Driver, Extent, OffloadNotSupported, Status
 from blockd.block.locking import PERM_ALL, PERM_NONE, Perm
 from blockd.errors import RequestError
 
@@ -342,6 +343,21 @@ class BlockNode:
         start, bounce = padded  # read-modify-write of the aligned range
         bounce[offset - start : offset - start + len(view)] = view
         await self.driver.write(start, bounce)
+
+    async def copy_in(self, offset: int, extents: Sequence[Extent]) -> None:
+        """Store the host ``extents`` at ``offset`` (see :meth:`Driver.copy_in`).
+
+        Raises:
+            OffloadNotSupported: the range does not suit the driver's alignment, or the
+                driver cannot offload; nothing was written.
+        """
+        length = sum(e.length for e in extents)
+        self._check(offset, length, write=True)
+        align = self.driver.request_alignment
+        if offset % align or length % align:
+            raise OffloadNotSupported
+        if length:
+            await self.driver.copy_in(offset, extents)
 
     async def _read_padded(self, offset: int, length: int) -> tuple[int, bytearray] | None:
         """``None`` when ``[offset, offset + length)`` suits the driver's alignment;

@@ -219,7 +219,12 @@ class Refcounts:
         return True
 
     async def _new_block(self, index: int, at: int) -> None:
-        """Create the refcount block for table ``index`` in the free cluster ``at``."""
+        """Create the refcount block for table ``index`` in the free cluster ``at``.
+
+        The cluster is written (zeros) before anything changes: the space is taken now,
+        so a full disk fails this allocation instead of a later flush."""
+        self.file.debug_event("refblock_alloc_write")
+        await self.file.write(at << self.cluster_bits, bytes(self.cluster_size))
         blk = array(self._code, [0]) * refblock_entries(self.cluster_bits, self.order)
         self.table[index] = at << self.cluster_bits
         self._dirty_table.add(index)

@@ -521,7 +521,13 @@ class Job:
     async def _sleep_ns(self, ns: int) -> None:
         """QEMU ``job_sleep_ns``: sleep unless pausing, then a pause point."""
         await self._checkpoint_cancel()
-        if self.pause_count == 0:
+        if ns <= 0 and self.pause_count == 0:
+            # a zero timer only yields; nothing needs to wake it (one scheduler round
+            # instead of a cancel scope and a deadline per stream step)
+            self.busy = False
+            await trio.lowlevel.checkpoint()
+            self.busy = True
+        elif self.pause_count == 0:
             self._park = _Park.SLEEPING
             self.busy = False
             with trio.CancelScope(deadline=trio.current_time() + ns / 1e9) as scope:

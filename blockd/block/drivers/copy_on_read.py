@@ -19,11 +19,10 @@ import functools
 from collections.abc import Mapping
 from typing import Any, ClassVar, Final
 
-import trio
-
-from blockd.block import chain
+from blockd.block import chain, offload
 from blockd.block.driver import BlockStatus, Driver
 from blockd.block.node import BlockNode
+from blockd.block.request_lock import RequestLock
 from blockd.errors import RequestError
 
 #: the largest piece copied in one read/write pair (bounds the bounce buffer)
@@ -74,7 +73,7 @@ class CopyOnReadDriver(Driver):
         self.skip_zero_writes = False
         self._bounce = bytearray()
         #: copies (decision, read, write) and writes through the filter never overlap
-        self._serial = trio.Lock()
+        self._serial = RequestLock()
 
     @classmethod
     async def open(cls, node: BlockNode, options: Mapping[str, Any]) -> CopyOnReadDriver:
@@ -186,7 +185,7 @@ class CopyOnReadDriver(Driver):
             pos += n
 
     @property
-    def serial(self) -> trio.Lock:
+    def serial(self) -> RequestLock:
         """The lock that keeps copies and writes through the filter apart. A caller
         that decides itself what to copy holds it from the decision through
         :meth:`copy_decided` (the stream job does, to query the chain once per step)."""
@@ -202,7 +201,12 @@ class CopyOnReadDriver(Driver):
         """
         if offset < 0 or length < 0 or offset + length > self.length():
             raise OSError(22, "Invalid argument")
-        await self._copy(offset, length, None, source=self._backing_source(offset + length))
+        source = self._backing_source(offset + length)
+        if source is not None:
+            self._child.debug_event("cor_write")
+            if await offload.copy_range(source, offset, length, self._child):
+                return
+        await self._copy(offset, length, None, source=source)
 
     def _backing_source(self, end: int) -> BlockNode | None:
         """The node a copy may read from instead of the child: the child's backing node

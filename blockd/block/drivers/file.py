@@ -20,13 +20,13 @@ import functools
 import mmap
 import os
 import stat
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, ClassVar, TypeVar
 
 import trio
 import trio.lowlevel
 
-from blockd.block.driver import BlockStatus, Driver, Status
+from blockd.block.driver import BlockStatus, Driver, Extent, OffloadNotSupported, Status
 from blockd.block.locking import FileLocks
 from blockd.block.node import BlockNode
 from blockd.errors import HostError, RequestError
@@ -93,6 +93,40 @@ def _pwrite_direct(fd: int, view: memoryview, offset: int) -> None:
     with mmap.mmap(-1, len(view)) as bounce:
         bounce[: len(view)] = view
         _pwrite_full(fd, memoryview(bounce), offset)
+
+
+#: copy_file_range(2) refuses this pair of files or ranges: copy through a buffer
+_NO_COPY_RANGE = frozenset({errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL})
+#: the buffer of that fallback copy
+_FALLBACK_BUFFER = 1024 * 1024
+
+
+def _copy_full(src_fd: int, src: int, dst_fd: int, dst: int, length: int) -> None:
+    """Copy ``length`` bytes from ``src`` of ``src_fd`` to ``dst`` of ``dst_fd`` in the
+    kernel; bytes past the source's end are written as zeros."""
+    done = 0
+    while done < length:
+        try:
+            n = os.copy_file_range(src_fd, dst_fd, length - done, src + done, dst + done)
+        except OSError as exc:
+            if exc.errno not in _NO_COPY_RANGE:
+                raise
+            n = 0
+        if n == 0:  # refused, or the source's end: the rest through a buffer
+            buf = memoryview(bytearray(min(_FALLBACK_BUFFER, length - done)))
+            while done < length:
+                view = buf[: min(len(buf), length - done)]
+                _pread_full(src_fd, view, src + done)
+                _pwrite_full(dst_fd, view, dst + done)
+                done += len(view)
+            return
+        done += n
+
+
+def _copy_pieces(dst_fd: int, offset: int, pieces: list[tuple[int, int, int]]) -> None:
+    for src_fd, src, length in pieces:
+        _copy_full(src_fd, src, dst_fd, offset, length)
+        offset += length
 
 
 class FileDriver(Driver):
@@ -203,6 +237,23 @@ class FileDriver(Driver):
         writer = _pwrite_direct if self.direct else _pwrite_full
         await run_in_thread(writer, self.fd, view, offset)
         self._size = max(self._size, offset + len(view))
+
+    async def copy_in(self, offset: int, extents: Sequence[Extent]) -> None:
+        """Copy host file extents into this file with ``copy_file_range(2)`` (a buffer
+        where the kernel refuses), all in one worker-thread call. ``O_DIRECT`` files on
+        either side are not offloaded: their alignment rules are the node's to keep."""
+        pieces: list[tuple[int, int, int]] = []
+        for extent in extents:
+            source = extent.node.driver
+            if not isinstance(source, FileDriver) or source.direct or source.fd < 0:
+                raise OffloadNotSupported
+            pieces.append((source.fd, extent.offset, extent.length))
+        if self.direct:
+            raise OffloadNotSupported
+        try:
+            await run_in_thread(_copy_pieces, self.fd, offset, pieces)
+        finally:  # the file may have grown, also by a copy that failed part-way
+            self._size = max(self._size, os.fstat(self.fd).st_size)
 
     async def flush(self) -> None:
         if not self.no_flush:

@@ -34,18 +34,26 @@ import importlib
 import os
 import zlib
 from array import array
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import trio
 
 from blockd.block import qcow2_format as fmt
-from blockd.block.driver import BlockStatus, Driver, Status
+from blockd.block.driver import (
+    BlockStatus,
+    Driver,
+    Extent,
+    OffloadNotSupported,
+    Status,
+    split_extents,
+)
 from blockd.block.qcow2_cache import L2Cache
 from blockd.block.qcow2_format import ClusterKind, Extension, Header
 from blockd.block.qcow2_refcount import Refcounts
 from blockd.block.qcow2_snapshots import MAX_TABLE_BYTES, ShortTable, Snapshot, parse_table
+from blockd.block.request_lock import RequestLock
 from blockd.errors import ImageError
 
 if TYPE_CHECKING:
@@ -87,7 +95,7 @@ class Qcow2Driver(Driver):
 
     def __init__(self, node: BlockNode) -> None:
         super().__init__(node)
-        self._lock = trio.Lock()
+        self._lock = RequestLock()
         self.header: Header
         self.extensions: list[Extension] = []
         self.backing_name: str | None = None
@@ -349,6 +357,10 @@ class Qcow2Driver(Driver):
         cs = self.header.cluster_size
         kind = _KIND(first)
         if kind is _NORMAL:
+            if first & fmt.OFFSET_MASK & (cs - 1):
+                raise ImageError(
+                    f"Cluster allocation offset {first & fmt.OFFSET_MASK:#x} unaligned"
+                )
             return BlockStatus(
                 Status.DATA | Status.ALLOCATED | Status.OFFSET_VALID,
                 run,
@@ -450,8 +462,16 @@ class Qcow2Driver(Driver):
             new_table = array("Q", [0]) * (1 << self.header.l2_bits)
         self._file.debug_event("cluster_alloc")
         cluster = await self.refcounts.allocate(1)
-        self._metadata.add(cluster)
         new = cluster << self.header.cluster_bits
+        # Written at once, as QEMU's l2_allocate does: the space is taken now, so a full
+        # disk fails this request instead of a later flush of the cached table.
+        try:
+            self._file.debug_event("l2_alloc_write")
+            await self._file.write(new, fmt.encode_table(new_table))
+        except BaseException:
+            self.refcounts.release(cluster)
+            raise
+        self._metadata.add(cluster)
         await self._l2.add_new(new, new_table)
         self.l1[l1i] = new | fmt.OFLAG_COPIED
         self._l1_dirty.add(l1i)
@@ -518,7 +538,6 @@ class Qcow2Driver(Driver):
         completed from the old contents, then point the L2 entries at them."""
         h = self.header
         cb = h.cluster_bits
-        mask = (1 << h.l2_bits) - 1
         count = c1 - c0
         self._file.debug_event("cluster_alloc")
         host = (await self.refcounts.allocate(count)) << cb
@@ -532,12 +551,65 @@ class Qcow2Driver(Driver):
             for k in range(count):
                 self.refcounts.release((host >> cb) + k)
             raise
+        self._link_clusters(l2off, table, c0, count, host)
+
+    def _link_clusters(self, l2off: int, table: array[int], c0: int, count: int, host: int) -> None:
+        """Point guest clusters ``[c0, c0 + count)`` of ``table`` at the new host
+        clusters from ``host`` on, once their data is written; the old ones go."""
+        cb = self.header.cluster_bits
+        mask = (1 << self.header.l2_bits) - 1
         for k in range(count):
             i = (c0 + k) & mask
             old = table[i]
             table[i] = (host + (k << cb)) | fmt.OFLAG_COPIED
             self._release_entry(old)
         self._l2.changed(l2off, table)
+
+    async def copy_in(self, offset: int, extents: Sequence[Extent]) -> None:
+        """Take host extents into new clusters (an offloaded copy-on-read).
+
+        The guest range must start on a cluster boundary and end on one or at the end
+        of the image, and be unallocated here (as a copy from the backing chain finds
+        it); the data lands in one contiguous run of new clusters per L2 table, copied
+        by the ``file`` node, and the L2 entries point there once it is written.
+
+        Raises:
+            OffloadNotSupported: the range does not qualify, or the ``file`` node
+                cannot offload; no data or L2 entry was written.
+        """
+        if self.node.read_only:
+            raise OSError(errno.EPERM, os.strerror(errno.EPERM))
+        h = self.header
+        cb = h.cluster_bits
+        cs = h.cluster_size
+        span = 1 << (cb + h.l2_bits)
+        end = offset + sum(e.length for e in extents)
+        if offset & (cs - 1) or (end & (cs - 1) and end != h.size):
+            raise OffloadNotSupported
+        async with self._lock:
+            with trio.CancelScope(shield=True):
+                first, run = await self._status_run(offset, end)
+                if _KIND(first) is not _UNALLOCATED or run != end - offset:
+                    raise OffloadNotSupported
+                await self._prepare_write()
+                rest = list(extents)
+                pos = offset
+                while pos < end:
+                    stop = min(end, (pos | (span - 1)) + 1)
+                    part, rest = split_extents(rest, stop - pos)
+                    l2off, table = await self._table_for_write(pos >> (cb + h.l2_bits))
+                    count = ((stop - pos) + cs - 1) >> cb
+                    self._file.debug_event("cluster_alloc")
+                    host = (await self.refcounts.allocate(count)) << cb
+                    try:
+                        self._file.debug_event("write_aio")
+                        await self._file.copy_in(host, part)
+                    except BaseException:
+                        for k in range(count):
+                            self.refcounts.release((host >> cb) + k)
+                        raise
+                    self._link_clusters(l2off, table, pos >> cb, count, host)
+                    pos = stop
 
     async def _fill_new_clusters(
         self, table: array[int], c0: int, c1: int, offset: int, data: memoryview, host: int

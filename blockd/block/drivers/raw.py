@@ -7,10 +7,10 @@ contents, so every range is allocated here; the child says whether it is data or
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
 
-from blockd.block.driver import BlockStatus, Driver, Status
+from blockd.block.driver import BlockStatus, Driver, Extent, Status
 from blockd.block.node import BlockNode
 from blockd.errors import RequestError
 
@@ -80,6 +80,10 @@ class RawDriver(Driver):
     async def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
         self._child.debug_event("write_aio")
         await self._child.write(self.offset + offset, data)
+
+    async def copy_in(self, offset: int, extents: Sequence[Extent]) -> None:
+        self._child.debug_event("write_aio")
+        await self._child.copy_in(self.offset + offset, extents)
 
     async def flush(self) -> None:
         await self._child.flush()

@@ -1,0 +1,212 @@
+"""Copy offload: guest ranges mapped to host extents and copied kernel to kernel.
+
+Chains are made with qemu-img/qemu-io; every image blockd wrote is judged with
+``qemu-img check`` and against qemu-img's own view of the data.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+from pathlib import Path
+
+import pytest
+from qcow2_util import assert_clean, close, open_qcow2, qemu_io, read_all, run, to_raw
+
+from blockd.block import offload
+from blockd.block.driver import Extent, OffloadNotSupported, split_extents
+from blockd.block.graph import Graph
+from blockd.block.node import BlockNode
+from blockd.events import EventBus
+
+KIB = 1024
+MIB = 1024 * KIB
+SIZE = 4 * MIB
+
+
+def chain(tmp_path: Path, *, cluster: str = "64k") -> tuple[Path, Path, Path]:
+    """base (0x11 everywhere, a zero cluster at 3 MiB) <- mid (0x22 at 1-2 MiB) <- top
+    (0x33 at its first 64 KiB)."""
+    base, mid, top = (tmp_path / f"{n}.qcow2" for n in ("base", "mid", "top"))
+    run("qemu-img", "create", "-q", "-f", "qcow2", "-o", f"cluster_size={cluster}", base, "4M")
+    qemu_io(base, f"write -P 0x11 0 {SIZE}", "write -z 3M 64k")
+    for upper, lower in ((mid, base), (top, mid)):
+        run("qemu-img", "create", "-q", "-f", "qcow2", "-o", f"cluster_size={cluster}",
+            "-b", lower, "-F", "qcow2", upper)  # fmt: skip
+    qemu_io(mid, "write -P 0x22 1M 1M")
+    qemu_io(top, "write -P 0x33 0 64k")
+    return base, mid, top
+
+
+async def opened(top: Path) -> tuple[Graph, BlockNode]:
+    graph = Graph(EventBus())
+    node = await open_qcow2(top, graph=graph)
+    return graph, node
+
+
+async def test_extents_follow_the_chain_down_to_host_files(tmp_path: Path) -> None:
+    top = chain(tmp_path)[2]
+    view = to_raw(top, tmp_path / "view.raw")
+    graph, node = await opened(top)
+    try:
+        below = node.backing
+        assert below is not None
+        # 1 MiB + 64 KiB .. 2 MiB + 64 KiB: mid's data, then base's
+        extents = await offload.map_extents(below, MIB + 64 * KIB, MIB)
+        assert extents is not None
+        assert sum(e.length for e in extents) == MIB
+        assert [Path(e.node.filename).name for e in extents] == ["mid.qcow2", "base.qcow2"]
+        assert [e.length for e in extents] == [MIB - 64 * KIB, 64 * KIB]
+        # every extent holds exactly the bytes qemu-img shows there
+        got = b"".join(os.pread(e.node.driver.fd, e.length, e.offset) for e in extents)  # type: ignore[attr-defined]
+        assert got == view[MIB + 64 * KIB : 2 * MIB + 64 * KIB]
+    finally:
+        await graph.close_all()
+
+
+async def test_zero_compressed_and_filtered_ranges_are_not_offloaded(tmp_path: Path) -> None:
+    base, _, top = chain(tmp_path)
+    packed = tmp_path / "packed.qcow2"
+    run("qemu-img", "convert", "-c", "-O", "qcow2", base, packed)
+    graph, node = await opened(top)
+    try:
+        below = node.backing
+        assert below is not None
+        assert await offload.map_extents(below, 3 * MIB, 64 * KIB) is None  # zero cluster
+        c = await open_qcow2(packed, graph=graph, read_only=True, **{"node-name": "packed"})
+        assert await offload.map_extents(c, 0, 64 * KIB) is None  # compressed
+        debug = await graph.open_node(
+            {
+                "driver": "blkdebug",
+                "node-name": "dbg",
+                "image": {"driver": "file", "filename": str(base)},
+            },
+            top_level=True,
+        )
+        assert await offload.map_extents(debug, 0, 64 * KIB) is None  # a filter
+    finally:
+        await graph.close_all()
+
+
+async def test_qcow2_takes_extents_into_new_clusters(tmp_path: Path) -> None:
+    top = chain(tmp_path)[2]
+    before = to_raw(top, tmp_path / "before.raw")
+    graph, node = await opened(top)
+    try:
+        below = node.backing
+        assert below is not None
+        # the whole image except top's own first cluster, then the zero cluster's
+        # neighbours: three offloaded copies across mid and base
+        for start, length in ((64 * KIB, 3 * MIB - 64 * KIB), (3 * MIB + 64 * KIB, MIB - 64 * KIB)):
+            assert await offload.copy_range(below, start, length, node)
+        assert await read_all(node) == before
+    finally:
+        await graph.close_all()
+    assert_clean(top)
+    assert to_raw(top, tmp_path / "after.raw") == before
+    # every byte with data is top's own now; only base's zero cluster still shows through
+    for entry in json.loads(run("qemu-img", "map", "--output=json", top)):
+        if entry["start"] == 3 * MIB:
+            assert entry["depth"] == 2 and entry["zero"] and entry["length"] == 64 * KIB
+        else:
+            assert entry["depth"] == 0 and entry["data"], entry
+
+
+async def test_allocated_or_unaligned_ranges_are_refused_untouched(tmp_path: Path) -> None:
+    top = chain(tmp_path)[2]
+    node = (await opened(top))[1]
+    try:
+        below = node.backing
+        assert below is not None
+        size = os.path.getsize(top)
+        # top stores its first cluster: a copy would overwrite it
+        assert not await offload.copy_range(below, 0, 128 * KIB, node)
+        # not on a cluster boundary
+        assert not await offload.copy_range(below, 64 * KIB + 512, 64 * KIB, node)
+        assert not await offload.copy_range(below, 64 * KIB, 64 * KIB - 512, node)
+        assert os.path.getsize(top) == size
+    finally:
+        await close(node)
+    assert_clean(top)
+
+
+async def test_the_last_partial_cluster_of_an_image(tmp_path: Path) -> None:
+    base = tmp_path / "base.qcow2"
+    top = tmp_path / "top.qcow2"
+    size = MIB + 4 * KIB  # the last 64 KiB cluster is partly past the end
+    run("qemu-img", "create", "-q", "-f", "qcow2", base, str(size))
+    qemu_io(base, f"write -P 0x5a 0 {size}")
+    run("qemu-img", "create", "-q", "-f", "qcow2", "-b", base, "-F", "qcow2", top)
+    graph, node = await opened(top)
+    try:
+        below = node.backing
+        assert below is not None
+        assert await offload.copy_range(below, MIB, 4 * KIB, node)
+    finally:
+        await graph.close_all()
+    assert_clean(top)
+    run("qemu-img", "compare", "-f", "qcow2", "-F", "qcow2", top, base)
+
+
+async def test_file_copy_falls_back_to_a_buffer_when_the_kernel_refuses(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    payload = os.urandom(3 * MIB + 100)
+    src.write_bytes(payload)
+    dst.write_bytes(b"")
+
+    def refuse(*_args: object) -> int:
+        raise OSError(errno.EXDEV, os.strerror(errno.EXDEV))
+
+    monkeypatch.setattr(os, "copy_file_range", refuse)
+    graph = Graph(EventBus())
+    try:
+        s = await graph.open_node(
+            {"driver": "file", "node-name": "s", "filename": str(src), "read-only": True},
+            top_level=True,
+        )
+        d = await graph.open_node(
+            {"driver": "file", "node-name": "d", "filename": str(dst)}, top_level=True
+        )
+        # two pieces, the second running 412 bytes past the source's end: zeros there
+        await d.copy_in(4096, [Extent(s, 0, MIB), Extent(s, 2 * MIB, MIB + 512)])
+    finally:
+        await graph.close_all()
+    got = dst.read_bytes()
+    assert got[:4096] == bytes(4096)
+    assert got[4096 : 4096 + MIB] == payload[:MIB]
+    assert got[4096 + MIB : 4096 + 2 * MIB + 100] == payload[2 * MIB :]
+    assert got[4096 + 2 * MIB + 100 :] == bytes(412)
+
+
+async def test_direct_io_files_are_not_offloaded(tmp_path: Path) -> None:
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    src.write_bytes(os.urandom(MIB))
+    dst.write_bytes(bytes(MIB))
+    graph = Graph(EventBus())
+    try:
+        s = await graph.open_node(
+            {"driver": "file", "node-name": "s", "filename": str(src), "cache": {"direct": True}},
+            top_level=True,
+        )
+        d = await graph.open_node(
+            {"driver": "file", "node-name": "d", "filename": str(dst)}, top_level=True
+        )
+        with pytest.raises(OffloadNotSupported):
+            await d.copy_in(0, [Extent(s, 0, 4096)])
+    finally:
+        await graph.close_all()
+    assert dst.read_bytes() == bytes(MIB)
+
+
+def test_split_extents_cuts_inside_an_extent() -> None:
+    node = object()
+    a, b = Extent(node, 0, 100), Extent(node, 1000, 50)  # type: ignore[arg-type]
+    assert split_extents([a, b], 120) == (
+        [a, Extent(node, 1000, 20)],  # type: ignore[arg-type]
+        [Extent(node, 1020, 30)],  # type: ignore[arg-type]
+    )
+    assert split_extents([a, b], 100) == ([a], [b])
+    assert split_extents([a], 0) == ([], [a])
