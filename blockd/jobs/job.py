@@ -26,7 +26,8 @@ Tools for ``run()``:
   (d)`` loop: it always yields at least once, is not busy while it sleeps, wakes early on
   pause, cancel and a ``set-speed`` that raises the limit, and includes a pause point (so
   it also raises ``trio.Cancelled``). Call it before every chunk.
-* ``charge(n)`` charges ``n`` copied bytes to the rate limiter (skipped bytes are not).
+* ``charge(n)`` charges ``n`` copied bytes to the rate limiter (skipped bytes are not);
+  ``rate_limited()`` tells whether the next ``rate_limit_sleep()`` would sleep.
 * ``set_total(n)`` / ``advance(n)``: progress (``len`` / ``offset``).
 * ``await handle_io_error(exc)`` applies ``on-error`` (§2.6): emits ``BLOCK_JOB_ERROR``
   (operation ``read`` unless told otherwise) and returns
@@ -247,6 +248,10 @@ class Job:
             await self._sleep_ns(delay)
             if delay == 0:
                 return
+
+    def rate_limited(self) -> bool:
+        """Whether :meth:`rate_limit_sleep` would sleep now (the speed limit is reached)."""
+        return self._limit.calculate_delay(0, _now_ns()) > 0
 
     def charge(self, n: int) -> None:
         """Charge ``n`` copied bytes to the rate limiter; the next sleep pays for them."""

@@ -26,6 +26,7 @@ Theory of operation (QEMU behaviour §4.4; QEMU's ``block/stream.c``):
 from __future__ import annotations
 
 import errno
+import functools
 from typing import TYPE_CHECKING, Any, ClassVar, Final
 
 import trio
@@ -35,6 +36,7 @@ from blockd.block.drivers.copy_on_read import CopyOnReadDriver
 from blockd.block.locking import PERM_ALL, PERM_NONE, Perm
 from blockd.block.node import BlockNode, NodeUser
 from blockd.jobs.job import Job
+from blockd.jobs.window import StepWindow
 
 if TYPE_CHECKING:
     from blockd.block.graph import Graph
@@ -42,6 +44,10 @@ if TYPE_CHECKING:
 
 #: the most bytes one step of the run loop examines (QEMU's ``STREAM_CHUNK``)
 STREAM_CHUNK: Final = 512 * 1024
+
+#: stream steps queued at once: while one step's copy waits for its worker thread, the
+#: next ones are decided and their copies started (see :mod:`blockd.jobs.window`)
+STREAM_DEPTH: Final = 4
 
 #: the blocker reason put on every node the job holds (QEMU behaviour §4.4 step 5)
 BLOCKER: Final = "block device is in use by block job: stream"
@@ -180,35 +186,69 @@ class StreamJob(Job):
         # A full stream leaves no backing file: zeros need not be written, the range
         # reads as zeros unallocated (before prepare the chain shows the same zeros).
         cor.skip_zero_writes = self.above_base.filtered is None
-        offset = 0
-        while offset < length:
-            await self.rate_limit_sleep()  # also the pause and cancel point
-            copy = False
-            n = min(STREAM_CHUNK, length - offset)
-            try:
-                # The decision and the copy under the filter's lock: no write through
-                # the filter lands between them, so the chain is asked once per step.
-                async with cor.serial:
-                    allocated, n = await chain.is_allocated(top, offset, STREAM_CHUNK)
-                    if not allocated:
-                        # reference: stream_run: copy if a layer down to base_overlay has it
-                        copy, n = await chain.is_allocated_above(
-                            top.backing, self.base_overlay, True, offset, n
-                        )
-                        if not copy and n == 0:
-                            n = length - offset  # the end of a shorter backing chain
-                    if copy:
-                        await cor.copy_decided(offset, n)
-            except OSError as exc:
-                action = await self.handle_io_error(exc)
-                if action == "retry":
+        async with trio.open_nursery() as nursery:
+            window = StepWindow(nursery, STREAM_DEPTH)
+            offset = 0
+            while True:
+                done, failed = window.settle()
+                self.advance(done)
+                if failed is not None:
+                    await window.drain()
+                    assert failed.error is not None
+                    action = await self.handle_io_error(failed.error)
+                    if action == "report":
+                        return  # the engine fails the job with the remembered error
+                    offset = failed.offset
+                    if action == "ignore":
+                        self.advance(failed.length)
+                        offset += failed.length
                     continue
-                if action == "report":
-                    return  # the engine fails the job with the remembered error
-            offset += n
-            self.advance(n)
-            if copy:
-                self.charge(n)
+                # a pause, a cancel or a rate-limit sleep finds no copy in flight (and
+                # the progress up to date), as in a one-step loop
+                if window and (
+                    offset >= length
+                    or window.full
+                    or self.pause_count > 0
+                    or self.cancelled
+                    or self.rate_limited()
+                ):
+                    await window.wait_head()
+                    continue
+                if offset >= length:
+                    return
+                await self.rate_limit_sleep()  # also the pause and cancel point
+                offset += await self._step(cor, top, window, offset, length)
+
+    async def _step(
+        self, cor: CopyOnReadDriver, top: BlockNode, window: StepWindow, offset: int, length: int
+    ) -> int:
+        """Decide the step at ``offset`` and queue it (its copy started); returns its
+        length (the reference: stream_run's loop body)."""
+        n = min(STREAM_CHUNK, length - offset)
+        try:
+            # The decision and the claim under the filter's lock: no write through the
+            # filter lands between them, so the chain is asked once per step.
+            async with cor.serial:
+                allocated, n = await chain.is_allocated(top, offset, STREAM_CHUNK)
+                copy = False
+                if not allocated:
+                    # copy if a layer down to base_overlay has it
+                    copy, n = await chain.is_allocated_above(
+                        top.backing, self.base_overlay, True, offset, n
+                    )
+                    if not copy and n == 0:
+                        n = length - offset  # the end of a shorter backing chain
+                if copy:
+                    cor.claim(offset, n)
+        except OSError as exc:
+            window.add_done(offset, n, exc)
+            return n
+        if copy:
+            window.start(offset, n, functools.partial(cor.copy_claimed, offset, n))
+            self.charge(n)
+        else:
+            window.add_done(offset, n)
+        return n
 
     # -- completion ------------------------------------------------------------------
 

@@ -137,3 +137,49 @@ async def test_copy_never_overwrites_a_concurrent_write(
     await h.cmd("blockdev-del", node_name="cor")
     await h.cmd("blockdev-del", node_name="top")
     check(top)
+
+
+async def test_a_write_waits_for_a_claimed_offloaded_copy(
+    harness: Harness, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The stream's way: a copy claimed under the filter's lock runs without it; a guest
+    write to the claimed range arriving mid-copy waits for the copy, then wins."""
+    base = create(tmp_path / "base.qcow2", 1 * MIB)
+    write(base, 0, 1 * MIB, 0x51)
+    top = create(tmp_path / "top.qcow2", None, base)
+    h = harness
+    await h.raw(
+        "blockdev-add",
+        {"driver": "qcow2", "node-name": "top", "file": {"driver": "file", "filename": str(top)}},
+    )
+    await h.raw("blockdev-add", {"driver": "copy-on-read", "node-name": "cor", "file": "top"})
+    cor, top_node = h.d.graph.find("cor"), h.d.graph.find("top")
+    assert cor is not None and top_node is not None and top_node.file is not None
+    driver = cor.driver
+    assert isinstance(driver, CopyOnReadDriver)
+    new = bytes([0x77]) * (64 * KIB)
+    file_driver = top_node.file.driver
+    real_copy_in = file_driver.copy_in
+    raced: list[bool] = []
+
+    async with trio.open_nursery() as nursery:
+
+        async def copy_then_race(offset: int, extents: object) -> None:
+            await real_copy_in(offset, extents)  # type: ignore[arg-type]
+            # The data is copied, the L2 entries not yet linked: a guest write comes in.
+            nursery.start_soon(cor.write, 128 * KIB, new)
+            await trio.testing.wait_all_tasks_blocked()
+            raced.append(await top_node.pread(128 * KIB, 64 * KIB) == new)
+
+        monkeypatch.setattr(file_driver, "copy_in", copy_then_race)
+        async with driver.serial:
+            driver.claim(0, 512 * KIB)
+        await driver.copy_claimed(0, 512 * KIB)
+        monkeypatch.undo()
+    assert raced == [False]  # the copy really was offloaded, and the write waited
+    assert await cor.pread(128 * KIB, 64 * KIB) == new
+    assert await cor.pread(0, 64 * KIB) == bytes([0x51]) * (64 * KIB)
+    await h.cmd("blockdev-del", node_name="cor")
+    await h.cmd("blockdev-del", node_name="top")
+    check(top)
+    assert own_data(top) == [(0, 512 * KIB)]  # the copy and the write, both in top

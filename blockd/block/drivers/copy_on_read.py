@@ -7,10 +7,13 @@ child's backing down to ``bottom`` (inclusive) stores are copied; data of the la
 below ``bottom`` stays where it is. This is how ``block-stream`` copies (QEMU behaviour
 §4.4, §6.2; QEMU's ``block/copy-on-read.c`` and ``bdrv_co_do_copy_on_readv``).
 
-:meth:`CopyOnReadDriver.prefetch` does the copying without returning data: the stream
-job's read. A copy (its decision, read and write) and a write through the filter never
-overlap, so a copy cannot store stale data over a newer write; every parent of the child
-writes through the filter once ``block-stream`` has inserted it.
+:meth:`CopyOnReadDriver.prefetch` does the copying without returning data. The stream
+job decides per step itself, claims the range (:meth:`~CopyOnReadDriver.claim`) and runs the
+copy (:meth:`~CopyOnReadDriver.copy_claimed`) while it decides the next steps; copies go
+through :mod:`blockd.block.offload` where every layer allows. A copy (its decision, read
+and write) and a read or write through the filter never overlap, so a copy cannot store
+stale data over a newer write; every parent of the child writes through the filter once
+``block-stream`` has inserted it.
 """
 
 from __future__ import annotations
@@ -18,6 +21,8 @@ from __future__ import annotations
 import functools
 from collections.abc import Mapping
 from typing import Any, ClassVar, Final
+
+import trio
 
 from blockd.block import chain, offload
 from blockd.block.driver import BlockStatus, Driver
@@ -72,8 +77,13 @@ class CopyOnReadDriver(Driver):
         #: chain sets it (QEMU writes zero clusters there; blockd has no write-zeroes).
         self.skip_zero_writes = False
         self._bounce = bytearray()
-        #: copies (decision, read, write) and writes through the filter never overlap
+        #: copy decisions and writes through the filter never overlap
         self._serial = RequestLock()
+        #: ranges of copies decided but not finished (see :meth:`claim`)
+        self._claims: list[tuple[int, int]] = []
+        self._claims_changed = trio.Event()
+        #: one copy at a time uses the bounce buffer
+        self._bounce_lock = RequestLock()
 
     @classmethod
     async def open(cls, node: BlockNode, options: Mapping[str, Any]) -> CopyOnReadDriver:
@@ -153,6 +163,7 @@ class CopyOnReadDriver(Driver):
         pos = offset
         while pos < end:
             async with self._serial:
+                await self._wait_claims(pos, end - pos)
                 copy, n = await self._copy_decision(pos, end - pos)
                 if n == 0:
                     # Past the end of a shorter backing chain: nothing to copy.
@@ -177,36 +188,56 @@ class CopyOnReadDriver(Driver):
         pos = offset
         while pos < end:
             async with self._serial:
+                await self._wait_claims(pos, end - pos)
                 copy, n = await self._copy_decision(pos, end - pos)
                 if n == 0:
                     return
                 if copy:
-                    await self._copy(pos, n, None)
+                    async with self._bounce_lock:
+                        await self._copy(pos, n, None)
             pos += n
 
     @property
     def serial(self) -> RequestLock:
-        """The lock that keeps copies and writes through the filter apart. A caller
-        that decides itself what to copy holds it from the decision through
-        :meth:`copy_decided` (the stream job does, to query the chain once per step)."""
+        """The lock that keeps copy decisions and writes through the filter apart. A
+        caller that decides itself what to copy (the stream job, to query the chain
+        once per step) holds it for the decision and claims the range (:meth:`claim`)
+        before letting go; the copy itself (:meth:`copy_claimed`) runs without it."""
         return self._serial
 
-    async def copy_decided(self, offset: int, length: int) -> None:
-        """Copy ``[offset, offset + length)`` into the child, decided by the caller under
-        :attr:`serial` (held by the caller): the child stores none of the range and a
-        layer down to ``bottom`` stores all of it.
+    def claim(self, offset: int, length: int) -> None:
+        """Reserve ``[offset, offset + length)`` for a copy decided under :attr:`serial`
+        (held by the caller): until :meth:`copy_claimed` is done, reads and writes
+        through the filter that overlap it wait, so the copy can never store stale data
+        over a newer write."""
+        self._claims.append((offset, length))
+
+    async def copy_claimed(self, offset: int, length: int) -> None:
+        """Copy the claimed range into the child and release the claim: the child stores
+        none of it and a layer down to ``bottom`` stores all of it. Runs without
+        :attr:`serial`; several claimed copies may run at once.
 
         Raises:
             OSError: a read or the copy's write failed (the range may be partly copied).
         """
-        if offset < 0 or length < 0 or offset + length > self.length():
-            raise OSError(22, "Invalid argument")
-        source = self._backing_source(offset + length)
-        if source is not None:
-            self._child.debug_event("cor_write")
-            if await offload.copy_range(source, offset, length, self._child):
+        try:
+            if offset < 0 or length < 0 or offset + length > self.length():
+                raise OSError(22, "Invalid argument")
+            source = self._backing_source(offset + length)
+            if source is not None and await offload.copy_range(source, offset, length, self._child):
                 return
-        await self._copy(offset, length, None, source=source)
+            async with self._bounce_lock:
+                await self._copy(offset, length, None, source=source)
+        finally:
+            self._claims.remove((offset, length))
+            self._claims_changed.set()
+            self._claims_changed = trio.Event()
+
+    async def _wait_claims(self, offset: int, length: int) -> None:
+        """Wait until no claimed copy overlaps ``[offset, offset + length)``."""
+        end = offset + length
+        while any(o < end and offset < o + n for o, n in self._claims):
+            await self._claims_changed.wait()
 
     def _backing_source(self, end: int) -> BlockNode | None:
         """The node a copy may read from instead of the child: the child's backing node
@@ -225,6 +256,7 @@ class CopyOnReadDriver(Driver):
         # Never between a copy's decision and its write: the copy would store the old
         # data over this write (QEMU serialises copy-on-read requests the same way).
         async with self._serial:
+            await self._wait_claims(offset, len(memoryview(data).cast("B")))
             await self._child.write(offset, data)
 
     async def flush(self) -> None:

@@ -29,6 +29,7 @@ import trio.lowlevel
 from blockd.block.driver import BlockStatus, Driver, Extent, OffloadNotSupported, Status
 from blockd.block.locking import FileLocks
 from blockd.block.node import BlockNode
+from blockd.block.writebehind import WriteBehind
 from blockd.errors import HostError, RequestError
 
 DIRECT_ALIGNMENT = 4096
@@ -141,6 +142,8 @@ class FileDriver(Driver):
         self.fd = fd
         self.direct = direct
         self.no_flush = bool(node.options.get("cache", {}).get("no-flush", False))
+        #: background syncs of written data (not with no-flush or O_DIRECT)
+        self._behind = None if self.no_flush or direct else WriteBehind()
         #: the lock bytes held on the file; ``None`` with ``locking: off``
         self.locks: FileLocks | None = FileLocks(fd) if locking else None
         self._size = os.fstat(fd).st_size
@@ -208,6 +211,7 @@ class FileDriver(Driver):
         Raises:
             HostError: the new mode cannot be opened; the old descriptor stays in use.
         """
+        await self._quiesce()
         fd = self._open_fd(self.path, read_only=read_only, direct=self.direct)
         if self.locks is not None:
             locks = FileLocks(fd)
@@ -237,6 +241,8 @@ class FileDriver(Driver):
         writer = _pwrite_direct if self.direct else _pwrite_full
         await run_in_thread(writer, self.fd, view, offset)
         self._size = max(self._size, offset + len(view))
+        if self._behind is not None:
+            self._behind.wrote(self.fd, len(view))
 
     async def copy_in(self, offset: int, extents: Sequence[Extent]) -> None:
         """Copy host file extents into this file with ``copy_file_range(2)`` (a buffer
@@ -254,10 +260,16 @@ class FileDriver(Driver):
             await run_in_thread(_copy_pieces, self.fd, offset, pieces)
         finally:  # the file may have grown, also by a copy that failed part-way
             self._size = max(self._size, os.fstat(self.fd).st_size)
+        if self._behind is not None:
+            self._behind.wrote(self.fd, sum(p[2] for p in pieces))
 
     async def flush(self) -> None:
         if not self.no_flush:
             await run_in_thread(os.fdatasync, self.fd)
+        if self._behind is not None:
+            error = self._behind.take_error()
+            if error is not None:  # a background sync lost written data
+                raise error
 
     async def block_status(self, offset: int, length: int) -> BlockStatus:
         # reference: QEMU file-posix find_allocation / raw_co_block_status
@@ -281,7 +293,14 @@ class FileDriver(Driver):
     def image_info(self) -> dict[str, Any]:
         return {"format-specific": {"type": "file", "data": {}}}
 
+    async def _quiesce(self) -> None:
+        """Let a background sync finish before its descriptor goes."""
+        if self._behind is not None:
+            with trio.CancelScope(shield=True):
+                await self._behind.wait_idle()
+
     async def close(self) -> None:
         if self.fd >= 0:
+            await self._quiesce()
             fd, self.fd = self.fd, -1
             os.close(fd)  # drops the OFD lock bytes with the description

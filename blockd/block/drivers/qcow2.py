@@ -570,8 +570,11 @@ class Qcow2Driver(Driver):
 
         The guest range must start on a cluster boundary and end on one or at the end
         of the image, and be unallocated here (as a copy from the backing chain finds
-        it); the data lands in one contiguous run of new clusters per L2 table, copied
-        by the ``file`` node, and the L2 entries point there once it is written.
+        it). Under the lock, one contiguous run of new clusters per L2 table is
+        allocated; the ``file`` node copies the data there without the lock, so other
+        requests (the next copies among them) go on meanwhile, and reads of the range
+        still see the backing chain's identical data; then, under the lock again, the
+        L2 entries point at the new clusters.
 
         Raises:
             OffloadNotSupported: the range does not qualify, or the ``file`` node
@@ -581,13 +584,13 @@ class Qcow2Driver(Driver):
             raise OSError(errno.EPERM, os.strerror(errno.EPERM))
         h = self.header
         cb = h.cluster_bits
-        cs = h.cluster_size
-        span = 1 << (cb + h.l2_bits)
+        span_bits = cb + h.l2_bits
         end = offset + sum(e.length for e in extents)
-        if offset & (cs - 1) or (end & (cs - 1) and end != h.size):
+        if offset & (h.cluster_size - 1) or (end & (h.cluster_size - 1) and end != h.size):
             raise OffloadNotSupported
-        async with self._lock:
-            with trio.CancelScope(shield=True):
+        with trio.CancelScope(shield=True):
+            runs: list[tuple[int, int, int, list[Extent]]] = []  # guest, count, host, data
+            async with self._lock:
                 first, run = await self._status_run(offset, end)
                 if _KIND(first) is not _UNALLOCATED or run != end - offset:
                     raise OffloadNotSupported
@@ -595,21 +598,45 @@ class Qcow2Driver(Driver):
                 rest = list(extents)
                 pos = offset
                 while pos < end:
-                    stop = min(end, (pos | (span - 1)) + 1)
+                    stop = min(end, (pos | ((1 << span_bits) - 1)) + 1)
                     part, rest = split_extents(rest, stop - pos)
-                    l2off, table = await self._table_for_write(pos >> (cb + h.l2_bits))
-                    count = ((stop - pos) + cs - 1) >> cb
+                    await self._table_for_write(pos >> span_bits)
+                    count = (stop - pos + h.cluster_size - 1) >> cb
                     self._file.debug_event("cluster_alloc")
-                    host = (await self.refcounts.allocate(count)) << cb
-                    try:
-                        self._file.debug_event("write_aio")
-                        await self._file.copy_in(host, part)
-                    except BaseException:
+                    runs.append((pos, count, (await self.refcounts.allocate(count)) << cb, part))
+                    pos = stop
+            try:
+                for _guest, _count, host, part in runs:
+                    self._file.debug_event("write_aio")
+                    await self._file.copy_in(host, part)
+            except BaseException:
+                async with self._lock:
+                    for _guest, count, host, _part in runs:
                         for k in range(count):
                             self.refcounts.release((host >> cb) + k)
-                        raise
-                    self._link_clusters(l2off, table, pos >> cb, count, host)
-                    pos = stop
+                raise
+            async with self._lock:
+                for guest, count, host, _part in runs:
+                    await self._link_copied(guest, count, host)
+
+    async def _link_copied(self, guest: int, count: int, host: int) -> None:
+        """Point the unallocated guest clusters from ``guest`` on at the copied host
+        clusters from ``host`` on (re-reading the L2 table: the cache may have moved
+        it). A cluster some other request allocated meanwhile keeps its data; its
+        copy is freed."""
+        cb = self.header.cluster_bits
+        mask = (1 << self.header.l2_bits) - 1
+        l2off, table = await self._table_for_write(guest >> (cb + self.header.l2_bits))
+        c0 = guest >> cb
+        start = 0
+        for k in range(count + 1):
+            if k < count and _KIND(table[(c0 + k) & mask]) is _UNALLOCATED:
+                continue
+            if k > start:
+                self._link_clusters(l2off, table, c0 + start, k - start, host + (start << cb))
+            if k < count:
+                self.refcounts.release((host >> cb) + k)
+            start = k + 1
 
     async def _fill_new_clusters(
         self, table: array[int], c0: int, c1: int, offset: int, data: memoryview, host: int

@@ -1,0 +1,96 @@
+"""Steps of a job's run loop in flight at once, accounted for in order.
+
+A copy step waits for a worker thread; while it does, the event loop can already decide
+the next steps and start their copies, so the worker never idles between two steps and
+the hand-off latency between threads is hidden. :class:`StepWindow` keeps those steps:
+each is started as a task, and the loop takes their results back strictly in offset
+order, so progress, error handling and retries see the same sequence of steps as a loop
+that copies one step at a time.
+
+Rules:
+
+* At most ``depth`` steps are queued (finished or not) before the loop must wait.
+* :meth:`settle` pops the finished steps at the head of the queue; a failed one stops
+  it there. The loop then calls :meth:`drain`: the steps after the failure finish and
+  are dropped unaccounted, to be decided again (a copy that did land is then found
+  allocated and skipped, so nothing is counted twice).
+* A step's task records an ``OSError`` (the on-error policy decides about it); any
+  other exception fails the whole nursery, as it would fail a one-step loop.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+import trio
+
+
+@dataclass(eq=False)
+class Step:
+    """One step: ``length`` bytes at ``offset``; ``error`` once its I/O failed."""
+
+    offset: int
+    length: int
+    done: trio.Event = field(default_factory=trio.Event)
+    error: OSError | None = None
+
+
+class StepWindow:
+    """Up to ``depth`` steps of a run loop, their I/O running as tasks of ``nursery``."""
+
+    def __init__(self, nursery: trio.Nursery, depth: int) -> None:
+        self._nursery = nursery
+        self.depth = max(1, depth)
+        self._steps: deque[Step] = deque()
+
+    def __len__(self) -> int:
+        return len(self._steps)
+
+    @property
+    def full(self) -> bool:
+        return len(self._steps) >= self.depth
+
+    def add_done(self, offset: int, length: int, error: OSError | None = None) -> None:
+        """Queue a step that needed no I/O (skipped), or whose decision failed."""
+        step = Step(offset, length, error=error)
+        step.done.set()
+        self._steps.append(step)
+
+    def start(self, offset: int, length: int, io: Callable[[], Awaitable[None]]) -> None:
+        """Queue a step and start ``io()`` for it as a task."""
+        step = Step(offset, length)
+        self._steps.append(step)
+        self._nursery.start_soon(self._run, step, io)
+
+    @staticmethod
+    async def _run(step: Step, io: Callable[[], Awaitable[None]]) -> None:
+        try:
+            await io()
+        except OSError as exc:
+            step.error = exc
+        finally:
+            step.done.set()
+
+    def settle(self) -> tuple[int, Step | None]:
+        """Pop the finished steps at the head: the bytes they did, and the first failed
+        step (popped too), where popping stopped."""
+        done = 0
+        while self._steps and self._steps[0].done.is_set():
+            step = self._steps.popleft()
+            if step.error is not None:
+                return done, step
+            done += step.length
+        return done, None
+
+    async def wait_head(self) -> None:
+        """Wait until the oldest queued step has finished."""
+        if self._steps:
+            await self._steps[0].done.wait()
+
+    async def drain(self) -> None:
+        """Wait for every queued step to finish, then drop them all unaccounted."""
+        for step in list(self._steps):
+            await step.done.wait()
+        self._steps.clear()
