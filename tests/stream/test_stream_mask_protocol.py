@@ -11,6 +11,7 @@ import trio.testing
 from streamtools import KIB, MIB, Harness, check, compare, create, info, own_data, snapshot, write
 
 from blockd.block.drivers.copy_on_read import CopyOnReadDriver
+from blockd.block.node import BlockNode
 
 
 @pytest.mark.parametrize(("mask", "fmt"), [(True, "raw"), (False, "file"), (None, "file")])
@@ -100,15 +101,12 @@ async def test_copy_on_read_filter_alone(harness: Harness, tmp_path: Path) -> No
     assert own_data(top) == [(512 * KIB, 64 * KIB)]  # mid's data copied, base's not
 
 
-async def test_copy_never_overwrites_a_concurrent_write(
-    harness: Harness, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """A write through the filter that arrives while a copy is between its read and its
-    write is not lost to the stale copied data."""
+async def filter_over_top(h: Harness, tmp_path: Path) -> tuple[Path, BlockNode, BlockNode]:
+    """top (empty) over base (1 MiB of 0x51), with a copy-on-read node ``cor`` on top:
+    top's path, the filter node and top's node."""
     base = create(tmp_path / "base.qcow2", 1 * MIB)
     write(base, 0, 1 * MIB, 0x51)
     top = create(tmp_path / "top.qcow2", None, base)
-    h = harness
     await h.raw(
         "blockdev-add",
         {"driver": "qcow2", "node-name": "top", "file": {"driver": "file", "filename": str(top)}},
@@ -116,6 +114,16 @@ async def test_copy_never_overwrites_a_concurrent_write(
     await h.raw("blockdev-add", {"driver": "copy-on-read", "node-name": "cor", "file": "top"})
     cor, top_node = h.d.graph.find("cor"), h.d.graph.find("top")
     assert cor is not None and top_node is not None
+    return top, cor, top_node
+
+
+async def test_copy_never_overwrites_a_concurrent_write(
+    harness: Harness, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A write through the filter that arrives while a copy is between its read and its
+    write is not lost to the stale copied data."""
+    h = harness
+    top, cor, top_node = await filter_over_top(h, tmp_path)
     driver = cor.driver
     assert isinstance(driver, CopyOnReadDriver)
     new = bytes([0x77]) * (64 * KIB)
@@ -144,17 +152,9 @@ async def test_a_write_waits_for_a_claimed_offloaded_copy(
 ) -> None:
     """The stream's way: a copy claimed under the filter's lock runs without it; a guest
     write to the claimed range arriving mid-copy waits for the copy, then wins."""
-    base = create(tmp_path / "base.qcow2", 1 * MIB)
-    write(base, 0, 1 * MIB, 0x51)
-    top = create(tmp_path / "top.qcow2", None, base)
     h = harness
-    await h.raw(
-        "blockdev-add",
-        {"driver": "qcow2", "node-name": "top", "file": {"driver": "file", "filename": str(top)}},
-    )
-    await h.raw("blockdev-add", {"driver": "copy-on-read", "node-name": "cor", "file": "top"})
-    cor, top_node = h.d.graph.find("cor"), h.d.graph.find("top")
-    assert cor is not None and top_node is not None and top_node.file is not None
+    top, cor, top_node = await filter_over_top(h, tmp_path)
+    assert top_node.file is not None
     driver = cor.driver
     assert isinstance(driver, CopyOnReadDriver)
     new = bytes([0x77]) * (64 * KIB)
