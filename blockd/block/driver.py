@@ -157,6 +157,11 @@ class Driver(ABC):
         """Store ``data`` at ``offset``; stable only after :meth:`flush`."""
         raise OSError(13, "Permission denied")  # EACCES: the driver cannot write
 
+    async def discard(self, offset: int, length: int) -> None:  # noqa: B027 - advice
+        """The bytes ``[offset, offset + length)`` are no longer needed: give their space
+        back to the host if the driver can (QEMU's ``bdrv_co_pdiscard``). Advice only:
+        afterwards the range reads as zeros or as before."""
+
     async def flush(self) -> None:  # noqa: B027 - nothing to flush by default
         """Make every completed write stable on disk, in this node and its children."""
 

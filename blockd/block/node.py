@@ -359,6 +359,13 @@ class BlockNode:
         if length:
             await self.driver.copy_in(offset, extents)
 
+    async def discard(self, offset: int, length: int) -> None:
+        """Give ``[offset, offset + length)`` back to the host (see
+        :meth:`Driver.discard`); a read-only node or a bad range is left alone."""
+        if offset < 0 or length <= 0 or self.read_only:
+            return
+        await self.driver.discard(offset, length)
+
     async def _read_padded(self, offset: int, length: int) -> tuple[int, bytearray] | None:
         """``None`` when ``[offset, offset + length)`` suits the driver's alignment;
         otherwise the aligned range around it, read: its start and its bytes."""

@@ -8,10 +8,12 @@ take those extents: a ``qcow2`` destination allocates clusters for the range and
 kernel to kernel in one worker-thread call. (The shape follows QEMU's
 ``bdrv_co_copy_range``; its stream job does not use it, blockd's does.)
 
-The offload is an optimisation only: whenever a layer cannot take part (a filter such as
-``blkdebug`` whose events must fire, compressed or zero clusters, ``O_DIRECT`` files, a
-range past a backing file's end) :func:`copy_range` answers ``False`` with nothing
-written, and the caller copies through buffers as before.
+The offload is an optimisation only: :func:`map_prefix` maps the longest start of a
+range that is plain data in host files, and where a layer cannot take part (a filter
+such as ``blkdebug`` whose events must fire, compressed or zero clusters, ``O_DIRECT``
+files, a range past a backing file's end, a destination range that is not whole
+clusters) the caller copies that part through buffers as before;
+:func:`copy_extents` then answers ``False`` with nothing written.
 """
 
 from __future__ import annotations
@@ -22,53 +24,79 @@ from blockd.block.node import BlockNode
 _MAPPED = Status.DATA | Status.ALLOCATED | Status.OFFSET_VALID
 
 
-async def _map_run(node: BlockNode, offset: int, length: int) -> Extent | None:
-    """The host extent holding the start of ``node``'s ``[offset, offset + length)``:
-    at most ``length`` bytes, contiguous in one protocol node; ``None`` when that part
-    is not plain data in a host file (zeros, compressed, a filter, past an end)."""
+async def _map_run(node: BlockNode, offset: int, length: int) -> tuple[Extent | None, int]:
+    """The host extent holding the start of ``node``'s ``[offset, offset + length)`` and
+    its length ``n`` (contiguous in one protocol node); ``(None, n)`` when those ``n``
+    bytes are not plain data in a host file (zeros, compressed, a filter, past an end).
+    """
     while not node.is_protocol:
         if node.is_filter:
-            return None
+            return None, length
         status = await node.block_status(offset, length)
         if status.length == 0:
-            return None
+            return None, length
         if status.allocated:
             if status.status & _MAPPED != _MAPPED or status.file_node is None:
-                return None
+                return None, status.length
             node, offset, length = status.file_node, status.offset_in_file, status.length
             continue
         below = node.backing
         if below is None or offset + status.length > below.length():
-            return None
+            return None, status.length
         node, length = below, status.length
     if offset + length > node.length():
-        return None
-    return Extent(node, offset, length)
+        return None, length
+    return Extent(node, offset, length), length
 
 
-async def map_extents(node: BlockNode, offset: int, length: int) -> list[Extent] | None:
-    """The host extents that hold ``node``'s guest range ``[offset, offset + length)``,
-    in order (adjacent pieces merged), or ``None`` when some part of it is not plain
-    data in a host file."""
+def _host_file(node: BlockNode | None) -> bool:
+    """Whether ``node`` is a ``file`` node that takes part in offloaded copies."""
+    from blockd.block.drivers.file import FileDriver  # drivers import this module
+
+    if node is None or not isinstance(node.driver, FileDriver):
+        return False
+    return not node.driver.direct
+
+
+def chain_offloads(dest: BlockNode, bottom: BlockNode | None) -> bool:
+    """Whether copies from ``dest``'s backing chain (down to ``bottom``, or all of it)
+    into ``dest`` can be offloaded at all: images straight on host files, no filter in
+    between. (Single ranges may still not be, e.g. compressed clusters; a ``True``
+    only says nothing on the way rules it out.)"""
+    node: BlockNode | None = dest
+    while node is not None:
+        if node.is_filter or not _host_file(node.file):
+            return False
+        if node is bottom:
+            break
+        node = node.backing
+    return True
+
+
+async def map_prefix(node: BlockNode, offset: int, length: int) -> tuple[list[Extent] | None, int]:
+    """The longest start of ``node``'s ``[offset, offset + length)`` that is plain data in
+    host files: its extents in order (adjacent pieces merged) and its length; or
+    ``(None, n)`` when the first ``n`` bytes are not (they are copied through buffers)."""
     extents: list[Extent] = []
     pos, end = offset, offset + length
     while pos < end:
-        extent = await _map_run(node, pos, end - pos)
+        extent, n = await _map_run(node, pos, end - pos)
         if extent is None:
-            return None
-        pos += extent.length
+            if not extents:
+                return None, n
+            break
+        pos += n
         if extents:
             last = extents[-1]
             if last.node is extent.node and last.offset + last.length == extent.offset:
                 extent = Extent(last.node, last.offset, last.length + extent.length)
                 extents.pop()
         extents.append(extent)
-    return extents
+    return extents, pos - offset
 
 
-async def copy_range(source: BlockNode, offset: int, length: int, dest: BlockNode) -> bool:
-    """Copy ``source``'s ``[offset, offset + length)`` to the same range of ``dest``
-    without passing the bytes through Python.
+async def copy_extents(dest: BlockNode, offset: int, extents: list[Extent]) -> bool:
+    """Store ``extents`` (from :func:`map_prefix`) at ``dest``'s ``offset``, offloaded.
 
     Returns:
         ``True`` when copied; ``False`` when some node cannot offload the copy, with
@@ -77,9 +105,6 @@ async def copy_range(source: BlockNode, offset: int, length: int, dest: BlockNod
     Raises:
         OSError: the copy failed part-way (the range may be partly copied).
     """
-    extents = await map_extents(source, offset, length)
-    if extents is None:
-        return False
     try:
         await dest.copy_in(offset, extents)
     except OffloadNotSupported:

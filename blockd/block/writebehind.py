@@ -20,40 +20,16 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import os
-from collections.abc import Callable
 from typing import Any, Final
 
 import trio
 import trio.lowlevel
 
+from blockd.block import hostio
+
 #: bytes written between two background writebacks (measured on a 1 GiB stream here:
 #: 4-16 MiB all leave the final flush a few ms; 256 MiB leaves it 140 ms)
 THRESHOLD: Final = 8 * 1024 * 1024
-
-#: ``SYNC_FILE_RANGE_WRITE`` of <linux/fs.h>
-_SYNC_FILE_RANGE_WRITE: Final = 2
-
-
-@functools.cache
-def _writeback_call() -> Callable[[int], None]:
-    """``fd -> None``: start the writeback of every dirty page of ``fd``."""
-    import ctypes  # only once something is written: about 1 MiB of the daemon's RSS
-
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        sync_file_range = libc.sync_file_range
-    except (OSError, AttributeError):
-        return os.fdatasync
-    sync_file_range.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
-    sync_file_range.restype = ctypes.c_int
-
-    def start(fd: int) -> None:
-        if sync_file_range(fd, 0, 0, _SYNC_FILE_RANGE_WRITE) != 0:
-            code = ctypes.get_errno()
-            raise OSError(code, os.strerror(code))
-
-    return start
 
 
 class WriteBehind:
@@ -86,7 +62,7 @@ class WriteBehind:
             with contextlib.suppress(trio.RunFinishedError):  # the run ended meanwhile
                 token.run_sync_soon(self._finished, error, idle)
 
-        trio.lowlevel.start_thread_soon(functools.partial(_writeback_call(), fd), deliver)
+        trio.lowlevel.start_thread_soon(functools.partial(hostio.writeback_call(), fd), deliver)
 
     def _finished(self, error: OSError | None, idle: trio.Event) -> None:
         if error is not None and self._error is None:

@@ -16,6 +16,12 @@ Theory of operation (QEMU behaviour §4.4; QEMU's ``block/stream.c``):
   the rest. Progress counts skipped bytes; only copied bytes are charged to the rate
   limit. Errors go through the ``on-error`` policy (``stop`` retries the same offset
   after the resume; ``ignore`` remembers the first error and goes on).
+* Copies in flight. A copy runs as a task while the next steps are decided (up to
+  :data:`STREAM_DEPTH` steps queued, :class:`~blockd.jobs.window.StepWindow`); results
+  are taken back in offset order, and a pause, a cancel or a rate-limit sleep first
+  waits for every copy in flight. Where the chain allows offloaded copies, adjacent
+  copies merge into one of up to :data:`STREAM_COPY_MERGE` bytes; if a merged copy
+  fails, its steps are copied again one at a time, so errors are reported per step.
 * Prepare (success only): the copied data is flushed to stable storage first; then the
   filter is removed, the top's backing link moves to the node below above-base (none
   for a full stream) and the top's header gets the new backing file name and format.
@@ -26,12 +32,11 @@ Theory of operation (QEMU behaviour §4.4; QEMU's ``block/stream.c``):
 from __future__ import annotations
 
 import errno
-import functools
 from typing import TYPE_CHECKING, Any, ClassVar, Final
 
 import trio
 
-from blockd.block import chain
+from blockd.block import chain, offload
 from blockd.block.drivers.copy_on_read import CopyOnReadDriver
 from blockd.block.locking import PERM_ALL, PERM_NONE, Perm
 from blockd.block.node import BlockNode, NodeUser
@@ -48,6 +53,9 @@ STREAM_CHUNK: Final = 512 * 1024
 #: stream steps queued at once: while one step's copy waits for its worker thread, the
 #: next ones are decided and their copies started (see :mod:`blockd.jobs.window`)
 STREAM_DEPTH: Final = 4
+
+#: the most bytes the copies of adjacent steps merge into (one worker-thread call)
+STREAM_COPY_MERGE: Final = 4 * 1024 * 1024
 
 #: the blocker reason put on every node the job holds (QEMU behaviour §4.4 step 5)
 BLOCKER: Final = "block device is in use by block job: stream"
@@ -108,6 +116,8 @@ class StreamJob(Job):
         self.read_only = read_only
         self._holds: list[tuple[BlockNode, NodeUser]] = []
         self._frozen = False
+        #: adjacent copies merge from this offset on (see :meth:`run`)
+        self._merge_from = 0
 
     # -- setup -----------------------------------------------------------------------
 
@@ -186,12 +196,23 @@ class StreamJob(Job):
         # A full stream leaves no backing file: zeros need not be written, the range
         # reads as zeros unallocated (before prepare the chain shows the same zeros).
         cor.skip_zero_writes = self.above_base.filtered is None
+        # Adjacent copies merge only where they are offloaded: a copy through buffers
+        # (blkdebug in the chain, O_DIRECT) keeps QEMU's step size, errors included.
+        merge = STREAM_COPY_MERGE if offload.chain_offloads(top, self.base_overlay) else 0
         async with trio.open_nursery() as nursery:
             window = StepWindow(nursery, STREAM_DEPTH)
             offset = 0
             while True:
                 done, failed = window.settle()
                 self.advance(done)
+                if failed is not None and failed.length > failed.first_length:
+                    # Merged copies failed: copy their steps again one at a time, so
+                    # that an error is reported for the step that has it, as a
+                    # one-step loop reports it.
+                    await window.drain()
+                    offset = failed.offset
+                    self._merge_from = failed.offset + failed.length
+                    continue
                 if failed is not None:
                     await window.drain()
                     assert failed.error is not None
@@ -217,13 +238,20 @@ class StreamJob(Job):
                 if offset >= length:
                     return
                 await self.rate_limit_sleep()  # also the pause and cancel point
-                offset += await self._step(cor, top, window, offset, length)
+                offset += await self._step(cor, top, window, offset, length, merge)
 
     async def _step(
-        self, cor: CopyOnReadDriver, top: BlockNode, window: StepWindow, offset: int, length: int
+        self,
+        cor: CopyOnReadDriver,
+        top: BlockNode,
+        window: StepWindow,
+        offset: int,
+        length: int,
+        merge: int,
     ) -> int:
-        """Decide the step at ``offset`` and queue it (its copy started); returns its
-        length (the reference: stream_run's loop body)."""
+        """Decide the step at ``offset`` and queue it, a copy merged with the one before
+        up to ``merge`` bytes; returns its length (the reference: stream_run's loop
+        body)."""
         n = min(STREAM_CHUNK, length - offset)
         try:
             # The decision and the claim under the filter's lock: no write through the
@@ -244,7 +272,7 @@ class StreamJob(Job):
             window.add_done(offset, n, exc)
             return n
         if copy:
-            window.start(offset, n, functools.partial(cor.copy_claimed, offset, n))
+            window.add_copy(offset, n, cor.copy_claimed, merge if offset >= self._merge_from else n)
             self.charge(n)
         else:
             window.add_done(offset, n)

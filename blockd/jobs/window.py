@@ -10,6 +10,10 @@ that copies one step at a time.
 Rules:
 
 * At most ``depth`` steps are queued (finished or not) before the loop must wait.
+* Copies of adjacent steps merge (:meth:`add_copy`) into one step of up to its
+  ``merge_limit`` bytes: one task and one worker-thread call instead of several. The
+  merged step starts once a step that does not continue it is queued, or the loop
+  waits (:meth:`wait_head`, :meth:`drain`, :meth:`start_open`).
 * :meth:`settle` pops the finished steps at the head of the queue; a failed one stops
   it there. The loop then calls :meth:`drain`: the steps after the failure finish and
   are dropped unaccounted, to be decided again (a copy that did land is then found
@@ -20,6 +24,7 @@ Rules:
 
 from __future__ import annotations
 
+import functools
 from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -29,10 +34,12 @@ import trio
 
 @dataclass(eq=False)
 class Step:
-    """One step: ``length`` bytes at ``offset``; ``error`` once its I/O failed."""
+    """One step: ``length`` bytes at ``offset``; ``error`` once its I/O failed.
+    ``first_length`` is the length of the first of the steps merged into it."""
 
     offset: int
     length: int
+    first_length: int = 0
     done: trio.Event = field(default_factory=trio.Event)
     error: OSError | None = None
 
@@ -44,6 +51,8 @@ class StepWindow:
         self._nursery = nursery
         self.depth = max(1, depth)
         self._steps: deque[Step] = deque()
+        #: the last queued copy while it may still grow, and its I/O
+        self._open: tuple[Step, Callable[[int, int], Awaitable[None]]] | None = None
 
     def __len__(self) -> int:
         return len(self._steps)
@@ -54,15 +63,38 @@ class StepWindow:
 
     def add_done(self, offset: int, length: int, error: OSError | None = None) -> None:
         """Queue a step that needed no I/O (skipped), or whose decision failed."""
-        step = Step(offset, length, error=error)
+        self.start_open()
+        step = Step(offset, length, length, error=error)
         step.done.set()
         self._steps.append(step)
 
-    def start(self, offset: int, length: int, io: Callable[[], Awaitable[None]]) -> None:
-        """Queue a step and start ``io()`` for it as a task."""
-        step = Step(offset, length)
+    def add_copy(
+        self,
+        offset: int,
+        length: int,
+        io: Callable[[int, int], Awaitable[None]],
+        merge_limit: int,
+    ) -> None:
+        """Queue a step whose I/O is ``io(offset, length)``, merged into the previous
+        step when that is a copy not yet started that ends at ``offset`` and the two
+        together stay within ``merge_limit`` bytes."""
+        if self._open is not None:
+            last = self._open[0]
+            if last.offset + last.length == offset and last.length + length <= merge_limit:
+                last.length += length
+                return
+            self.start_open()
+        step = Step(offset, length, length)
         self._steps.append(step)
-        self._nursery.start_soon(self._run, step, io)
+        self._open = (step, io)
+
+    def start_open(self) -> None:
+        """Start the I/O of the last queued copy, if it has not started yet."""
+        if self._open is not None:
+            step, io = self._open
+            self._open = None
+            run = functools.partial(io, step.offset, step.length)
+            self._nursery.start_soon(self._run, step, run)
 
     @staticmethod
     async def _run(step: Step, io: Callable[[], Awaitable[None]]) -> None:
@@ -86,11 +118,13 @@ class StepWindow:
 
     async def wait_head(self) -> None:
         """Wait until the oldest queued step has finished."""
+        self.start_open()
         if self._steps:
             await self._steps[0].done.wait()
 
     async def drain(self) -> None:
         """Wait for every queued step to finish, then drop them all unaccounted."""
+        self.start_open()
         for step in list(self._steps):
             await step.done.wait()
         self._steps.clear()

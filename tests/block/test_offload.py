@@ -39,6 +39,18 @@ def chain(tmp_path: Path, *, cluster: str = "64k") -> tuple[Path, Path, Path]:
     return base, mid, top
 
 
+async def map_all(node: BlockNode, offset: int, length: int) -> list[Extent] | None:
+    """The extents of the whole range, or ``None`` when some of it is not mappable."""
+    extents, n = await offload.map_prefix(node, offset, length)
+    return extents if n == length else None
+
+
+async def copy_range(source: BlockNode, offset: int, length: int, dest: BlockNode) -> bool:
+    """Offload the whole range, or report that it cannot be."""
+    extents = await map_all(source, offset, length)
+    return extents is not None and await offload.copy_extents(dest, offset, extents)
+
+
 async def opened(top: Path) -> tuple[Graph, BlockNode]:
     graph = Graph(EventBus())
     node = await open_qcow2(top, graph=graph)
@@ -53,7 +65,7 @@ async def test_extents_follow_the_chain_down_to_host_files(tmp_path: Path) -> No
         below = node.backing
         assert below is not None
         # 1 MiB + 64 KiB .. 2 MiB + 64 KiB: mid's data, then base's
-        extents = await offload.map_extents(below, MIB + 64 * KIB, MIB)
+        extents = await map_all(below, MIB + 64 * KIB, MIB)
         assert extents is not None
         assert sum(e.length for e in extents) == MIB
         assert [Path(e.node.filename).name for e in extents] == ["mid.qcow2", "base.qcow2"]
@@ -73,9 +85,9 @@ async def test_zero_compressed_and_filtered_ranges_are_not_offloaded(tmp_path: P
     try:
         below = node.backing
         assert below is not None
-        assert await offload.map_extents(below, 3 * MIB, 64 * KIB) is None  # zero cluster
+        assert await map_all(below, 3 * MIB, 64 * KIB) is None  # zero cluster
         c = await open_qcow2(packed, graph=graph, read_only=True, **{"node-name": "packed"})
-        assert await offload.map_extents(c, 0, 64 * KIB) is None  # compressed
+        assert await map_all(c, 0, 64 * KIB) is None  # compressed
         debug = await graph.open_node(
             {
                 "driver": "blkdebug",
@@ -84,7 +96,7 @@ async def test_zero_compressed_and_filtered_ranges_are_not_offloaded(tmp_path: P
             },
             top_level=True,
         )
-        assert await offload.map_extents(debug, 0, 64 * KIB) is None  # a filter
+        assert await map_all(debug, 0, 64 * KIB) is None  # a filter
     finally:
         await graph.close_all()
 
@@ -99,7 +111,7 @@ async def test_qcow2_takes_extents_into_new_clusters(tmp_path: Path) -> None:
         # the whole image except top's own first cluster, then the zero cluster's
         # neighbours: three offloaded copies across mid and base
         for start, length in ((64 * KIB, 3 * MIB - 64 * KIB), (3 * MIB + 64 * KIB, MIB - 64 * KIB)):
-            assert await offload.copy_range(below, start, length, node)
+            assert await copy_range(below, start, length, node)
         assert await read_all(node) == before
     finally:
         await graph.close_all()
@@ -121,10 +133,10 @@ async def test_allocated_or_unaligned_ranges_are_refused_untouched(tmp_path: Pat
         assert below is not None
         size = os.path.getsize(top)
         # top stores its first cluster: a copy would overwrite it
-        assert not await offload.copy_range(below, 0, 128 * KIB, node)
+        assert not await copy_range(below, 0, 128 * KIB, node)
         # not on a cluster boundary
-        assert not await offload.copy_range(below, 64 * KIB + 512, 64 * KIB, node)
-        assert not await offload.copy_range(below, 64 * KIB, 64 * KIB - 512, node)
+        assert not await copy_range(below, 64 * KIB + 512, 64 * KIB, node)
+        assert not await copy_range(below, 64 * KIB, 64 * KIB - 512, node)
         assert os.path.getsize(top) == size
     finally:
         await close(node)
@@ -142,7 +154,7 @@ async def test_the_last_partial_cluster_of_an_image(tmp_path: Path) -> None:
     try:
         below = node.backing
         assert below is not None
-        assert await offload.copy_range(below, MIB, 4 * KIB, node)
+        assert await copy_range(below, MIB, 4 * KIB, node)
     finally:
         await graph.close_all()
     assert_clean(top)
@@ -210,3 +222,17 @@ def test_split_extents_cuts_inside_an_extent() -> None:
     )
     assert split_extents([a, b], 100) == ([a], [b])
     assert split_extents([a], 0) == ([], [a])
+
+
+async def test_the_mappable_prefix_stops_at_a_zero_cluster(tmp_path: Path) -> None:
+    top = chain(tmp_path)[2]
+    graph, node = await opened(top)
+    try:
+        below = node.backing
+        assert below is not None
+        # base's data up to its zero cluster at 3 MiB, then that cluster alone
+        extents, n = await offload.map_prefix(below, 2 * MIB, 2 * MIB)
+        assert extents is not None and n == MIB
+        assert await offload.map_prefix(below, 3 * MIB, MIB) == (None, 64 * KIB)
+    finally:
+        await graph.close_all()

@@ -213,9 +213,10 @@ class CopyOnReadDriver(Driver):
         self._claims.append((offset, length))
 
     async def copy_claimed(self, offset: int, length: int) -> None:
-        """Copy the claimed range into the child and release the claim: the child stores
-        none of it and a layer down to ``bottom`` stores all of it. Runs without
-        :attr:`serial`; several claimed copies may run at once.
+        """Copy the claimed range into the child and release the claims in it (adjacent
+        claims may be copied at once): the child stores none of it and a layer down to
+        ``bottom`` stores all of it. Runs without :attr:`serial`; several claimed
+        copies may run at once.
 
         Raises:
             OSError: a read or the copy's write failed (the range may be partly copied).
@@ -224,12 +225,22 @@ class CopyOnReadDriver(Driver):
             if offset < 0 or length < 0 or offset + length > self.length():
                 raise OSError(22, "Invalid argument")
             source = self._backing_source(offset + length)
-            if source is not None and await offload.copy_range(source, offset, length, self._child):
-                return
-            async with self._bounce_lock:
-                await self._copy(offset, length, None, source=source)
+            pos, end = offset, offset + length
+            while pos < end:
+                n = end - pos
+                if source is not None:
+                    extents, n = await offload.map_prefix(source, pos, n)
+                    if extents is not None and await offload.copy_extents(
+                        self._child, pos, extents
+                    ):
+                        pos += n
+                        continue
+                async with self._bounce_lock:
+                    await self._copy(pos, n, None, source=source)
+                pos += n
         finally:
-            self._claims.remove((offset, length))
+            end = offset + length
+            self._claims = [(o, n) for o, n in self._claims if not offset <= o < end]
             self._claims_changed.set()
             self._claims_changed = trio.Event()
 

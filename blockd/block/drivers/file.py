@@ -26,6 +26,7 @@ from typing import Any, ClassVar, TypeVar
 import trio
 import trio.lowlevel
 
+from blockd.block import hostio
 from blockd.block.driver import BlockStatus, Driver, Extent, OffloadNotSupported, Status
 from blockd.block.locking import FileLocks
 from blockd.block.node import BlockNode
@@ -256,12 +257,22 @@ class FileDriver(Driver):
             pieces.append((source.fd, extent.offset, extent.length))
         if self.direct:
             raise OffloadNotSupported
+        length = sum(p[2] for p in pieces)
         try:
             await run_in_thread(_copy_pieces, self.fd, offset, pieces)
-        finally:  # the file may have grown, also by a copy that failed part-way
+        except BaseException:  # the file may have grown part of the way
             self._size = max(self._size, os.fstat(self.fd).st_size)
+            raise
+        self._size = max(self._size, offset + length)
         if self._behind is not None:
-            self._behind.wrote(self.fd, sum(p[2] for p in pieces))
+            self._behind.wrote(self.fd, length)
+
+    async def discard(self, offset: int, length: int) -> None:
+        """Punch a hole (the file keeps its size); refusals are ignored, as advice."""
+        if self.fd < 0:
+            return
+        with contextlib.suppress(OSError):  # the space stays taken; nothing else changes
+            await run_in_thread(hostio.punch_hole, self.fd, offset, length)
 
     async def flush(self) -> None:
         if not self.no_flush:

@@ -80,6 +80,21 @@ def _fill_zeros(view: memoryview) -> None:
         part[:] = _ZEROS[: len(part)]
 
 
+def _same_run(
+    table: array[int], idx: int, last: int, entry: int, kind: ClusterKind, cs: int
+) -> bool:
+    """Whether entries ``idx + 1 .. last`` continue the run of ``entry`` (``table[idx]``):
+    all zero after an unallocated zero entry, or the next host clusters with the same
+    flags after a normal one. ``False`` only means "look entry by entry"."""
+    if kind is _UNALLOCATED and entry == 0:
+        return table[idx + 1 : last + 1].count(0) == last - idx
+    if kind is _NORMAL:
+        return table[idx + 1 : last + 1] == array(
+            "Q", range(entry + cs, entry + (last - idx + 1) * cs, cs)
+        )
+    return False
+
+
 def _zstd_module() -> Any:
     try:
         return importlib.import_module("zstandard")
@@ -399,10 +414,18 @@ class Qcow2Driver(Driver):
                 continue
             table = await self._l2.get(l2off)
             while pos < span_end:
-                e = table[(pos >> cb) & mask]
+                idx = (pos >> cb) & mask
+                e = table[idx]
                 if first is None:
                     first, kind = e, _KIND(e)
                     nxt = (e & fmt.OFFSET_MASK) + cs
+                    # the usual case in one comparison: the rest of this table's part is
+                    # unallocated, or the following host clusters with the same flags
+                    last = ((span_end - 1) >> cb) & mask
+                    if last > idx and _same_run(table, idx, last, e, kind, cs):
+                        nxt += (last - idx) * cs
+                        pos = span_end
+                        continue
                 else:
                     if _KIND(e) is not kind:
                         return first, pos - offset
@@ -548,10 +571,18 @@ class Qcow2Driver(Driver):
             # them too), so a failed write (ENOSPC, EIO) leaks nothing. The release
             # is applied at the next write-back and the allocator never goes back
             # below ``next_free``, so they are not handed out again before then.
-            for k in range(count):
-                self.refcounts.release((host >> cb) + k)
+            await self._free_new_clusters(host, count)
             raise
         self._link_clusters(l2off, table, c0, count, host)
+
+    async def _free_new_clusters(self, host: int, count: int) -> None:
+        """Give back ``count`` new clusters from ``host`` on that a failed write may have
+        partly filled: their refcounts, and their space on the host (QEMU frees them
+        too; on a full disk the retry needs that space)."""
+        cb = self.header.cluster_bits
+        for k in range(count):
+            self.refcounts.release((host >> cb) + k)
+        await self._file.discard(host, count << cb)
 
     def _link_clusters(self, l2off: int, table: array[int], c0: int, count: int, host: int) -> None:
         """Point guest clusters ``[c0, c0 + count)`` of ``table`` at the new host
@@ -612,8 +643,7 @@ class Qcow2Driver(Driver):
             except BaseException:
                 async with self._lock:
                     for _guest, count, host, _part in runs:
-                        for k in range(count):
-                            self.refcounts.release((host >> cb) + k)
+                        await self._free_new_clusters(host, count)
                 raise
             async with self._lock:
                 for guest, count, host, _part in runs:

@@ -1,5 +1,5 @@
-"""Write-behind: the file driver starts writeback while writing goes on, and a failure
-of that background call surfaces at the next flush."""
+"""Host I/O advice: write-behind (the file driver starts writeback while writing goes
+on; a failure of that background call surfaces at the next flush) and hole punching."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import trio
 
-from blockd.block import writebehind
+from blockd.block import hostio, writebehind
 from blockd.block.graph import Graph
 from blockd.block.node import BlockNode
 from blockd.events import EventBus
@@ -32,7 +32,7 @@ def record_calls(monkeypatch: pytest.MonkeyPatch, fail: bool = False) -> list[in
         if fail:
             raise OSError(errno.EIO, "Input/output error")
 
-    monkeypatch.setattr(writebehind, "_writeback_call", lambda: start)
+    monkeypatch.setattr(hostio, "writeback_call", lambda: start)
     return calls
 
 
@@ -99,4 +99,15 @@ async def test_the_real_call_starts_writeback(tmp_path: Path) -> None:
     path = tmp_path / "f"
     path.write_bytes(b"x" * MIB)
     with path.open("rb+") as f:
-        writebehind._writeback_call()(f.fileno())
+        hostio.writeback_call()(f.fileno())
+
+
+def test_punch_hole_gives_the_space_back(tmp_path: Path) -> None:
+    path = tmp_path / "f"
+    path.write_bytes(b"x" * (4 * MIB))
+    with path.open("rb+") as f:
+        hostio.punch_hole(f.fileno(), MIB, 2 * MIB)
+    data = path.read_bytes()
+    assert len(data) == 4 * MIB  # the size is kept
+    assert data[MIB : 3 * MIB] == bytes(2 * MIB)
+    assert data[:MIB] == data[3 * MIB :] == b"x" * MIB
