@@ -73,6 +73,7 @@ class L2Cache:
             victim = next(iter(self._tables))
             if victim in self._dirty:
                 await self.refcounts.write_back()
+                await self.file.flush()  # the data the table points at is stable first
                 self.file.debug_event("l2_update")
                 await self.file.write(victim, fmt.encode_table(self._tables[victim]))
                 self._dirty.discard(victim)

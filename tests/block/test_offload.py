@@ -236,3 +236,46 @@ async def test_the_mappable_prefix_stops_at_a_zero_cluster(tmp_path: Path) -> No
         assert await offload.map_prefix(below, 3 * MIB, MIB) == (None, 64 * KIB)
     finally:
         await graph.close_all()
+
+
+async def test_copied_data_is_stable_before_a_table_points_at_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A copy runs without the qcow2 lock, so a flush may pass while it is in flight
+    (after its clusters were allocated): the next flush must still make the copied data
+    stable before it writes the L2 table that now points at it."""
+    top = chain(tmp_path)[2]
+    graph, node = await opened(top)
+    log: list[str] = []
+    try:
+        below, file = node.backing, node.file
+        assert below is not None and file is not None
+        driver = file.driver
+        real_copy_in, real_write, real_flush = driver.copy_in, driver.write, driver.flush
+
+        async def copy_in(offset: int, extents: list[Extent]) -> None:
+            await node.flush()  # a flush while the copy is in flight
+            await real_copy_in(offset, extents)
+            log.append("copy")
+
+        async def write(offset: int, data: bytes | bytearray | memoryview) -> None:
+            log.append(f"write {offset}")
+            await real_write(offset, data)
+
+        async def flush() -> None:
+            log.append("flush")
+            await real_flush()
+
+        monkeypatch.setattr(driver, "copy_in", copy_in)
+        monkeypatch.setattr(driver, "write", write)
+        monkeypatch.setattr(driver, "flush", flush)
+        assert await copy_range(below, MIB, MIB, node)
+        l2 = node.driver.l1[0] & 0x00FFFFFFFFFFFE00  # type: ignore[attr-defined]
+        del log[:]
+        await node.flush()
+        monkeypatch.undo()
+    finally:
+        await graph.close_all()
+    assert f"write {l2}" in log
+    assert log.index("flush") < log.index(f"write {l2}"), log
+    assert_clean(top)

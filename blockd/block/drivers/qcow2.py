@@ -756,6 +756,10 @@ class Qcow2Driver(Driver):
         """Metadata to disk in dependency order (see the module docstring)."""
         file = self._file
         await self.refcounts.write_back()
+        if self._l2.dirty:
+            # Data copied without the lock may have completed, and been linked, after
+            # the refcounts' last flush: it is stable before a table points at it.
+            await file.flush()
         await self._l2.write_back()
         if self._l1_dirty:
             per_sector = 64
