@@ -329,12 +329,15 @@ class Refcounts:
                 await self._write_block(index)
         self._dirty_blocks.clear()
 
-    async def write_back(self) -> None:
-        """Make every cached refcount change stable: blocks, flush, table entries, flush."""
+    async def write_back(self) -> bool:
+        """Make every cached refcount change stable: blocks, flush, table entries, flush.
+        Returns whether the file was flushed (else nothing was dirty)."""
+        flushed = False
         if self._dirty_blocks or self._unflushed:
             await self._write_blocks()
             await self.file.flush()
             self._unflushed = False
+            flushed = True
         if self._dirty_table:
             cs = self.cluster_size
             per_cluster = cs // 8
@@ -343,3 +346,5 @@ class Refcounts:
                 await self.file.write(self.table_offset + tc * cs, encode_table(chunk))
             self._dirty_table.clear()
             await self.file.flush()
+            flushed = True
+        return flushed

@@ -755,8 +755,8 @@ class Qcow2Driver(Driver):
     async def _write_back(self) -> None:
         """Metadata to disk in dependency order (see the module docstring)."""
         file = self._file
-        await self.refcounts.write_back()
-        if self._l2.dirty:
+        flushed = await self.refcounts.write_back()
+        if self._l2.dirty and not flushed:
             # Data copied without the lock may have completed, and been linked, after
             # the refcounts' last flush: it is stable before a table points at it.
             await file.flush()
