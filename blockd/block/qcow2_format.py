@@ -28,7 +28,7 @@ import itertools
 import struct
 import sys
 from array import array
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
 from typing import Final
 
@@ -360,7 +360,7 @@ def validate_header(header: Header, file_length: int) -> None:
 
 
 def check_tables(
-    header: Header, l1: Sequence[int], reftable: Sequence[int], file_length: int
+    header: Header, l1: Sequence[int], reftable: Iterable[int], file_length: int
 ) -> set[int]:
     """Check the L2 table and refcount block offsets of the active tables.
 

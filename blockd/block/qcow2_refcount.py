@@ -27,6 +27,7 @@ from __future__ import annotations
 import struct
 from array import array
 from collections import OrderedDict
+from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 from blockd.block.qcow2_format import (
@@ -47,6 +48,49 @@ if TYPE_CHECKING:
 _HEADER_REFTABLE_AT = 48
 #: total decoded entries kept in the block cache (bounded memory for any cluster size)
 _CACHE_ENTRIES = 1 << 22
+
+
+class RefcountTable:
+    """The refcount table: ``len()`` entries (its capacity), kept sparse. A table is
+    sized in clusters while a small image uses one or two entries; a dense list would
+    cost 64 KiB per open image for nothing.
+    """
+
+    __slots__ = ("_capacity", "_entries")
+
+    def __init__(self, capacity: int, entries: dict[int, int]) -> None:
+        self._capacity = capacity
+        self._entries = entries
+
+    @classmethod
+    def decode(cls, data: bytes) -> RefcountTable:
+        """The table in ``data`` (big-endian entries, reserved bits cleared)."""
+        raw = decode_table(data)
+        used = {i: e & REFTABLE_OFFSET_MASK for i, e in enumerate(raw) if e & REFTABLE_OFFSET_MASK}
+        return cls(len(raw), used)
+
+    def __len__(self) -> int:
+        return self._capacity
+
+    def __getitem__(self, index: int) -> int:
+        return self._entries.get(index, 0)
+
+    def __setitem__(self, index: int, offset: int) -> None:
+        if offset:
+            self._entries[index] = offset
+        else:
+            self._entries.pop(index, None)
+
+    def __iter__(self) -> Iterator[int]:
+        return (self._entries.get(i, 0) for i in range(self._capacity))
+
+    def chunk(self, start: int, stop: int) -> array[int]:
+        """Entries ``[start, stop)`` as a table to write."""
+        return array("Q", (self._entries.get(i, 0) for i in range(start, stop)))
+
+    def grown(self, capacity: int) -> RefcountTable:
+        """A copy with room for ``capacity`` entries."""
+        return RefcountTable(max(capacity, self._capacity), dict(self._entries))
 
 
 class Refcounts:
@@ -70,7 +114,7 @@ class Refcounts:
         refcount_order: int,
         table_offset: int,
         table_clusters: int,
-        table: list[int],
+        table: RefcountTable,
         file_length: int,
         cache_blocks: int | None = None,
     ) -> None:
@@ -96,8 +140,8 @@ class Refcounts:
         self._cache_limit = max(2, cache_blocks or _CACHE_ENTRIES // entries)
 
     @classmethod
-    def decode_table(cls, data: bytes) -> list[int]:
-        return [e & REFTABLE_OFFSET_MASK for e in decode_table(data)]
+    def decode_table(cls, data: bytes) -> RefcountTable:
+        return RefcountTable.decode(data)
 
     # -- the block cache ---------------------------------------------------------------
 
@@ -250,7 +294,7 @@ class Refcounts:
             if free == start:
                 break
             start = free
-        new_table = self.table + [0] * (tclusters * per_cluster - len(self.table))
+        new_table = self.table.grown(tclusters * per_cluster)
         for k, t in enumerate(missing):
             new_table[t] = (start + tclusters + k) << self.cluster_bits
         old_offset, old_clusters = self.table_offset, self.table_clusters
@@ -264,7 +308,9 @@ class Refcounts:
         await self._write_blocks()
         await self.file.flush()
         self._unflushed = False
-        await self.file.write(start << self.cluster_bits, encode_table(array("Q", new_table)))
+        await self.file.write(
+            start << self.cluster_bits, encode_table(new_table.chunk(0, len(new_table)))
+        )
         await self.file.flush()
         await self.file.write(
             _HEADER_REFTABLE_AT, struct.pack(">QI", start << self.cluster_bits, tclusters)
@@ -342,7 +388,7 @@ class Refcounts:
             cs = self.cluster_size
             per_cluster = cs // 8
             for tc in sorted({i // per_cluster for i in self._dirty_table}):
-                chunk = array("Q", self.table[tc * per_cluster : (tc + 1) * per_cluster])
+                chunk = self.table.chunk(tc * per_cluster, (tc + 1) * per_cluster)
                 await self.file.write(self.table_offset + tc * cs, encode_table(chunk))
             self._dirty_table.clear()
             await self.file.flush()
