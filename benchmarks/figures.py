@@ -150,8 +150,10 @@ def stream_run(
 
     Returns:
         seconds (block-stream sent to BLOCK_JOB_COMPLETED received), virtual and copied
-        bytes, MiB/s of each, the daemon's CPU seconds during the job, its peak RSS (VmHWM)
-        and its RSS once the chain is open.
+        bytes, MiB/s of each; ``stable_seconds`` up to the end of the ``blockdev-del``
+        commands that close the chain (they flush it: the data is then on disk for both
+        daemons, whichever flushed when); the daemon's CPU seconds during the job, its
+        peak RSS (VmHWM) and its RSS once the chain is open.
     """
     rundir = _rundir(work, spec.key)
     try:
@@ -173,6 +175,7 @@ def stream_run(
                     cpu = d.cpu_seconds() - cpu0
                     peak = d.peak_rss_mib()
                     close_chain(c, "")
+                    stable = time.perf_counter() - t0
             except (QMPError, QMPProtocolError, TimeoutError, OSError) as exc:
                 raise RunFailed(f"{type(exc).__name__}: {exc}; daemon: {d.failure_line()}") from exc
         tv = time.perf_counter()
@@ -185,6 +188,8 @@ def stream_run(
             "copied_bytes": copied,
             "virtual_mibps": chain.size / MiB / seconds,
             "copied_mibps": copied / MiB / seconds,
+            "stable_seconds": stable,
+            "stable_virtual_mibps": chain.size / MiB / stable,
             "cpu_seconds": cpu,
             "peak_rss_mib": peak,
             "open_rss_mib": idle,
@@ -398,7 +403,8 @@ def concurrent_run(
     spec: DaemonSpec, work: Path, chains: Sequence[Chain], *, verify: bool
 ) -> Record:
     """One daemon, one chain per element of ``chains`` (distinct files), all streamed at
-    once: jobs started back to back, timed until the last BLOCK_JOB_COMPLETED."""
+    once: jobs started back to back, timed until the last BLOCK_JOB_COMPLETED, and until
+    every chain is closed (flushed) as ``stable_seconds``."""
     rundir = _rundir(work, spec.key)
     try:
         tops = [ch.fresh_top(rundir / f"top{i}.qcow2") for i, ch in enumerate(chains)]
@@ -426,6 +432,7 @@ def concurrent_run(
                     peak = d.peak_rss_mib()
                     for i in range(len(chains)):
                         close_chain(c, f"c{i}-")
+                    stable = time.perf_counter() - t0
             except (QMPError, QMPProtocolError, TimeoutError, OSError) as exc:
                 raise RunFailed(f"{type(exc).__name__}: {exc}; daemon: {d.failure_line()}") from exc
         tv = time.perf_counter()
@@ -445,6 +452,8 @@ def concurrent_run(
             "copied_bytes": total_copied,
             "aggregate_virtual_mibps": total_virtual / MiB / seconds,
             "aggregate_copied_mibps": total_copied / MiB / seconds,
+            "stable_seconds": stable,
+            "stable_virtual_mibps": total_virtual / MiB / stable,
             "cpu_seconds": cpu,
             "peak_rss_mib": peak,
             "open_rss_mib": idle,

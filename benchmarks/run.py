@@ -314,6 +314,13 @@ def rows_for(plan: Plan, tests: Sequence[Test]) -> list[Row]:
                 ">= 1.5x",
             ),
             Row("1", f"full stream {s}: seconds", "full", "seconds", ".3f"),
+            Row(
+                "1",
+                "  ... until closed (data on disk): MiB/s",
+                "full",
+                "stable_virtual_mibps",
+                ".0f",
+            ),
         ]
     if "to_base" in names:
         r += [
@@ -372,6 +379,13 @@ def rows_for(plan: Plan, tests: Sequence[Test]) -> list[Row]:
                 "aggregate_virtual_mibps",
                 ".0f",
                 ">= 1.5x",
+            ),
+            Row(
+                "5",
+                "  ... until closed (data on disk): MiB/s",
+                "concurrent",
+                "stable_virtual_mibps",
+                ".0f",
             ),
         ]
     if "full" in names:
