@@ -145,6 +145,8 @@ class FileDriver(Driver):
         self.no_flush = bool(node.options.get("cache", {}).get("no-flush", False))
         #: background syncs of written data (not with no-flush or O_DIRECT)
         self._behind = None if self.no_flush or direct else WriteBehind()
+        #: something was written since the last flush began (open: unknown, so yes)
+        self._unflushed = True
         #: the lock bytes held on the file; ``None`` with ``locking: off``
         self.locks: FileLocks | None = FileLocks(fd) if locking else None
         self._size = os.fstat(fd).st_size
@@ -240,7 +242,10 @@ class FileDriver(Driver):
     async def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
         view = memoryview(data).cast("B")
         writer = _pwrite_direct if self.direct else _pwrite_full
-        await run_in_thread(writer, self.fd, view, offset)
+        try:
+            await run_in_thread(writer, self.fd, view, offset)
+        finally:
+            self._unflushed = True  # also a write that failed part of the way
         self._size = max(self._size, offset + len(view))
         if self._behind is not None:
             self._behind.wrote(self.fd, len(view))
@@ -263,6 +268,8 @@ class FileDriver(Driver):
         except BaseException:  # the file may have grown part of the way
             self._size = max(self._size, os.fstat(self.fd).st_size)
             raise
+        finally:
+            self._unflushed = True
         self._size = max(self._size, offset + length)
         if self._behind is not None:
             self._behind.wrote(self.fd, length)
@@ -271,12 +278,23 @@ class FileDriver(Driver):
         """Punch a hole (the file keeps its size); refusals are ignored, as advice."""
         if self.fd < 0:
             return
-        with contextlib.suppress(OSError):  # the space stays taken; nothing else changes
-            await run_in_thread(hostio.punch_hole, self.fd, offset, length)
+        try:
+            with contextlib.suppress(OSError):  # the space stays taken; nothing else changes
+                await run_in_thread(hostio.punch_hole, self.fd, offset, length)
+        finally:
+            self._unflushed = True
 
     async def flush(self) -> None:
-        if not self.no_flush:
-            await run_in_thread(os.fdatasync, self.fd)
+        """``fdatasync``, unless nothing was written through this node since the last
+        one began (qcow2's ordered write-back flushes after each step; a flush right
+        after a flush costs a journal commit for nothing)."""
+        if not self.no_flush and self._unflushed:
+            self._unflushed = False  # a write completing from here on counts again
+            try:
+                await run_in_thread(os.fdatasync, self.fd)
+            except BaseException:
+                self._unflushed = True
+                raise
         if self._behind is not None:
             error = self._behind.take_error()
             if error is not None:  # a background sync lost written data
