@@ -7,6 +7,11 @@ return zeros; writes past it grow the file (format drivers append clusters that 
 With ``cache.direct`` the file is opened with ``O_DIRECT``: requests are then 4 KiB
 aligned (the node pads them) and go through a page-aligned bounce buffer.
 
+Offloaded copies (:meth:`FileDriver.copy_in`) move extents of other ``file`` nodes into
+this one with ``copy_file_range(2)``. Written data is written back in the background
+(:mod:`blockd.block.writebehind`), a flush with nothing written since the last one
+skips its ``fdatasync``, and a discard punches a hole.
+
 Block status follows QEMU's ``file-posix``: ``SEEK_DATA``/``SEEK_HOLE`` tell data from
 holes; both are allocated at this level (a protocol node decides its own contents), holes
 read as zeros.
