@@ -1,0 +1,262 @@
+"""The read side of the ``qcow2`` driver: guest reads, block status, cluster lookups.
+
+:class:`Qcow2Reads` is a part of :class:`~blockd.block.drivers.qcow2.Qcow2Driver`, which
+sets the attributes declared here when it opens an image; the write side (allocation,
+copy-on-write, offloaded copies) builds on these lookups. Requests are split per L2
+table; runs of clusters of the same kind (and contiguous host clusters) are read with one
+request to the ``file`` node; unallocated runs read the backing node (zeros past its end
+or without one), zero clusters read as zeros, compressed clusters are inflated (zlib or
+zstd) and the last one is kept.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import zlib
+from array import array
+from typing import TYPE_CHECKING, Any
+
+from blockd.block import qcow2_format as fmt
+from blockd.block.driver import BlockStatus, Status
+from blockd.block.qcow2_format import ClusterKind, Header
+from blockd.errors import ImageError
+
+if TYPE_CHECKING:
+    from blockd.block.node import BlockNode
+    from blockd.block.qcow2_cache import L2Cache
+    from blockd.block.request_lock import RequestLock
+
+_KIND = fmt.cluster_kind
+_NORMAL = ClusterKind.NORMAL
+_UNALLOCATED = ClusterKind.UNALLOCATED
+_COMPRESSED = ClusterKind.COMPRESSED
+
+_ZEROS = bytes(1 << 20)
+
+
+def _fill_zeros(view: memoryview) -> None:
+    """Zero ``view`` in place without allocating a buffer of its size."""
+    for start in range(0, len(view), len(_ZEROS)):
+        part = view[start : start + len(_ZEROS)]
+        part[:] = _ZEROS[: len(part)]
+
+
+def _same_run(
+    table: array[int], idx: int, last: int, entry: int, kind: ClusterKind, cs: int
+) -> bool:
+    """Whether entries ``idx + 1 .. last`` continue the run of ``entry`` (``table[idx]``):
+    all zero after an unallocated zero entry, or the next host clusters with the same
+    flags after a normal one. ``False`` only means "look entry by entry"."""
+    if kind is _UNALLOCATED and entry == 0:
+        return table[idx + 1 : last + 1].count(0) == last - idx
+    if kind is _NORMAL:
+        return table[idx + 1 : last + 1] == array(
+            "Q", range(entry + cs, entry + (last - idx + 1) * cs, cs)
+        )
+    return False
+
+
+class Qcow2Reads:
+    """Reads and block status of a qcow2 image (see the module docstring)."""
+
+    node: BlockNode
+    header: Header
+    l1: array[int]
+    _l2: L2Cache
+    _lock: RequestLock
+    _geometry: fmt.CompressedGeometry
+    _zstd: Any
+    _last_compressed: tuple[int, bytes] | None
+
+    @property
+    def _file(self) -> BlockNode:
+        file = self.node.file
+        if file is None:
+            raise ImageError("qcow2 node has no file child")
+        return file
+
+    # -- read ------------------------------------------------------------------------
+
+    async def read(self, offset: int, buf: memoryview) -> None:
+        async with self._lock:
+            await self._read(offset, buf)
+
+    async def _read(self, offset: int, buf: memoryview) -> None:
+        h = self.header
+        cb = h.cluster_bits
+        cs = h.cluster_size
+        span_bits = cb + h.l2_bits
+        n = len(buf)
+        pos = 0
+        while pos < n:
+            cur = offset + pos
+            l1i = cur >> span_bits
+            span_end = min(((l1i + 1) << span_bits) - offset, n)
+            l2off = self.l1[l1i] & fmt.OFFSET_MASK if l1i < len(self.l1) else 0
+            if not l2off:
+                await self._read_backing(cur, buf[pos:span_end])
+                pos = span_end
+                continue
+            table = await self._l2.get(l2off)
+            mask = (1 << h.l2_bits) - 1
+            while pos < span_end:
+                cur = offset + pos
+                idx = (cur >> cb) & mask
+                entry = table[idx]
+                kind = _KIND(entry)
+                # extend the run over following clusters of the same kind
+                run_end = min(((cur >> cb) + 1) << cb, offset + span_end)
+                if kind is _NORMAL:
+                    if entry & fmt.OFFSET_MASK & (cs - 1):
+                        raise ImageError(
+                            f"Cluster allocation offset {entry & fmt.OFFSET_MASK:#x} unaligned"
+                        )
+                    host = (entry & fmt.OFFSET_MASK) + (cur & (cs - 1))
+                    nxt = (entry & fmt.OFFSET_MASK) + cs
+                    while run_end < offset + span_end:
+                        e = table[(run_end >> cb) & mask]
+                        if _KIND(e) is not _NORMAL or e & fmt.OFFSET_MASK != nxt:
+                            break
+                        nxt += cs
+                        run_end = min(run_end + cs, offset + span_end)
+                    self._file.debug_event("read_aio")
+                    await self._file.read(host, buf[pos : run_end - offset])
+                elif kind is _COMPRESSED:
+                    data = await self._decompress(entry)
+                    intra = cur & (cs - 1)
+                    buf[pos : run_end - offset] = data[intra : intra + run_end - cur]
+                else:
+                    while (
+                        run_end < offset + span_end and _KIND(table[(run_end >> cb) & mask]) is kind
+                    ):
+                        run_end = min(run_end + cs, offset + span_end)
+                    if kind is _UNALLOCATED:
+                        await self._read_backing(cur, buf[pos : run_end - offset])
+                    else:
+                        _fill_zeros(buf[pos : run_end - offset])
+                pos = run_end - offset
+
+    async def _read_backing(self, offset: int, view: memoryview) -> None:
+        """Unallocated data: the backing node's, zeros past its end or without one."""
+        backing = self.node.backing
+        avail = 0
+        if backing is not None:
+            self._file.debug_event("read_backing_aio")
+            avail = max(0, min(len(view), backing.length() - offset))
+            if avail:
+                await backing.read(offset, view[:avail])
+        if avail < len(view):
+            _fill_zeros(view[avail:])
+
+    async def _decompress(self, entry: int) -> bytes:
+        cached = self._last_compressed
+        if cached is not None and cached[0] == entry:
+            return cached[1]
+        cs = self.header.cluster_size
+        coffset, csize = self._geometry.parse(entry)
+        self._file.debug_event("read_compressed")
+        raw = await self._file.pread(coffset, csize)
+        try:
+            if self.header.compression_type == fmt.COMPRESSION_ZSTD:
+                data = self._zstd.ZstdDecompressor().decompressobj().decompress(raw)
+            else:
+                data = zlib.decompressobj(-12).decompress(raw, cs)
+        except Exception as exc:
+            raise OSError(errno.EIO, os.strerror(errno.EIO)) from exc
+        if len(data) < cs:
+            raise OSError(errno.EIO, os.strerror(errno.EIO))
+        data = bytes(data[:cs])
+        self._last_compressed = (entry, data)
+        return data
+
+    async def _old_cluster(self, guest: int, entry: int, out: memoryview) -> None:
+        """Fill ``out`` with the current contents of the guest bytes at ``guest``
+        (inside one cluster whose L2 entry is ``entry``): the COW source."""
+        kind = _KIND(entry)
+        cs = self.header.cluster_size
+        self._file.debug_event("cow_read")
+        if kind is _NORMAL:
+            self._file.debug_event("read_aio")
+            await self._file.read((entry & fmt.OFFSET_MASK) + (guest & (cs - 1)), out)
+        elif kind is _COMPRESSED:
+            data = await self._decompress(entry)
+            intra = guest & (cs - 1)
+            out[:] = data[intra : intra + len(out)]
+        elif kind is _UNALLOCATED:
+            await self._read_backing(guest, out)
+        else:
+            _fill_zeros(out)
+
+    # -- block status ----------------------------------------------------------------
+
+    async def block_status(self, offset: int, length: int) -> BlockStatus:
+        async with self._lock:
+            first, run = await self._status_run(offset, offset + length)
+        cs = self.header.cluster_size
+        kind = _KIND(first)
+        if kind is _NORMAL:
+            if first & fmt.OFFSET_MASK & (cs - 1):
+                raise ImageError(
+                    f"Cluster allocation offset {first & fmt.OFFSET_MASK:#x} unaligned"
+                )
+            return BlockStatus(
+                Status.DATA | Status.ALLOCATED | Status.OFFSET_VALID,
+                run,
+                (first & fmt.OFFSET_MASK) + (offset & (cs - 1)),
+                self.node.file,
+            )
+        if kind is _COMPRESSED:
+            return BlockStatus(Status.DATA | Status.ALLOCATED, run)
+        if kind is _UNALLOCATED:
+            return BlockStatus(Status.NONE, run)
+        return BlockStatus(Status.ZERO | Status.ALLOCATED, run)
+
+    async def _status_run(self, offset: int, end: int) -> tuple[int, int]:
+        """The L2 entry at ``offset`` and the length of the run of clusters up to ``end``
+        with the same kind (and contiguous host clusters for normal ones). Unallocated
+        L2 tables are skipped whole, so an empty terabyte costs one step per table."""
+        h = self.header
+        cb = h.cluster_bits
+        cs = h.cluster_size
+        span_bits = cb + h.l2_bits
+        mask = (1 << h.l2_bits) - 1
+        first: int | None = None
+        kind = _UNALLOCATED
+        nxt = 0
+        pos = offset
+        while pos < end:
+            l1i = pos >> span_bits
+            span_end = min((l1i + 1) << span_bits, end)
+            l2off = self.l1[l1i] & fmt.OFFSET_MASK if l1i < len(self.l1) else 0
+            if not l2off:
+                if first is None:
+                    first, kind = 0, _UNALLOCATED
+                elif kind is not _UNALLOCATED:
+                    break
+                pos = span_end
+                continue
+            table = await self._l2.get(l2off)
+            while pos < span_end:
+                idx = (pos >> cb) & mask
+                e = table[idx]
+                if first is None:
+                    first, kind = e, _KIND(e)
+                    nxt = (e & fmt.OFFSET_MASK) + cs
+                    # the usual case in one comparison: the rest of this table's part is
+                    # unallocated, or the following host clusters with the same flags
+                    last = ((span_end - 1) >> cb) & mask
+                    if last > idx and _same_run(table, idx, last, e, kind, cs):
+                        nxt += (last - idx) * cs
+                        pos = span_end
+                        continue
+                else:
+                    if _KIND(e) is not kind:
+                        return first, pos - offset
+                    if kind is _NORMAL:
+                        if e & fmt.OFFSET_MASK != nxt:
+                            return first, pos - offset
+                        nxt += cs
+                pos = min(((pos >> cb) + 1) << cb, span_end)
+        assert first is not None
+        return first, min(pos, end) - offset
