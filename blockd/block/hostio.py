@@ -1,12 +1,12 @@
 """Host file calls Python's ``os`` module lacks, through the C library (Linux).
 
-* :func:`start_writeback`: ``sync_file_range(fd, 0, 0, SYNC_FILE_RANGE_WRITE)`` submits
+* :func:`writeback_call`: ``sync_file_range(fd, 0, 0, SYNC_FILE_RANGE_WRITE)`` submits
   the writeback of every dirty page of a file without waiting for it (write-behind).
 * :func:`punch_hole`: ``fallocate(fd, PUNCH_HOLE | KEEP_SIZE, offset, length)`` gives the
   space of a byte range back to the filesystem (discard).
 
 ``ctypes`` is imported on first use only (about 1 MiB of the daemon's memory). Where the
-C library lacks a call, :func:`start_writeback` falls back to ``fdatasync(2)`` and
+C library lacks a call, :func:`writeback_call` falls back to ``fdatasync(2)`` and
 :func:`punch_hole` does nothing: both are advice to the host, never needed for
 correctness.
 """
@@ -25,18 +25,23 @@ _FALLOC_FL_KEEP_SIZE: Final = 0x01
 _FALLOC_FL_PUNCH_HOLE: Final = 0x02
 
 
+#: the C signatures used, as ctypes type names: ``int f(...)``
+_SIGNATURES: Final = {
+    "sync_file_range": ("c_int", "c_int64", "c_int64", "c_uint"),
+    "fallocate": ("c_int", "c_int", "c_int64", "c_int64"),
+}
+
+
 @functools.cache
 def _libc_call(name: str) -> Any:
-    """The C library's function ``name`` with 64-bit offsets, or ``None``."""
+    """The C library's function ``name`` (one of :data:`_SIGNATURES`), or ``None``."""
     import ctypes
 
     try:
         call = getattr(ctypes.CDLL(None, use_errno=True), name)
     except (OSError, AttributeError):
         return None
-    call.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
-    if name == "fallocate":
-        call.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+    call.argtypes = [getattr(ctypes, t) for t in _SIGNATURES[name]]
     call.restype = ctypes.c_int
     return call
 

@@ -53,9 +53,7 @@ def _host_file(node: BlockNode | None) -> bool:
     """Whether ``node`` is a ``file`` node that takes part in offloaded copies."""
     from blockd.block.drivers.file import FileDriver  # drivers import this module
 
-    if node is None or not isinstance(node.driver, FileDriver):
-        return False
-    return not node.driver.direct
+    return node is not None and isinstance(node.driver, FileDriver) and node.driver.offloads
 
 
 def chain_offloads(dest: BlockNode, bottom: BlockNode | None) -> bool:

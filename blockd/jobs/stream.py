@@ -116,8 +116,6 @@ class StreamJob(Job):
         self.read_only = read_only
         self._holds: list[tuple[BlockNode, NodeUser]] = []
         self._frozen = False
-        #: adjacent copies merge from this offset on (see :meth:`run`)
-        self._merge_from = 0
 
     # -- setup -----------------------------------------------------------------------
 
@@ -202,6 +200,7 @@ class StreamJob(Job):
         async with trio.open_nursery() as nursery:
             window = StepWindow(nursery, STREAM_DEPTH)
             offset = 0
+            merge_from = 0  # adjacent copies merge from here on
             while True:
                 done, failed = window.settle()
                 self.advance(done)
@@ -211,7 +210,7 @@ class StreamJob(Job):
                     # one-step loop reports it.
                     await window.drain()
                     offset = failed.offset
-                    self._merge_from = failed.offset + failed.length
+                    merge_from = failed.offset + failed.length
                     continue
                 if failed is not None:
                     await window.drain()
@@ -238,7 +237,8 @@ class StreamJob(Job):
                 if offset >= length:
                     return
                 await self.rate_limit_sleep()  # also the pause and cancel point
-                offset += await self._step(cor, top, window, offset, length, merge)
+                limit = merge if offset >= merge_from else 0
+                offset += await self._step(cor, top, window, offset, length, limit)
 
     async def _step(
         self,
@@ -250,8 +250,8 @@ class StreamJob(Job):
         merge: int,
     ) -> int:
         """Decide the step at ``offset`` and queue it, a copy merged with the one before
-        up to ``merge`` bytes; returns its length (the reference: stream_run's loop
-        body)."""
+        up to ``merge`` bytes (0: not merged); returns its length (the reference:
+        stream_run's loop body)."""
         n = min(STREAM_CHUNK, length - offset)
         try:
             # The decision and the claim under the filter's lock: no write through the
@@ -272,7 +272,7 @@ class StreamJob(Job):
             window.add_done(offset, n, exc)
             return n
         if copy:
-            window.add_copy(offset, n, cor.copy_claimed, merge if offset >= self._merge_from else n)
+            window.add_copy(offset, n, cor.copy_claimed, merge)
             self.charge(n)
         else:
             window.add_done(offset, n)

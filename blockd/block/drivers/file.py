@@ -251,9 +251,7 @@ class FileDriver(Driver):
             await run_in_thread(writer, self.fd, view, offset)
         finally:
             self._unflushed = True  # also a write that failed part of the way
-        self._size = max(self._size, offset + len(view))
-        if self._behind is not None:
-            self._behind.wrote(self.fd, len(view))
+        self._wrote(offset, len(view))
 
     async def copy_in(self, offset: int, extents: Sequence[Extent]) -> None:
         """Copy host file extents into this file with ``copy_file_range(2)`` (a buffer
@@ -262,10 +260,10 @@ class FileDriver(Driver):
         pieces: list[tuple[int, int, int]] = []
         for extent in extents:
             source = extent.node.driver
-            if not isinstance(source, FileDriver) or source.direct or source.fd < 0:
+            if not isinstance(source, FileDriver) or not source.offloads:
                 raise OffloadNotSupported
             pieces.append((source.fd, extent.offset, extent.length))
-        if self.direct:
+        if not self.offloads:
             raise OffloadNotSupported
         length = sum(p[2] for p in pieces)
         try:
@@ -275,9 +273,19 @@ class FileDriver(Driver):
             raise
         finally:
             self._unflushed = True
+        self._wrote(offset, length)
+
+    def _wrote(self, offset: int, length: int) -> None:
+        """``length`` bytes were written at ``offset``: the file may have grown, and
+        write-behind counts them."""
         self._size = max(self._size, offset + length)
         if self._behind is not None:
             self._behind.wrote(self.fd, length)
+
+    @property
+    def offloads(self) -> bool:
+        """Whether this node takes part in offloaded copies (an open, buffered file)."""
+        return not self.direct and self.fd >= 0
 
     async def discard(self, offset: int, length: int) -> None:
         """Punch a hole (the file keeps its size); refusals are ignored, as advice."""
