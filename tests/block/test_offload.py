@@ -51,19 +51,19 @@ async def copy_range(source: BlockNode, offset: int, length: int, dest: BlockNod
     return extents is not None and await offload.copy_extents(dest, offset, extents)
 
 
-async def opened(top: Path) -> tuple[Graph, BlockNode]:
+async def opened(top: Path) -> tuple[Graph, BlockNode, BlockNode]:
+    """``top`` opened with its chain: the graph, top's node and its backing node."""
     graph = Graph(EventBus())
     node = await open_qcow2(top, graph=graph)
-    return graph, node
+    assert node.backing is not None
+    return graph, node, node.backing
 
 
 async def test_extents_follow_the_chain_down_to_host_files(tmp_path: Path) -> None:
     top = chain(tmp_path)[2]
     view = to_raw(top, tmp_path / "view.raw")
-    graph, node = await opened(top)
+    graph, _node, below = await opened(top)
     try:
-        below = node.backing
-        assert below is not None
         # 1 MiB + 64 KiB .. 2 MiB + 64 KiB: mid's data, then base's
         extents = await map_all(below, MIB + 64 * KIB, MIB)
         assert extents is not None
@@ -81,10 +81,8 @@ async def test_zero_compressed_and_filtered_ranges_are_not_offloaded(tmp_path: P
     base, _, top = chain(tmp_path)
     packed = tmp_path / "packed.qcow2"
     run("qemu-img", "convert", "-c", "-O", "qcow2", base, packed)
-    graph, node = await opened(top)
+    graph, _node, below = await opened(top)
     try:
-        below = node.backing
-        assert below is not None
         assert await map_all(below, 3 * MIB, 64 * KIB) is None  # zero cluster
         c = await open_qcow2(packed, graph=graph, read_only=True, **{"node-name": "packed"})
         assert await map_all(c, 0, 64 * KIB) is None  # compressed
@@ -104,10 +102,8 @@ async def test_zero_compressed_and_filtered_ranges_are_not_offloaded(tmp_path: P
 async def test_qcow2_takes_extents_into_new_clusters(tmp_path: Path) -> None:
     top = chain(tmp_path)[2]
     before = to_raw(top, tmp_path / "before.raw")
-    graph, node = await opened(top)
+    graph, node, below = await opened(top)
     try:
-        below = node.backing
-        assert below is not None
         # the whole image except top's own first cluster, then the zero cluster's
         # neighbours: three offloaded copies across mid and base
         for start, length in ((64 * KIB, 3 * MIB - 64 * KIB), (3 * MIB + 64 * KIB, MIB - 64 * KIB)):
@@ -127,10 +123,8 @@ async def test_qcow2_takes_extents_into_new_clusters(tmp_path: Path) -> None:
 
 async def test_allocated_or_unaligned_ranges_are_refused_untouched(tmp_path: Path) -> None:
     top = chain(tmp_path)[2]
-    node = (await opened(top))[1]
+    _, node, below = await opened(top)
     try:
-        below = node.backing
-        assert below is not None
         size = os.path.getsize(top)
         # top stores its first cluster: a copy would overwrite it
         assert not await copy_range(below, 0, 128 * KIB, node)
@@ -150,10 +144,8 @@ async def test_the_last_partial_cluster_of_an_image(tmp_path: Path) -> None:
     run("qemu-img", "create", "-q", "-f", "qcow2", base, str(size))
     qemu_io(base, f"write -P 0x5a 0 {size}")
     run("qemu-img", "create", "-q", "-f", "qcow2", "-b", base, "-F", "qcow2", top)
-    graph, node = await opened(top)
+    graph, node, below = await opened(top)
     try:
-        below = node.backing
-        assert below is not None
         assert await copy_range(below, MIB, 4 * KIB, node)
     finally:
         await graph.close_all()
@@ -226,10 +218,8 @@ def test_split_extents_cuts_inside_an_extent() -> None:
 
 async def test_the_mappable_prefix_stops_at_a_zero_cluster(tmp_path: Path) -> None:
     top = chain(tmp_path)[2]
-    graph, node = await opened(top)
+    graph, _node, below = await opened(top)
     try:
-        below = node.backing
-        assert below is not None
         # base's data up to its zero cluster at 3 MiB, then that cluster alone
         extents, n = await offload.map_prefix(below, 2 * MIB, 2 * MIB)
         assert extents is not None and n == MIB
@@ -245,11 +235,11 @@ async def test_copied_data_is_stable_before_a_table_points_at_it(
     (after its clusters were allocated): the next flush must still make the copied data
     stable before it writes the L2 table that now points at it."""
     top = chain(tmp_path)[2]
-    graph, node = await opened(top)
+    graph, node, below = await opened(top)
     log: list[str] = []
     try:
-        below, file = node.backing, node.file
-        assert below is not None and file is not None
+        file = node.file
+        assert file is not None
         driver = file.driver
         real_copy_in, real_write, real_flush = driver.copy_in, driver.write, driver.flush
 
