@@ -7,28 +7,20 @@ Skipped where a tmpfs cannot be mounted (needs root)."""
 from __future__ import annotations
 
 import os
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from streamtools import KIB, MIB, Harness, compare, create, info, snapshot, write
+from tmpfs import small_tmpfs
 
 from stress.killkit import check_image
 
 
 @pytest.fixture
 def small_fs(tmp_path: Path) -> Iterator[Path]:
-    mount = tmp_path / "small"
-    mount.mkdir()
-    result = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(mount)],
-                            capture_output=True, timeout=10)  # fmt: skip
-    if result.returncode != 0:
-        pytest.skip("cannot mount a tmpfs here")
-    try:
+    with small_tmpfs(tmp_path, "8m") as mount:
         yield mount
-    finally:
-        subprocess.run(["umount", "-l", str(mount)], capture_output=True, timeout=10)
 
 
 def fill(fs: Path, leave: int) -> Path:
