@@ -175,7 +175,8 @@ def run(replays: int, seed: int) -> tuple[int, int, list[str]]:
         directory = Path(tmp)
         top, initial, log = record_stream(directory)
         groups = epochs(log)
-        per_epoch = max(1, replays // (2 * max(1, sum(1 for g in groups if g))))
+        # rounded up, so that the states cover ``replays`` (the loop stops there)
+        per_epoch = max(1, -(-replays // (2 * max(1, sum(1 for g in groups if g)))))
         replay = directory / "replay" / top.name
         replay.parent.mkdir()
         for name in ("mid.qcow2", "base.qcow2"):

@@ -180,6 +180,23 @@ async def test_failed_add_leaves_nothing(
     assert await run(daemon, "query-named-block-nodes") == []
 
 
+@pytest.mark.parametrize("size", [256, 1000, 8192])
+async def test_l2_cache_entry_size_is_checked(
+    daemon: Daemon, chain: dict[str, Path], size: int
+) -> None:
+    """QEMU's rule and words: a power of two from 512 up to the cluster size (top's is
+    4 KiB)."""
+    with pytest.raises(QMPError) as err:
+        await run(daemon, "blockdev-add", **top_options(chain, **{"l2-cache-entry-size": size}))
+    assert err.value.desc == (
+        "L2 cache entry size must be a power of two between 512 and the cluster size (4096)"
+    )
+    assert err.value.error_class == "GenericError"
+    assert await run(daemon, "query-named-block-nodes") == []
+    await run(daemon, "blockdev-add", **top_options(chain, **{"l2-cache-entry-size": 512}))
+    await run(daemon, "blockdev-del", **{"node-name": "top"})
+
+
 async def test_raw_reads_and_writes_through_handlers(
     daemon: Daemon, chain: dict[str, Path]
 ) -> None:

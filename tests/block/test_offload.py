@@ -10,6 +10,7 @@ import errno
 import json
 import os
 from pathlib import Path
+from typing import Any
 
 import pytest
 from qcow2_util import assert_clean, close, open_qcow2, qemu_io, read_all, run, to_raw
@@ -51,10 +52,11 @@ async def copy_range(source: BlockNode, offset: int, length: int, dest: BlockNod
     return extents is not None and await offload.copy_extents(dest, offset, extents)
 
 
-async def opened(top: Path) -> tuple[Graph, BlockNode, BlockNode]:
-    """``top`` opened with its chain: the graph, top's node and its backing node."""
+async def opened(top: Path, **options: Any) -> tuple[Graph, BlockNode, BlockNode]:
+    """``top`` opened with its chain (and qcow2 ``options``): the graph, top's node and
+    its backing node."""
     graph = Graph(EventBus())
-    node = await open_qcow2(top, graph=graph)
+    node = await open_qcow2(top, graph=graph, **options)
     assert node.backing is not None
     return graph, node, node.backing
 
@@ -99,10 +101,20 @@ async def test_zero_compressed_and_filtered_ranges_are_not_offloaded(tmp_path: P
         await graph.close_all()
 
 
-async def test_qcow2_takes_extents_into_new_clusters(tmp_path: Path) -> None:
-    top = chain(tmp_path)[2]
+@pytest.mark.parametrize(
+    ("cluster", "options"),
+    [
+        ("64k", {}),
+        # 512-byte L2 slices of 4 KiB-cluster tables: each copy spans tables and slices
+        ("4k", {"l2-cache-entry-size": 512, "l2-cache-size": 1024}),
+    ],
+)
+async def test_qcow2_takes_extents_into_new_clusters(
+    tmp_path: Path, cluster: str, options: dict[str, Any]
+) -> None:
+    top = chain(tmp_path, cluster=cluster)[2]
     before = to_raw(top, tmp_path / "before.raw")
-    graph, node, below = await opened(top)
+    graph, node, below = await opened(top, **options)
     try:
         # the whole image except top's own first cluster, then the zero cluster's
         # neighbours: three offloaded copies across mid and base

@@ -6,6 +6,7 @@ import json
 import random
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import pytest
 import qcow2_util
@@ -42,10 +43,19 @@ SETTINGS = settings(
 )
 
 
+#: qcow2 options per set-up: caches of two entries (tables, or 512-byte slices of them)
+CACHES: dict[str, dict[str, Any]] = {
+    "tiny-caches": TINY_CACHES,
+    "tiny-slices": {**TINY_CACHES, "l2-cache-entry-size": 512},
+}
+
+
 async def apply(
-    path: Path, ref: bytearray, ops: list[tuple[str, list[tuple[int, int, int]]]], tiny: bool
+    path: Path,
+    ref: bytearray,
+    ops: list[tuple[str, list[tuple[int, int, int]]]],
+    extra: dict[str, Any],
 ) -> None:
-    extra = TINY_CACHES if tiny else {}
     node = await open_qcow2(path, **extra)
     try:
         for kind, writes in ops:
@@ -77,7 +87,7 @@ def run_case(
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         path = work / "img.qcow2"
-        if setup in ("fresh", "tiny-caches"):
+        if setup in ("fresh", "tiny-caches", "tiny-slices"):
             create_qcow2(path, SIZE, cluster_size=cluster_size)
         elif setup == "backing":
             base = work / "base.qcow2"
@@ -100,7 +110,7 @@ def run_case(
         snap_before = None
         if setup == "snapshot":
             snap_before = to_raw_snapshot(path, work / "snap.raw")
-        trio.run(apply, path, ref, ops, setup == "tiny-caches")
+        trio.run(apply, path, ref, ops, CACHES.get(setup, {}))
         judge(path, bytes(ref), work)
         if snap_before is not None:
             assert to_raw_snapshot(path, work / "snap2.raw") == snap_before
@@ -130,6 +140,15 @@ def test_random_writes_tiny_caches(
 ) -> None:
     """Two L2 tables and two refcount blocks cached: every request evicts."""
     run_case("tiny-caches", cluster_size, ops)
+
+
+@SETTINGS
+@given(cluster_size=st.sampled_from([4096, 65536]), ops=_ops)
+def test_random_writes_tiny_slices(
+    cluster_size: int, ops: list[tuple[str, list[tuple[int, int, int]]]]
+) -> None:
+    """Two 512-byte L2 slices cached: requests cross slices of one table and evict."""
+    run_case("tiny-slices", cluster_size, ops)
 
 
 @SETTINGS

@@ -65,6 +65,8 @@ if TYPE_CHECKING:
 
 #: bytes of L2 tables kept in the cache
 L2_CACHE_BYTES = 32 * 1024 * 1024
+#: bytes of one L2 cache entry (a slice of a table; never more than the cluster)
+L2_SLICE_BYTES = 4096
 
 _KIND = fmt.cluster_kind
 _NORMAL = ClusterKind.NORMAL
@@ -156,8 +158,10 @@ class Qcow2Driver(Qcow2Reads, Driver):
             self._refuse_dirty()
         self._header_area_len = self._used_header_len(cluster0, header)
         self._geometry = fmt.CompressedGeometry.for_cluster_bits(header.cluster_bits)
-        # QEMU's l2-cache-size / refcount-cache-size options (bytes), at least 2 tables
-        l2_limit = int(options.get("l2-cache-size") or L2_CACHE_BYTES) // cs
+        # QEMU's l2-cache-size / refcount-cache-size options (bytes), at least 2 entries
+        slice_bytes = self._l2_slice_bytes(options, cs)
+        self._slice_bits = (slice_bytes >> 3).bit_length() - 1
+        l2_limit = int(options.get("l2-cache-size") or L2_CACHE_BYTES) // slice_bytes
         refcount_cache = options.get("refcount-cache-size")
         refcount_blocks = max(2, int(refcount_cache) // cs) if refcount_cache else None
         if header.l1_size:
@@ -175,10 +179,25 @@ class Qcow2Driver(Qcow2Reads, Driver):
             flen,
             refcount_blocks,
         )
-        self._l2 = L2Cache(file, self.refcounts, cs, l2_limit)
+        self._l2 = L2Cache(file, self.refcounts, slice_bytes, l2_limit)
         self._metadata = fmt.check_tables(header, self.l1, table, flen)
         if header.nb_snapshots:
             self.snapshots = await self._read_snapshots(header, flen)
+
+    @staticmethod
+    def _l2_slice_bytes(options: Mapping[str, Any], cluster_size: int) -> int:
+        """Bytes of one L2 cache entry: ``l2-cache-entry-size`` (checked as QEMU
+        checks it), else :data:`L2_SLICE_BYTES` or the cluster when that is smaller."""
+        size = options.get("l2-cache-entry-size")
+        if size is None:
+            return min(L2_SLICE_BYTES, cluster_size)
+        size = int(size)
+        if not 1 << fmt.MIN_CLUSTER_BITS <= size <= cluster_size or size & (size - 1):
+            raise ImageError(
+                "L2 cache entry size must be a power of two between "
+                f"{1 << fmt.MIN_CLUSTER_BITS} and the cluster size ({cluster_size})"
+            )
+        return size
 
     async def _read_snapshots(self, header: Header, flen: int) -> list[Snapshot]:
         """The snapshot table, read in growing pieces up to QEMU's 64 MiB limit."""
@@ -239,13 +258,12 @@ class Qcow2Driver(Qcow2Reads, Driver):
     async def _write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
         await self._prepare_write()
         view = memoryview(data).cast("B")
-        h = self.header
-        span = 1 << (h.cluster_bits + h.l2_bits)
+        span = 1 << (self.header.cluster_bits + self._slice_bits)
         pos = 0
         while pos < len(view):
             cur = offset + pos
             step = min(span - (cur & (span - 1)), len(view) - pos)
-            await self._write_in_table(cur, view[pos : pos + step])
+            await self._write_in_slice(cur, view[pos : pos + step])
             pos += step
 
     async def _prepare_write(self) -> None:
@@ -261,42 +279,49 @@ class Qcow2Driver(Qcow2Reads, Driver):
             )
         self._prepared = True
 
-    async def _table_for_write(self, l1i: int) -> tuple[int, array[int]]:
-        """The L2 table of ``l1i``, made writable (allocated, or copied when shared)."""
+    async def _table_for_write(self, l1i: int) -> int:
+        """The host offset of the L2 table of ``l1i``, made writable (allocated, or
+        copied when shared)."""
         entry = self.l1[l1i]
         old = entry & fmt.OFFSET_MASK
+        cs = self.header.cluster_size
         if old and entry & fmt.OFLAG_COPIED:
-            return old, await self._l2.get(old)
+            return old
         if old:
-            new_table = array("Q", await self._l2.get(old))
+            # a shared table is never changed here, so the file holds all of it
+            if old & (cs - 1):
+                raise ImageError(f"L2 table offset {old:#x} unaligned")
+            content = await self._file.pread(old, cs)
         else:
-            new_table = array("Q", [0]) * (1 << self.header.l2_bits)
+            content = bytes(cs)
         self._file.debug_event("cluster_alloc")
         cluster = await self.refcounts.allocate(1)
         new = cluster << self.header.cluster_bits
         # Written at once, as QEMU's l2_allocate does: the space is taken now, so a full
-        # disk fails this request instead of a later flush of the cached table.
+        # disk fails this request instead of a later flush of the cached table. Its
+        # slices are read back from the file as they are used.
         try:
             self._file.debug_event("l2_alloc_write")
-            await self._file.write(new, fmt.encode_table(new_table))
+            await self._file.write(new, content)
         except BaseException:
             self.refcounts.release(cluster)
             raise
         self._metadata.add(cluster)
-        await self._l2.add_new(new, new_table)
         self.l1[l1i] = new | fmt.OFLAG_COPIED
         self._l1_dirty.add(l1i)
         if old:
+            self._l2.forget(old, cs)
             self.refcounts.release(old >> self.header.cluster_bits)
-        return new, new_table
+        return new
 
-    async def _write_in_table(self, offset: int, data: memoryview) -> None:
-        """Write ``data`` (within one L2 table's span) at guest ``offset``."""
+    async def _write_in_slice(self, offset: int, data: memoryview) -> None:
+        """Write ``data`` (within the span of one L2 slice) at guest ``offset``."""
         h = self.header
         cb = h.cluster_bits
         cs = h.cluster_size
-        mask = (1 << h.l2_bits) - 1
-        l2off, table = await self._table_for_write(offset >> (cb + h.l2_bits))
+        mask = (1 << self._slice_bits) - 1
+        l2off = await self._table_for_write(offset >> (cb + h.l2_bits))
+        at, table = await self._slice(l2off, offset)
         end = offset + len(data)
         first = offset >> cb
         last = (end - 1) >> cb
@@ -327,7 +352,7 @@ class Qcow2Driver(Qcow2Reads, Driver):
                     if e & fmt.OFLAG_COPIED and _KIND(e) is _NORMAL:
                         break
                     d += 1
-                await self._allocating_write(l2off, table, c, d, offset, data)
+                await self._allocating_write(at, table, c, d, offset, data)
             c = d
 
     def _check_data_run(self, entry: int, count: int) -> None:
@@ -343,10 +368,11 @@ class Qcow2Driver(Qcow2Reads, Driver):
             )
 
     async def _allocating_write(
-        self, l2off: int, table: array[int], c0: int, c1: int, offset: int, data: memoryview
+        self, at: int, table: array[int], c0: int, c1: int, offset: int, data: memoryview
     ) -> None:
         """Give guest clusters ``[c0, c1)`` new host clusters holding ``data``'s part,
-        completed from the old contents, then point the L2 entries at them."""
+        completed from the old contents, then point the L2 entries (of the slice
+        ``table`` at host offset ``at``) at them."""
         h = self.header
         cb = h.cluster_bits
         count = c1 - c0
@@ -361,7 +387,7 @@ class Qcow2Driver(Qcow2Reads, Driver):
             # below ``next_free``, so they are not handed out again before then.
             await self._free_new_clusters(host, count)
             raise
-        self._link_clusters(l2off, table, c0, count, host)
+        self._link_clusters(at, table, c0, count, host)
 
     async def _free_new_clusters(self, host: int, count: int) -> None:
         """Give back ``count`` new clusters from ``host`` on that a failed write may have
@@ -372,17 +398,18 @@ class Qcow2Driver(Qcow2Reads, Driver):
             self.refcounts.release((host >> cb) + k)
         await self._file.discard(host, count << cb)
 
-    def _link_clusters(self, l2off: int, table: array[int], c0: int, count: int, host: int) -> None:
-        """Point guest clusters ``[c0, c0 + count)`` of ``table`` at the new host
-        clusters from ``host`` on, once their data is written; the old ones go."""
+    def _link_clusters(self, at: int, table: array[int], c0: int, count: int, host: int) -> None:
+        """Point guest clusters ``[c0, c0 + count)`` of the slice ``table`` (at host
+        offset ``at``) at the new host clusters from ``host`` on, once their data is
+        written; the old ones go."""
         cb = self.header.cluster_bits
-        mask = (1 << self.header.l2_bits) - 1
+        mask = (1 << self._slice_bits) - 1
         for k in range(count):
             i = (c0 + k) & mask
             old = table[i]
             table[i] = (host + (k << cb)) | fmt.OFLAG_COPIED
             self._release_entry(old)
-        self._l2.changed(l2off, table)
+        self._l2.changed(at, table)
 
     async def copy_in(self, offset: int, extents: Sequence[Extent]) -> None:
         """Take host extents into new clusters (an offloaded copy-on-read).
@@ -438,20 +465,32 @@ class Qcow2Driver(Qcow2Reads, Driver):
                     await self._link_copied(guest, count, host)
 
     async def _link_copied(self, guest: int, count: int, host: int) -> None:
-        """Point the unallocated guest clusters from ``guest`` on at the copied host
-        clusters from ``host`` on (re-reading the L2 table: the cache may have moved
-        it). A cluster some other request allocated meanwhile keeps its data; its
-        copy is freed."""
+        """Point the unallocated guest clusters from ``guest`` on (within one L2 table)
+        at the copied host clusters from ``host`` on, slice by slice (re-reading each:
+        the cache may have dropped it). A cluster some other request allocated
+        meanwhile keeps its data; its copy is freed."""
         cb = self.header.cluster_bits
-        mask = (1 << self.header.l2_bits) - 1
-        l2off, table = await self._table_for_write(guest >> (cb + self.header.l2_bits))
-        c0 = guest >> cb
+        per_slice = 1 << self._slice_bits
+        l2off = await self._table_for_write(guest >> (cb + self.header.l2_bits))
+        done = 0
+        while done < count:
+            c0 = (guest >> cb) + done
+            n = min(count - done, per_slice - (c0 & (per_slice - 1)))
+            at, table = await self._slice(l2off, c0 << cb)
+            self._link_unallocated(at, table, c0, n, host + (done << cb))
+            done += n
+
+    def _link_unallocated(self, at: int, table: array[int], c0: int, count: int, host: int) -> None:
+        """:meth:`_link_clusters` for the entries of ``[c0, c0 + count)`` that are still
+        unallocated; the copies meant for the others are freed."""
+        cb = self.header.cluster_bits
+        mask = (1 << self._slice_bits) - 1
         start = 0
         for k in range(count + 1):
             if k < count and _KIND(table[(c0 + k) & mask]) is _UNALLOCATED:
                 continue
             if k > start:
-                self._link_clusters(l2off, table, c0 + start, k - start, host + (start << cb))
+                self._link_clusters(at, table, c0 + start, k - start, host + (start << cb))
             if k < count:
                 self.refcounts.release((host >> cb) + k)
             start = k + 1
@@ -463,7 +502,7 @@ class Qcow2Driver(Qcow2Reads, Driver):
         part of ``data`` that falls there, completed from the old contents."""
         h = self.header
         cb = h.cluster_bits
-        mask = (1 << h.l2_bits) - 1
+        mask = (1 << self._slice_bits) - 1
         count = c1 - c0
         g0, g1 = c0 << cb, c1 << cb
         d0, d1 = max(offset, g0), min(offset + len(data), g1)

@@ -64,6 +64,8 @@ class Qcow2Reads:
     header: Header
     l1: array[int]
     _l2: L2Cache
+    #: log2 of the entries in one L2 cache slice
+    _slice_bits: int
     _lock: RequestLock
     _geometry: fmt.CompressedGeometry
     _zstd: Any
@@ -76,6 +78,17 @@ class Qcow2Reads:
             raise ImageError("qcow2 node has no file child")
         return file
 
+    async def _slice(self, l2off: int, guest: int) -> tuple[int, array[int]]:
+        """The L2 slice of the table at host ``l2off`` that maps guest offset ``guest``,
+        and its host offset; entry ``(guest >> cluster_bits) & slice mask``."""
+        h = self.header
+        if l2off & (h.cluster_size - 1):
+            raise ImageError(f"L2 table offset {l2off:#x} unaligned")
+        sb = self._slice_bits
+        index = (guest >> (h.cluster_bits + sb)) & ((1 << (h.l2_bits - sb)) - 1)
+        at = l2off + (index << (sb + 3))
+        return at, await self._l2.get(at)
+
     # -- read ------------------------------------------------------------------------
 
     async def read(self, offset: int, buf: memoryview) -> None:
@@ -86,20 +99,22 @@ class Qcow2Reads:
         h = self.header
         cb = h.cluster_bits
         cs = h.cluster_size
-        span_bits = cb + h.l2_bits
+        table_bits = cb + h.l2_bits
+        span_bits = cb + self._slice_bits
+        mask = (1 << self._slice_bits) - 1
         n = len(buf)
         pos = 0
         while pos < n:
             cur = offset + pos
-            l1i = cur >> span_bits
-            span_end = min(((l1i + 1) << span_bits) - offset, n)
+            l1i = cur >> table_bits
             l2off = self.l1[l1i] & fmt.OFFSET_MASK if l1i < len(self.l1) else 0
             if not l2off:
+                span_end = min(((l1i + 1) << table_bits) - offset, n)
                 await self._read_backing(cur, buf[pos:span_end])
                 pos = span_end
                 continue
-            table = await self._l2.get(l2off)
-            mask = (1 << h.l2_bits) - 1
+            span_end = min((((cur >> span_bits) + 1) << span_bits) - offset, n)
+            _, table = await self._slice(l2off, cur)
             while pos < span_end:
                 cur = offset + pos
                 idx = (cur >> cb) & mask
@@ -219,31 +234,32 @@ class Qcow2Reads:
         h = self.header
         cb = h.cluster_bits
         cs = h.cluster_size
-        span_bits = cb + h.l2_bits
-        mask = (1 << h.l2_bits) - 1
+        table_bits = cb + h.l2_bits
+        span_bits = cb + self._slice_bits
+        mask = (1 << self._slice_bits) - 1
         first: int | None = None
         kind = _UNALLOCATED
         nxt = 0
         pos = offset
         while pos < end:
-            l1i = pos >> span_bits
-            span_end = min((l1i + 1) << span_bits, end)
+            l1i = pos >> table_bits
             l2off = self.l1[l1i] & fmt.OFFSET_MASK if l1i < len(self.l1) else 0
             if not l2off:
                 if first is None:
                     first, kind = 0, _UNALLOCATED
                 elif kind is not _UNALLOCATED:
                     break
-                pos = span_end
+                pos = min((l1i + 1) << table_bits, end)
                 continue
-            table = await self._l2.get(l2off)
+            span_end = min(((pos >> span_bits) + 1) << span_bits, end)
+            _, table = await self._slice(l2off, pos)
             while pos < span_end:
                 idx = (pos >> cb) & mask
                 e = table[idx]
                 if first is None:
                     first, kind = e, _KIND(e)
                     nxt = (e & fmt.OFFSET_MASK) + cs
-                    # the usual case in one comparison: the rest of this table's part is
+                    # the usual case in one comparison: the rest of this slice's part is
                     # unallocated, or the following host clusters with the same flags
                     last = ((span_end - 1) >> cb) & mask
                     if last > idx and _same_run(table, idx, last, e, kind, cs):
