@@ -208,6 +208,7 @@ def build_tests(plan: Plan, work: Path, qemu_img: str) -> list[Test]:
         dt = time.perf_counter() - t0
         _say(f"  copied {plan.streams} chains of {plan.stream_size // MiB} MiB in {dt:.1f} s")
         tests.append(Test("concurrent", 5, STREAM_CMDS, concurrent))
+        tests.append(Test("durable", 5, host_run=lambda: figures.durable_copy_run(work, clones)))
     for size in plan.scale_sizes:
         if size == plan.size and 1 in f:
             continue  # figure 1's full stream is this point of the scale
@@ -387,6 +388,13 @@ def rows_for(plan: Plan, tests: Sequence[Test]) -> list[Row]:
                 "stable_virtual_mibps",
                 ".0f",
             ),
+            Row(
+                "5",
+                "durable copy, same bytes (ceiling): MiB/s",
+                "durable",
+                "virtual_mibps",
+                ".0f",
+            ),
         ]
     if "full" in names:
         r += [
@@ -490,6 +498,14 @@ def render(
             label = "full stream / read+write ceiling"
             at = max(i for i, ln in enumerate(lines) if ln.startswith("2 ")) + 1
             lines.insert(at, f"{'2':3s} {label:44s} {ca:>10s} {cb:>10s}")
+    if "concurrent" in out and "durable" in out:
+        ceiling = median_of(out["durable"].get("host"), "virtual_mibps")
+        fr = [median_of(out["concurrent"].get(d.key), "aggregate_virtual_mibps") for d in daemons]
+        if ceiling:
+            ca, cb = (f"{v / ceiling:.2f}" if v else "-" for v in fr)
+            label = "concurrent streams / durable ceiling"
+            at = max(i for i, ln in enumerate(lines) if ln.startswith("5 ")) + 1
+            lines.insert(at, f"{'5':3s} {label:44s} {ca:>10s} {cb:>10s}")
     growth = [r for r in rows if r.fig == "7" and r.key == "seconds"]
     if len(growth) >= 2:
         first, last = growth[0], growth[-1]
