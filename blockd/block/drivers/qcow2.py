@@ -159,7 +159,7 @@ class Qcow2Driver(Qcow2Reads, Driver):
         # QEMU's l2-cache-size / refcount-cache-size options (bytes), at least 2 tables
         l2_limit = int(options.get("l2-cache-size") or L2_CACHE_BYTES) // cs
         refcount_cache = options.get("refcount-cache-size")
-        refcount_blocks = max(2, int(refcount_cache) // cs) if refcount_cache else None
+        refcount_bytes = int(refcount_cache) if refcount_cache else None
         if header.l1_size:
             self.l1 = fmt.decode_table(await file.pread(header.l1_table_offset, header.l1_size * 8))
         table = Refcounts.decode_table(
@@ -173,7 +173,7 @@ class Qcow2Driver(Qcow2Reads, Driver):
             header.refcount_table_clusters,
             table,
             flen,
-            refcount_blocks,
+            refcount_bytes,
         )
         self._l2 = L2Cache(file, self.refcounts, cs, l2_limit)
         self._metadata = fmt.check_tables(header, self.l1, table, flen)
