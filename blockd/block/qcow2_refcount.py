@@ -151,6 +151,7 @@ class Refcounts:
         self.slice_mask = (1 << self.slice_bits) - 1
         #: log2 of the slices in a block: slice ``g`` lies in block ``g >> _block_shift``
         self._block_shift = self.block_bits - self.slice_bits
+        self._slice_in_block = (1 << self._block_shift) - 1
         self._slices: OrderedDict[int, array[int]] = OrderedDict()
         self._dirty_slices: set[int] = set()
         self._dirty_table: set[int] = set()
@@ -177,12 +178,7 @@ class Refcounts:
         return bool(self._releases)
 
     def _slice_offset(self, g: int) -> int:
-        return self.table[g >> self._block_shift] + (
-            (g & ((1 << self._block_shift) - 1)) * self.slice_bytes
-        )
-
-    def _zero_slice(self) -> array[int]:
-        return array(self._code, [0]) * (1 << self.slice_bits)
+        return self.table[g >> self._block_shift] + (g & self._slice_in_block) * self.slice_bytes
 
     async def _slice(self, g: int) -> array[int] | None:
         """Slice ``g`` (clusters ``g << slice_bits`` on), or ``None`` when its refcount
@@ -218,7 +214,7 @@ class Refcounts:
         reading it (the disk holds zeros there already)."""
         g = cluster >> self.slice_bits
         if g not in self._slices:
-            await self._insert(g, self._zero_slice())
+            await self._insert(g, array(self._code, [0]) * (1 << self.slice_bits))
 
     async def _write_run(self, run: list[int]) -> None:
         """Write the cached slices ``run`` (consecutive, in one block) in one write."""
