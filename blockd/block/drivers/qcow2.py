@@ -163,7 +163,7 @@ class Qcow2Driver(Qcow2Reads, Driver):
         self._slice_bits = (slice_bytes >> 3).bit_length() - 1
         l2_limit = int(options.get("l2-cache-size") or L2_CACHE_BYTES) // slice_bytes
         refcount_cache = options.get("refcount-cache-size")
-        refcount_blocks = max(2, int(refcount_cache) // cs) if refcount_cache else None
+        refcount_bytes = int(refcount_cache) if refcount_cache else None
         if header.l1_size:
             self.l1 = fmt.decode_table(await file.pread(header.l1_table_offset, header.l1_size * 8))
         table = Refcounts.decode_table(
@@ -177,7 +177,7 @@ class Qcow2Driver(Qcow2Reads, Driver):
             header.refcount_table_clusters,
             table,
             flen,
-            refcount_blocks,
+            refcount_bytes,
         )
         self._l2 = L2Cache(file, self.refcounts, slice_bytes, l2_limit)
         self._metadata = fmt.check_tables(header, self.l1, table, flen)
