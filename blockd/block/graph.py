@@ -58,7 +58,7 @@ import json
 import os
 import random
 import re
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, replace
 from typing import Any, Final
 
@@ -308,8 +308,13 @@ class Graph:
             if cls.supports_backing:
                 await self._open_backing(node, options, child_inherit)
         except BaseException:
+            before = self.linked([node])
             with trio.CancelScope(shield=True):
                 await self._unref(node)
+            # the children it held (an existing node named as its file) give up the
+            # permissions and lock bytes it took; fewer permissions never conflict
+            with contextlib.suppress(QMPError):
+                self.refresh_permissions(before)
             raise
         return node
 
@@ -483,23 +488,42 @@ class Graph:
 
     # -- permissions -----------------------------------------------------------------
 
-    def refresh_permissions(self) -> None:
-        """Recompute every node's permissions, check them, then update lock bytes.
+    def link_kind(self, parent: BlockNode) -> str:
+        """How ``parent`` uses its non-backing child (a ``kind`` of
+        :func:`~blockd.block.permissions.link_perms`)."""
+        cls = self._classes.get(parent)
+        if cls is not None and cls.supports_backing:
+            return permissions.METADATA
+        if cls is not None and cls.format_name == "copy-on-read":
+            return permissions.COPY_ON_READ
+        return permissions.PASSTHROUGH
+
+    def linked(self, nodes: Iterable[BlockNode]) -> list[BlockNode]:
+        """The open nodes connected to ``nodes`` by parent/child links (``nodes`` among
+        them): permissions flow only along links, so a change inside this part of the
+        graph leaves every other node's permissions as they were."""
+        seen: dict[BlockNode, None] = {}
+        stack = [n for n in nodes if n in self._classes]
+        while stack:
+            node = stack.pop()
+            if node in seen:
+                continue
+            seen[node] = None
+            stack.extend(p for p in node.parents if p not in seen)
+            stack.extend(c for c in node.children.values() if c not in seen)
+        return list(seen)
+
+    def refresh_permissions(self, around: Iterable[BlockNode] | None = None) -> None:
+        """Recompute the permissions of every node, or only of the part of the graph
+        :meth:`linked` to ``around`` (after a change there: for a change that removed
+        links, pass the nodes linked before it), check them, then update lock bytes.
 
         Raises:
             RequestError: ``Block node is read-only`` or a permission conflict (4.6).
             HostError: another process holds a lock byte we need; nothing changed.
         """
-
-        def link_kind(parent: BlockNode) -> str:
-            cls = self._classes.get(parent)
-            if cls is not None and cls.supports_backing:
-                return permissions.METADATA
-            if cls is not None and cls.format_name == "copy-on-read":
-                return permissions.COPY_ON_READ
-            return permissions.PASSTHROUGH
-
-        totals = permissions.check(permissions.plan(self.nodes.values(), link_kind))
+        nodes = self.nodes.values() if around is None else self.linked(around)
+        totals = permissions.check(permissions.plan(nodes, self.link_kind))
         changed: list[tuple[Any, Perm, Perm]] = []
         try:
             for node, (perm, shared) in totals.items():
@@ -528,7 +552,7 @@ class Graph:
         """
         node.users.append(user)
         try:
-            self.refresh_permissions()
+            self.refresh_permissions([node])
         except BaseException:
             node.users.remove(user)
             raise
@@ -537,9 +561,10 @@ class Graph:
         """Drop ``user``; closes ``node`` if that was its last reference."""
         if user in node.users:
             node.users.remove(user)
+            before = self.linked([node])
             with trio.CancelScope(shield=True):
                 await self._unref(node)
-            self.refresh_permissions()
+            self.refresh_permissions(before)
 
     # -- frozen links ----------------------------------------------------------------
 
@@ -606,7 +631,7 @@ class Graph:
         if child is not None:
             self._attach(parent, role, child)
         try:
-            self.refresh_permissions()
+            self.refresh_permissions([parent] if old is None else [parent, old])
         except BaseException:
             self._detach(parent, role)
             if old is not None:
@@ -645,7 +670,7 @@ class Graph:
         filt.users.append(NodeUser("graph change", "insert"))  # holds it while moving
         try:
             self._move_parents(above, filt, skip=filt)
-            self.refresh_permissions()
+            self.refresh_permissions([filt])
         except BaseException:
             self._move_parents(filt, above, skip=None)
             filt.users.clear()
@@ -665,9 +690,10 @@ class Graph:
         below = filt.file
         if below is not None:
             self._move_parents(filt, below, skip=None)
+        before = self.linked([filt])
         with trio.CancelScope(shield=True):
             await self._unref(filt)
-        self.refresh_permissions()
+        self.refresh_permissions(before)
 
     async def reopen(self, node: BlockNode, *, read_only: bool) -> None:
         """Reopen ``node`` read-only or read-write, with the children (not backing) that

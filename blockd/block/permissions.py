@@ -15,6 +15,10 @@ are QEMU's defaults (``bdrv_default_perms``):
 A node with ``force-share`` lets its users share everything. The check then refuses a
 writer on a read-only node (``Block node is read-only``) and two users that disagree
 (QEMU's ``Permission conflict on node ...`` text, first pair found).
+
+The sets are computed as plain ``int`` bit masks (the values of :class:`Perm`): a graph
+change recomputes every node of its part of the graph, and ``enum`` arithmetic would cost
+most of a ``block-stream`` command. Only the results are :class:`Perm` again.
 """
 
 from __future__ import annotations
@@ -23,21 +27,26 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
 from typing import Final
 
-from blockd.block.locking import PERM_ALL, PERM_NONE, Perm, perm_names
+from blockd.block.locking import PERM_ALL, Perm, perm_names
 from blockd.block.node import BlockNode
 from blockd.errors import RequestError
 
-WRITES: Final = Perm.WRITE | Perm.WRITE_UNCHANGED
+_READ: Final = int(Perm.CONSISTENT_READ)
+_WRITE: Final = int(Perm.WRITE)
+_WRITE_UNCHANGED: Final = int(Perm.WRITE_UNCHANGED)
+_RESIZE: Final = int(Perm.RESIZE)
+_ALL: Final = int(PERM_ALL)
+WRITES: Final = _WRITE | _WRITE_UNCHANGED
 
 
 @dataclass(frozen=True)
 class Use:
-    """One user of a node in the check: a parent link or a NodeUser."""
+    """One user of a node in the check: a parent link or a NodeUser (bit masks)."""
 
     description: str
     child_name: str
-    perm: Perm
-    shared: Perm
+    perm: int
+    shared: int
 
 
 #: how a parent uses its non-backing child, by the parent's driver
@@ -45,12 +54,10 @@ METADATA: Final = "metadata"  # a format keeping its metadata there (qcow2's ``f
 COPY_ON_READ: Final = "copy-on-read"  # writes back what it reads: ``write unchanged``
 PASSTHROUGH: Final = "passthrough"  # raw, blkdebug: the parents' needs unchanged
 
-_PASSED: Final = Perm.CONSISTENT_READ | Perm.WRITE | Perm.RESIZE
+_PASSED: Final = _READ | _WRITE | _RESIZE
 
 
-def link_perms(
-    role: str, perm: Perm, shared: Perm, *, kind: str, writable: bool
-) -> tuple[Perm, Perm]:
+def link_perms(role: str, perm: int, shared: int, *, kind: str, writable: bool) -> tuple[int, int]:
     """What a parent whose users need ``perm``/``shared`` takes on its ``role`` child.
 
     ``kind``: :data:`METADATA`, :data:`COPY_ON_READ` or :data:`PASSTHROUGH` (how the
@@ -58,15 +65,15 @@ def link_perms(
     """
     # reference: QEMU bdrv_default_perms (filter / storage / cow), cor_child_perm
     if role == "backing":
-        cow_shared = (Perm.WRITE | Perm.RESIZE) if shared & Perm.WRITE else PERM_NONE
-        return perm & Perm.CONSISTENT_READ, cow_shared | Perm.CONSISTENT_READ | Perm.WRITE_UNCHANGED
+        cow_shared = (_WRITE | _RESIZE) if shared & _WRITE else 0
+        return perm & _READ, cow_shared | _READ | _WRITE_UNCHANGED
     if kind == COPY_ON_READ:
-        return (perm & _PASSED) | Perm.WRITE_UNCHANGED, (shared & _PASSED) | Perm.WRITE_UNCHANGED
+        return (perm & _PASSED) | _WRITE_UNCHANGED, (shared & _PASSED) | _WRITE_UNCHANGED
     if kind == METADATA:
-        need = perm | Perm.CONSISTENT_READ
+        need = perm | _READ
         if writable:
-            need |= Perm.WRITE | Perm.RESIZE
-        return need, shared & ~(Perm.WRITE | Perm.RESIZE)
+            need |= _WRITE | _RESIZE
+        return need, shared & ~(_WRITE | _RESIZE)
     return perm, shared
 
 
@@ -79,12 +86,12 @@ def plan(
     of :func:`link_perms`).
     """
     uses: dict[BlockNode, list[Use]] = {}
-    done: dict[BlockNode, tuple[Perm, Perm]] = {}
+    done: dict[BlockNode, tuple[int, int]] = {}
 
-    def cumulative(node: BlockNode) -> tuple[Perm, Perm]:
+    def cumulative(node: BlockNode) -> tuple[int, int]:
         if node in done:
             return done[node]
-        mine = [Use(u.description, u.child_name, u.perm, u.shared) for u in node.users]
+        mine = [Use(u.description, u.child_name, int(u.perm), int(u.shared)) for u in node.users]
         for parent in dict.fromkeys(node.parents):
             p_perm, p_shared = cumulative(parent)
             for role, child in parent.children.items():
@@ -98,7 +105,7 @@ def plan(
                     )
                     mine.append(Use(f"node '{parent.name}'", role, perm, shared))
         if node.options.get("force-share"):
-            mine = [replace(use, shared=PERM_ALL) for use in mine]
+            mine = [replace(use, shared=_ALL) for use in mine]
         uses[node] = mine
         done[node] = totals(mine)
         return done[node]
@@ -108,9 +115,9 @@ def plan(
     return uses
 
 
-def totals(uses: Iterable[Use]) -> tuple[Perm, Perm]:
+def totals(uses: Iterable[Use]) -> tuple[int, int]:
     """The cumulative ``(perm, shared)`` of ``uses``."""
-    perm, shared = PERM_NONE, PERM_ALL
+    perm, shared = 0, _ALL
     for use in uses:
         perm |= use.perm
         shared &= use.shared
@@ -133,10 +140,10 @@ def check(planned: dict[BlockNode, list[Use]]) -> dict[BlockNode, tuple[Perm, Pe
                 if a is not b and b.perm & ~a.shared:
                     raise RequestError(
                         f"Permission conflict on node '{node.name}': permissions "
-                        f"'{perm_names(b.perm & ~a.shared)}' are both required by "
+                        f"'{perm_names(Perm(b.perm & ~a.shared))}' are both required by "
                         f"{b.description} (uses node '{node.name}' as '{b.child_name}' "
                         f"child) and unshared by {a.description} (uses node "
                         f"'{node.name}' as '{a.child_name}' child)."
                     )
-        result[node] = (perm, shared)
+        result[node] = (Perm(perm), Perm(shared))
     return result

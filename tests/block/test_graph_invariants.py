@@ -1,9 +1,12 @@
 """Random sequences of blockdev-add/blockdev-del keep the graph consistent (hypothesis).
 
 After every step: each node is held (by the monitor, a parent or a user), links are
-symmetric and point at open nodes, failed adds leave nothing behind, and the lock bytes
-on every image are exactly those its file nodes' permissions call for. At the end,
-closing everything leaves no lock byte held.
+symmetric and point at open nodes, failed adds leave nothing behind, every node's
+permissions are those a recomputation over the whole graph gives (changes recompute only
+the part of the graph they touch), and the lock bytes on every image are exactly those
+its file nodes' permissions call for. At the end, closing everything leaves no lock byte
+held. The second test mixes in what jobs do: users that come and go, and filters
+inserted above a node and removed again.
 """
 
 from __future__ import annotations
@@ -11,15 +14,17 @@ from __future__ import annotations
 import contextlib
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 import trio
 from blocktools import held_bytes, qemu_img
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from blockd.block import permissions
 from blockd.block.graph import Graph
-from blockd.block.locking import PERM_ALL, PERM_NONE
+from blockd.block.locking import PERM_ALL, PERM_NONE, Perm
+from blockd.block.node import BlockNode, NodeUser
 from blockd.errors import QMPError
 from blockd.events import EventBus
 
@@ -52,6 +57,18 @@ add = st.one_of(
     ),
 )
 step = st.one_of(st.tuples(st.just("add"), add), st.tuples(st.just("del"), st.sampled_from(NAMES)))
+perm = st.sampled_from(list(Perm)).map(Perm) | st.just(PERM_NONE) | st.just(PERM_ALL)
+job_step = st.one_of(
+    step,
+    st.tuples(st.just("user"), st.tuples(st.sampled_from(NAMES), perm, perm)),
+    st.tuples(st.just("unuser"), st.sampled_from(NAMES)),
+    # above a named node, or above its file or backing child (a filter with parents)
+    st.tuples(
+        st.just("filter"),
+        st.tuples(st.sampled_from(NAMES), st.sampled_from([None, "file", "backing"])),
+    ),
+    st.just(("unfilter", None)),
+)
 
 
 def check(graph: Graph, work: Path) -> None:
@@ -63,6 +80,9 @@ def check(graph: Graph, work: Path) -> None:
             assert node in child.parents
         for parent in node.parents:
             assert node in parent.children.values()
+    whole = permissions.check(permissions.plan(nodes, graph.link_kind))
+    for node in nodes:
+        assert (node.perm, node.shared) == whole[node], node.name
     expected: dict[str, set[int]] = {name: set() for name in FILES}
     for node in nodes:
         if node.drv == "file":
@@ -77,8 +97,11 @@ def check(graph: Graph, work: Path) -> None:
 
 async def run_steps(steps: list[tuple[str, Any]], work: Path) -> None:
     graph = Graph(EventBus())
+    users: list[tuple[BlockNode, NodeUser]] = []
+    filters: list[tuple[BlockNode, NodeUser]] = []
     try:
         for kind, argument in steps:
+            await job_step_on(graph, kind, argument, users, filters)
             if kind == "add":
                 options = dict(argument)
                 if isinstance(options.get("file"), dict):
@@ -93,15 +116,68 @@ async def run_steps(steps: list[tuple[str, Any]], work: Path) -> None:
                     await graph.open_node(options, top_level=True)
                 except QMPError:
                     assert set(graph.nodes) == before
-            else:
+            elif kind == "del":
                 with contextlib.suppress(QMPError):
                     await graph.delete(argument)
             check(graph, work)
             STATS["nodes"] += len(graph.nodes)
+        # the jobs end: each filter goes, then the remaining users, newest first
+        while filters or users:
+            if filters:
+                await job_step_on(graph, "unfilter", None, users, filters)
+            else:
+                node, user = users.pop()
+                await graph.remove_user(node, user)
+            check(graph, work)
     finally:
         await graph.close_all()
     assert all(held_bytes(work / name) == set() for name in FILES)
     assert all(node.perm == PERM_NONE for node in graph.nodes.values())
+
+
+async def job_step_on(
+    graph: Graph,
+    kind: str,
+    argument: Any,
+    users: list[tuple[BlockNode, NodeUser]],
+    filters: list[tuple[BlockNode, NodeUser]],
+) -> None:
+    """What jobs do to the graph: a user that comes or goes, a ``copy-on-read`` filter
+    inserted above a node and held (as a stream job holds its filter), or removed again
+    (refusals leave the graph as it was)."""
+    if kind == "user":
+        name, use, share = argument
+        node = graph.find(name)
+        if node is not None:
+            user = NodeUser("test user", "main node", use, share)
+            try:
+                graph.add_user(node, user)
+                users.append((node, user))
+            except QMPError:
+                assert user not in node.users
+    elif kind == "unuser":
+        for node, user in reversed(users):
+            if node.name == argument:
+                users.remove((node, user))
+                await graph.remove_user(node, user)
+                break
+    elif kind == "filter":
+        name, role = argument
+        node = graph.find(name)
+        if node is not None and role is not None:
+            node = node.children.get(role)
+        if node is not None:
+            with contextlib.suppress(QMPError):
+                options = {"driver": "copy-on-read", "file": node.name}
+                filt = await graph.insert_filter(options, node)
+                holder = NodeUser("test filter holder", "main node", PERM_NONE, PERM_ALL)
+                graph.add_user(filt, holder)
+                filters.append((filt, holder))
+    elif kind == "unfilter" and filters:
+        filt, holder = filters.pop()  # in a stream job's order: its hold, then the filter
+        await graph.remove_user(filt, holder)
+        with contextlib.suppress(QMPError):
+            await graph.remove_filter(filt)
 
 
 def make_images(work: Path) -> None:
@@ -117,5 +193,22 @@ def test_random_add_del_sequences(steps: list[tuple[str, Any]]) -> None:
         work = Path(tmp)
         make_images(work)
         trio.run(run_steps, steps, work)
+        for name in ("mid.qcow2", "top.qcow2"):
+            assert "No errors" in qemu_img("check", work / name).stdout
+
+
+#: every sequence of the second test starts with a whole chain open: node ``a`` is top's
+#: qcow2 node (its file node and its backing chain from the header below it)
+CHAIN: Final = ("add", {"driver": "qcow2", "node-name": "a", "file": {"driver": "file",
+                "filename": "top.qcow2"}})  # fmt: skip
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(steps=st.lists(job_step, min_size=1, max_size=16))
+def test_random_sequences_with_users_and_filters(steps: list[tuple[str, Any]]) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        make_images(work)
+        trio.run(run_steps, [CHAIN, *steps], work)
         for name in ("mid.qcow2", "top.qcow2"):
             assert "No errors" in qemu_img("check", work / name).stdout
