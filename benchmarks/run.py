@@ -490,22 +490,21 @@ def render(
                 "target": row.target,
             }
         )
-    if "full" in out and "copy" in out:
-        ceiling = median_of(out["copy"].get("host"), "readwrite_mibps")
-        fr = [median_of(out["full"].get(d.key), "virtual_mibps") for d in daemons]
-        if ceiling:
-            ca, cb = (f"{v / ceiling:.2f}" if v else "-" for v in fr)
-            label = "full stream / read+write ceiling"
-            at = max(i for i, ln in enumerate(lines) if ln.startswith("2 ")) + 1
-            lines.insert(at, f"{'2':3s} {label:44s} {ca:>10s} {cb:>10s}")
-    if "concurrent" in out and "durable" in out:
-        ceiling = median_of(out["durable"].get("host"), "virtual_mibps")
-        fr = [median_of(out["concurrent"].get(d.key), "aggregate_virtual_mibps") for d in daemons]
-        if ceiling:
-            ca, cb = (f"{v / ceiling:.2f}" if v else "-" for v in fr)
-            label = "concurrent streams / durable ceiling"
-            at = max(i for i, ln in enumerate(lines) if ln.startswith("5 ")) + 1
-            lines.insert(at, f"{'5':3s} {label:44s} {ca:>10s} {cb:>10s}")
+    for fig, label, (test, key), (host, ceiling_key) in (
+        ("2", "full stream / read+write ceiling", ("full", "virtual_mibps"),
+         ("copy", "readwrite_mibps")),
+        ("5", "concurrent streams / durable ceiling", ("concurrent", "aggregate_virtual_mibps"),
+         ("durable", "virtual_mibps")),
+    ):  # fmt: skip
+        ceiling = median_of(out.get(host, {}).get("host"), ceiling_key)
+        if test not in out or not ceiling:
+            continue
+        ca, cb = (
+            f"{v / ceiling:.2f}" if v else "-"
+            for v in (median_of(out[test].get(d.key), key) for d in daemons)
+        )
+        at = max(i for i, ln in enumerate(lines) if ln.startswith(fig + " ")) + 1
+        lines.insert(at, f"{fig:3s} {label:44s} {ca:>10s} {cb:>10s}")
     growth = [r for r in rows if r.fig == "7" and r.key == "seconds"]
     if len(growth) >= 2:
         first, last = growth[0], growth[-1]
