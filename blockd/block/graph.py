@@ -638,8 +638,10 @@ class Graph:
                 self._attach(parent, role, old)
             raise
         if old is not None:
+            before = self.linked([old])
             with trio.CancelScope(shield=True):
                 await self._unref(old)
+            self.refresh_permissions(before)  # what the old child held, if it closed
 
     def _move_parents(self, old: BlockNode, new: BlockNode, *, skip: BlockNode | None) -> None:
         moves = [
