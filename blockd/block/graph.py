@@ -301,7 +301,7 @@ class Graph:
                     f"Driver '{cls.format_name}' of node '{node.name}' does not support "
                     "backing files"
                 )
-            self.refresh_permissions()
+            self.refresh_permissions([node])
             node.driver = await cls.open(node, opts)
             header = node.driver.header_backing()
             node.auto_backing_file = header[0] if header is not None else ""
@@ -349,7 +349,7 @@ class Graph:
             node.implicit_backing = True
             node.auto_backing_file = child.filename
         self._attach(node, "backing", child)
-        self.refresh_permissions()
+        self.refresh_permissions([node])
 
     def header_backing_options(self, node: BlockNode, name: str, fmt: str | None) -> dict[str, Any]:
         """The blockdev options that open the backing file ``name`` recorded in the
@@ -470,9 +470,10 @@ class Graph:
         if node.in_use:
             raise RequestError(f"Block device {name} is in use")
         node.monitor_owned = False
+        before = self.linked([node])
         with trio.CancelScope(shield=True):
             await self._unref(node)
-        self.refresh_permissions()
+        self.refresh_permissions(before)
 
     async def close_all(self) -> None:
         """Flush and close every node, parents before their children."""
@@ -726,7 +727,7 @@ class Graph:
             if read_only:
                 for n in changed:
                     n.read_only = True
-                self.refresh_permissions()
+                self.refresh_permissions([node])
             for n in reversed(changed) if not read_only else changed:
                 hook = getattr(n.driver, "reopen", None)
                 if hook is not None:
@@ -734,7 +735,7 @@ class Graph:
                     reopened.append(n)
                 n.read_only = read_only
             if not read_only:
-                self.refresh_permissions()
+                self.refresh_permissions([node])
         except BaseException:
             for n in reversed(reopened):
                 hook = getattr(n.driver, "reopen", None)
@@ -743,7 +744,7 @@ class Graph:
                         await hook(old[n])
             for n, value in old.items():
                 n.read_only = value
-            self.refresh_permissions()
+            self.refresh_permissions([node])
             raise
         for n in changed:
             n.options["read-only"] = read_only
