@@ -78,6 +78,11 @@ class Qcow2Reads:
             raise ImageError("qcow2 node has no file child")
         return file
 
+    def _l2_table(self, l1i: int) -> int:
+        """The host offset of L1 entry ``l1i``'s L2 table; 0 when it has none (also past
+        the end of the L1 table)."""
+        return self.l1[l1i] & fmt.OFFSET_MASK if l1i < len(self.l1) else 0
+
     async def _slice(self, l2off: int, guest: int) -> tuple[int, array[int]]:
         """The L2 slice of the table at host ``l2off`` that maps guest offset ``guest``,
         and its host offset; entry ``(guest >> cluster_bits) & slice mask``."""
@@ -107,7 +112,7 @@ class Qcow2Reads:
         while pos < n:
             cur = offset + pos
             l1i = cur >> table_bits
-            l2off = self.l1[l1i] & fmt.OFFSET_MASK if l1i < len(self.l1) else 0
+            l2off = self._l2_table(l1i)
             if not l2off:
                 span_end = min(((l1i + 1) << table_bits) - offset, n)
                 await self._read_backing(cur, buf[pos:span_end])
@@ -243,7 +248,7 @@ class Qcow2Reads:
         pos = offset
         while pos < end:
             l1i = pos >> table_bits
-            l2off = self.l1[l1i] & fmt.OFFSET_MASK if l1i < len(self.l1) else 0
+            l2off = self._l2_table(l1i)
             if not l2off:
                 if first is None:
                     first, kind = 0, _UNALLOCATED
