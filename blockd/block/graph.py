@@ -8,7 +8,8 @@ Theory of operation
 first (``file``/``image``: an inline options object, or the name of an existing node),
 then the node gets its name, its permissions are taken, the driver opens, and last the
 ``backing`` child of a format that has one (§6.2: from the image header when ``backing``
-is left out, none for ``null``, an existing node for a name). A failure anywhere closes
+is left out, through :mod:`blockd.block.backing_names`; none for ``null``; an existing
+node for a name). A failure anywhere closes
 every node the call opened and leaves the graph as it was.
 
 **Names** (§6.1). A top-level node must have a ``node-name``; nested nodes without one
@@ -23,11 +24,13 @@ they say otherwise.
 node is flushed and closed, then its children lose a reference in turn. ``blockdev-del``
 removes the monitor's reference (§6.5).
 
-**Permissions.** After every change the graph recomputes all nodes' permissions with
-:mod:`blockd.block.permissions` (QEMU's rules, §4.4-4.6), checks them as a whole before
-anything is applied, and then mirrors each ``file`` node's cumulative permissions into
-QEMU-compatible lock bytes (:mod:`blockd.block.locking`): other QEMU processes see them,
-and what another process holds is refused (``Failed to get "write" lock``).
+**Permissions.** After every change the graph recomputes the permissions of the nodes
+linked to it (:meth:`Graph.linked`, the part of the graph the change touches; no other
+node's can change) with :mod:`blockd.block.permissions` (QEMU's rules, §4.4-4.6), checks
+them as a whole before anything is applied, and then mirrors each ``file`` node's
+cumulative permissions into QEMU-compatible lock bytes (:mod:`blockd.block.locking`):
+other QEMU processes see them, and what another process holds is refused (``Failed to get
+"write" lock``).
 
 API for jobs
 ============
@@ -54,8 +57,6 @@ calls it (``file`` reopens its descriptor, keeping its lock bytes).
 from __future__ import annotations
 
 import contextlib
-import json
-import os
 import random
 import re
 from collections.abc import Iterable, Iterator, Mapping
@@ -65,6 +66,7 @@ from typing import Any, Final
 import trio
 
 from blockd.block import permissions
+from blockd.block.backing_names import check_header_name_passes, header_backing_options
 from blockd.block.driver import Driver
 from blockd.block.drivers import DRIVERS
 from blockd.block.locking import PERM_ALL, LockError, Perm
@@ -74,8 +76,6 @@ from blockd.events import EventBus
 
 NODE_NAME_MAX: Final = 31
 _WELLFORMED: Final = re.compile(r"[A-Za-z][A-Za-z0-9._-]*\Z")
-_PROTOCOL_PREFIX: Final = re.compile(r"[A-Za-z0-9_+.-]+:")
-QCOW2_MAGIC: Final = b"QFI\xfb"
 
 
 @dataclass(frozen=True)
@@ -87,73 +87,6 @@ class _Inherit:
     cache: Mapping[str, bool] | None = None
     discard: str | None = None
     force_share: bool = False
-
-
-def resolve_backing_path(image_filename: str, backing: str) -> str:
-    """The backing file name ``backing`` as seen from the image ``image_filename``:
-    relative names are relative to the image's directory (QEMU's ``path_combine``)."""
-    if os.path.isabs(backing) or _PROTOCOL_PREFIX.match(backing) or not image_filename:
-        return backing
-    return os.path.join(os.path.dirname(image_filename), backing)
-
-
-def image_path(node: BlockNode) -> str:
-    """The path of the file under ``node`` (its protocol node's): relative backing names
-    are resolved against its directory even when ``node`` has a ``json:`` filename."""
-    below = node
-    while not below.is_protocol and below.file is not None:
-        below = below.file
-    return below.driver.filename
-
-
-def _unflatten(flat: Mapping[str, Any]) -> dict[str, Any]:
-    tree: dict[str, Any] = {}
-    for key, value in flat.items():
-        parts = key.split(".")
-        where = tree
-        for part in parts[:-1]:
-            where = where.setdefault(part, {})
-        where[parts[-1]] = _unflatten(value) if isinstance(value, dict) else value
-    return tree
-
-
-def _probe_format(path: str) -> str:
-    try:
-        with open(path, "rb") as image:
-            magic = image.read(4)
-    except OSError:
-        return "raw"  # the open proper reports the error
-    return "qcow2" if magic == QCOW2_MAGIC else "raw"
-
-
-def _check_header_name_passes(options: Mapping[str, Any]) -> None:
-    """QEMU opens an inline backing node whose options lack ``file.filename`` with the
-    header's backing file name as its filename (block.c, ``bdrv_open_backing_file``).
-    The name travels down the data children (``file``, blkdebug's ``image``) until a
-    node takes it: one that also has an explicit ``filename`` or is a reference to an
-    existing node refuses it. Raise the error QEMU raises there, if any.
-
-    Raises:
-        RequestError: ``Can't specify 'file' and 'filename' options at the same time``
-            or ``Cannot reference an existing block device with additional options or
-            a new filename``.
-    """
-    first = options.get("file")
-    if isinstance(first, Mapping) and "filename" in first:
-        return  # file.filename given: the header name is not used
-    node: Mapping[str, Any] = options
-    while True:
-        child = node.get("image" if node.get("driver") == "blkdebug" else "file")
-        if isinstance(child, str):
-            raise RequestError(
-                "Cannot reference an existing block device with additional options "
-                "or a new filename"
-            )
-        if not isinstance(child, Mapping):
-            return
-        if "filename" in child:
-            raise RequestError("Can't specify 'file' and 'filename' options at the same time")
-        node = child
 
 
 class Graph:
@@ -331,11 +264,13 @@ class Graph:
         try:  # QEMU prefixes the errors of finding or opening the backing node
             if "backing" in options:
                 if isinstance(ref, Mapping) and header is not None and header[0]:
-                    _check_header_name_passes(ref)
+                    check_header_name_passes(ref)
                 child = await self._open_ref(ref, backing_inherit)
             else:
                 assert header is not None
-                backing_options = self.header_backing_options(node, *header)
+                backing_options = header_backing_options(
+                    node, *header, allow_json=self.allow_header_json
+                )
                 child = await self._open(backing_options, backing_inherit)
         except QMPError as exc:
             raise type(exc)(f"Could not open backing file: {exc.desc}") from exc
@@ -350,50 +285,6 @@ class Graph:
             node.auto_backing_file = child.filename
         self._attach(node, "backing", child)
         self.refresh_permissions([node])
-
-    def header_backing_options(self, node: BlockNode, name: str, fmt: str | None) -> dict[str, Any]:
-        """The blockdev options that open the backing file ``name`` recorded in the
-        header of ``node`` with format ``fmt`` (probed as qcow2 or raw when ``None``).
-
-        A header name is data from the image: a ``json:`` pseudo-filename or a protocol
-        prefix (``nbd:``, ``blkdebug:``, ``file:`` ...) could make the daemon open any
-        host file or service, so it is refused unless :attr:`allow_header_json` is set.
-        Plain relative and absolute paths are followed as QEMU follows them.
-
-        Raises:
-            RequestError: such a name without the opt-in, or a malformed ``json:`` name.
-        """
-        if not self.allow_header_json and _PROTOCOL_PREFIX.match(name):
-            shown = name if len(name) <= 80 else name[:77] + "..."
-            raise RequestError(
-                f"The backing file name '{shown}' in the header of '{image_path(node)}' "
-                "is a json: or protocol name, which blockd follows only when started "
-                "with --allow-header-json (or give 'backing' explicitly)"
-            )
-        if name.startswith("json:"):
-            try:
-                parsed = json.loads(name[5:])
-            except ValueError as exc:
-                raise RequestError(f"Could not parse the JSON options: {exc}") from exc
-            if not isinstance(parsed, dict):
-                raise RequestError("Invalid JSON object given")
-            opts = _unflatten(parsed)
-            if fmt and "driver" not in opts:
-                opts["driver"] = fmt
-            return opts
-        from blockd.block.drivers.blkdebug import legacy_options
-
-        legacy = legacy_options(name, os.path.dirname(image_path(node)))
-        if legacy is not None:  # blkdebug:<config>:<image>, under the recorded format
-            image = legacy["image"]["filename"]
-            return {"driver": fmt or _probe_format(image), "file": legacy}
-        path = resolve_backing_path(image_path(node), name)
-        if fmt is None:
-            fmt = _probe_format(path)
-        cls = DRIVERS.get(fmt)
-        if cls is not None and cls.protocol_name is not None:
-            return {"driver": fmt, "filename": path}
-        return {"driver": fmt, "file": {"driver": "file", "filename": path}}
 
     # -- links and references --------------------------------------------------------
 
