@@ -33,6 +33,7 @@ from benchmarks.chains import Chain, MiB
 from benchmarks.daemons import MONITORS, Daemon, DaemonSpec
 from benchmarks.noise import settle
 from benchmarks.qmp_client import RECEIVED, QMPClient, QMPError, QMPProtocolError
+from blockd.block.hostio import writeback_call
 
 Record = dict[str, Any]
 _counter = itertools.count()
@@ -466,12 +467,18 @@ def concurrent_run(
         shutil.rmtree(rundir, ignore_errors=True)
 
 
-def durable_copy_run(work: Path, chains: Sequence[Chain], *, block: int = 4 * MiB) -> Record:
+def durable_copy_run(
+    work: Path, chains: Sequence[Chain], *, block: int = 4 * MiB, behind: int = 8 * MiB
+) -> Record:
     """The host's ceiling for figure 5: each chain's ``copy_full`` bytes (from its base)
     copied into a new file with ``os.copy_file_range``, all files at once (a thread
-    each), each ``fdatasync``ed when done; timed until every copy is on disk. A stream
-    that makes its copy durable before it completes (as blockd's does) cannot beat it."""
+    each), with the copy's writeback started every ``behind`` bytes
+    (``sync_file_range(WRITE)``, which overlaps the disk's work with the copying: about
+    a fifth faster here than one ``fdatasync`` at the end) and each file
+    ``fdatasync``ed when done; timed until every copy is on disk. A stream that makes its
+    copy durable before it completes (as blockd's does) does the same work at least."""
     rundir = _rundir(work, "durable")
+    start_writeback = writeback_call()
     try:
         total = sum(ch.copy_full for ch in chains)
         settle(total)
@@ -480,12 +487,15 @@ def durable_copy_run(work: Path, chains: Sequence[Chain], *, block: int = 4 * Mi
             src = os.open(ch.base, os.O_RDONLY)
             dst = os.open(rundir / f"copy{i}.bin", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
             try:
-                pos = 0
+                pos = started = 0
                 while pos < ch.copy_full:
                     got = os.copy_file_range(src, dst, min(block, ch.copy_full - pos), pos, pos)
                     if got <= 0:
                         raise RunFailed(f"copy_file_range: short copy at {pos}")
                     pos += got
+                    if pos - started >= behind:
+                        start_writeback(dst)
+                        started = pos
                 os.fdatasync(dst)
             finally:
                 os.close(src)

@@ -505,6 +505,13 @@ def render(
         )
         at = max(i for i, ln in enumerate(lines) if ln.startswith(fig + " ")) + 1
         lines.insert(at, f"{fig:3s} {label:44s} {ca:>10s} {cb:>10s}")
+        ref_value = median_of(out[test].get(ref), key)
+        if fig == "5" and ref_value:
+            # blockd's data is on disk at BLOCK_JOB_COMPLETED: no run of it can beat the
+            # ceiling, so no ratio of this run can exceed ceiling / reference.
+            bound = f"{ceiling / ref_value:.2f}x"
+            label = "  highest ratio a durable stream can reach"
+            lines.insert(at + 1, f"{fig:3s} {label:44s} {'':>10s} {'':>10s} {bound:>10s}")
     growth = [r for r in rows if r.fig == "7" and r.key == "seconds"]
     if len(growth) >= 2:
         first, last = growth[0], growth[-1]
@@ -541,13 +548,18 @@ def summary(plan: Plan, out: dict[str, dict[str, Outcome]], daemons: Sequence[Da
         a, b = med(test, key, ref), med(test, key, bd)
         return f"{b / a:.2f}x" if a and b is not None else "n/a"
 
+    def durable_bound() -> str:
+        ceiling = median_of(out.get("durable", {}).get("host"), "virtual_mibps")
+        a = med("concurrent", "aggregate_virtual_mibps", ref)
+        return f" (durable bound {ceiling / a:.2f}x)" if ceiling and a else ""
+
     rate = med("rate", "ratio", bd)
     rss = med("concurrent", "peak_rss_mib", bd)
     parts = [
         f"stream {ratio('full', 'virtual_mibps')}",
         f"rate {rate:.3f}" if rate is not None else "rate n/a",
         f"qmp {ratio('qmp', 'seq_median_us')}",
-        f"16x {ratio('concurrent', 'aggregate_virtual_mibps')}",
+        f"16x {ratio('concurrent', 'aggregate_virtual_mibps')}{durable_bound()}",
         f"rss {rss:.0f} MiB" if rss is not None else "rss n/a",
     ]
     line = "summary: " + ", ".join(parts)

@@ -153,6 +153,32 @@ def test_unavailable_blockd_gets_no_numbers(tmp_path: Path) -> None:
     assert "unavailable: lacks block-stream" in line and "stream 1000 MiB/s" in line
 
 
+def test_concurrent_rows_show_the_durable_ceiling_and_the_bound(tmp_path: Path) -> None:
+    plan = run.make_plan(run.parse_args(["--quick"]))
+    specs = [DaemonSpec("reference", "ref", ("x",)), DaemonSpec("blockd", "blockd", ("y",))]
+
+    def conc(mibps: float) -> dict[str, float]:
+        return {"aggregate_virtual_mibps": mibps, "seconds": 1024 / mibps}
+
+    out = {
+        "concurrent": {
+            "reference": run.Outcome(runs=[conc(1000.0), conc(1200.0)]),
+            "blockd": run.Outcome(runs=[conc(1400.0), conc(1500.0)]),
+        },
+        "durable": {"host": run.Outcome(runs=[{"virtual_mibps": 1650.0}])},
+    }
+    tests = [run.Test("concurrent", 5, run.STREAM_CMDS), run.Test("durable", 5)]
+    lines, _ = run.render(plan, run.rows_for(plan, tests), out, specs)
+    fig5 = [ln.split() for ln in lines if ln.startswith("5 ")]
+    ceiling = next(f for f in fig5 if "(ceiling):" in f)
+    assert ceiling[-2:] == ["1650", "(host)"]
+    share = next(f for f in fig5 if f[1:4] == ["concurrent", "streams", "/"])
+    assert share[-2:] == ["0.67", "0.88"]  # medians 1100 and 1450 against 1650
+    bound = next(f for f in fig5 if "durable" in f and "reach" in f)
+    assert bound[-1] == "1.50x"  # 1650 / 1100: what a stream durable at completion can reach
+    assert "16x 1.32x (durable bound 1.50x)," in run.summary(plan, out, specs)
+
+
 def limiter_staircase(window: float, phase: float, burst: float) -> list[tuple[float, float]]:
     """Offsets of an ideal 64 MiB/s limiter with 100 ms slices (a quota copied in ``burst``
     seconds at each slice start), polled every 20 ms from 0.1 s + ``phase``."""
