@@ -12,7 +12,7 @@ import pytest
 from blocktools import file_ref, qemu_img
 from test_graph_qsd_compare import QSD, compare
 
-pytestmark = pytest.mark.skipif(QSD is None, reason="no qemu-storage-daemon binary")
+pytestmark = pytest.mark.skipif(QSD is None, reason="QEMU 10.0 qemu-storage-daemon missing")
 
 
 async def test_rule_lists_flattened_as_qsd(sock_dir: Path, tmp_path: Path) -> None:

@@ -16,13 +16,13 @@ from typing import Any
 import pytest
 import trio
 from blocktools import Reply, file_ref, qemu_img, run_qmp, write_pattern
-from reference import QSD
+from reference import QSD_10 as QSD
 
 from blockd.commands.registry import load_all
 from blockd.daemon import Daemon
 from blockd.errors import QMPError
 
-pytestmark = pytest.mark.skipif(QSD is None, reason="no qemu-storage-daemon binary")
+pytestmark = pytest.mark.skipif(QSD is None, reason="QEMU 10.0 qemu-storage-daemon missing")
 COMMANDS = load_all()
 
 

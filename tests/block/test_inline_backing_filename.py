@@ -13,7 +13,7 @@ import pytest
 from blocktools import file_ref, qemu_img
 from test_graph_qsd_compare import QSD, compare
 
-pytestmark = pytest.mark.skipif(QSD is None, reason="no qemu-storage-daemon binary")
+pytestmark = pytest.mark.skipif(QSD is None, reason="QEMU 10.0 qemu-storage-daemon missing")
 
 
 def case(tmp_path: Path, name: str) -> list[tuple[str, dict[str, Any]]]:

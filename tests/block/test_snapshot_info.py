@@ -15,7 +15,7 @@ from test_graph_qsd_compare import QSD, compare, run_blockd
 from blockd.block.qcow2_snapshots import ShortTable, parse_table
 from blockd.errors import ImageError
 
-needs_qsd = pytest.mark.skipif(QSD is None, reason="no qemu-storage-daemon binary")
+needs_qsd = pytest.mark.skipif(QSD is None, reason="QEMU 10.0 qemu-storage-daemon missing")
 
 
 def snapshotted(tmp_path: Path, name: str, *options: str) -> Path:

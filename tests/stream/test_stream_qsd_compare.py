@@ -22,10 +22,10 @@ from typing import Any
 
 import pytest
 from qemu.qmp.legacy import QEMUMonitorProtocol
-from reference import QSD
+from reference import QSD_10 as QSD
 from streamtools import tool
 
-pytestmark = pytest.mark.skipif(QSD is None, reason="no qemu-storage-daemon binary")
+pytestmark = pytest.mark.skipif(QSD is None, reason="QEMU 10.0 qemu-storage-daemon missing")
 BLOCKD = [sys.executable, "-m", "blockd"]
 TIMEOUT = 30
 
