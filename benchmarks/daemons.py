@@ -25,7 +25,10 @@ from pathlib import Path
 from benchmarks.qmp_client import QMPClient, connect_retry
 
 MONITORS = 10
-QSD10 = Path("/work/qsd10/root/usr/bin/qemu-storage-daemon")
+#: QEMU 10.0 unpacked by .ci/fetch-qemu10 (the tests read the same variable)
+QSD10 = (
+    Path(os.environ.get("BLOCKD_QEMU10_ROOT", "/work/qsd10/root")) / "usr/bin/qemu-storage-daemon"
+)
 QSD_SYSTEM = Path("/usr/bin/qemu-storage-daemon")
 _CLK_TCK = os.sysconf("SC_CLK_TCK")
 

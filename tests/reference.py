@@ -1,7 +1,7 @@
 """Where the reference QEMU binaries are, for the tests that compare blockd with them.
 
 QEMU 10.0's ``qemu-storage-daemon`` and ``qemu-io`` are unpacked (not installed) by the
-project's ``get-qsd10.sh`` under ``$BLOCKD_QEMU10_ROOT`` (default ``/work/qsd10/root``);
+project's ``.ci/fetch-qemu10`` under ``$BLOCKD_QEMU10_ROOT`` (default ``/work/qsd10/root``);
 Debian's packaged ``qemu-storage-daemon`` (7.2, ``qemu-system-common``) is the fallback
 where a test accepts any release. A test that compares blockd with QEMU's exact replies,
 events or image headers needs 10.0 (7.2 lacks ``backing-mask-protocol``, the ``active``
