@@ -17,7 +17,7 @@ REPO = Path(__file__).resolve().parents[2]
 if str(REPO) not in sys.path:  # benchmarks/ is not an installed package
     sys.path.insert(0, str(REPO))
 
-from benchmarks import figures, run  # noqa: E402
+from benchmarks import figures, report, run  # noqa: E402
 from benchmarks.chains import MiB, build_chain, clone_chain  # noqa: E402
 from benchmarks.daemons import Daemon, DaemonSpec, default_reference, reference_spec  # noqa: E402
 from benchmarks.qmp_client import QMPError  # noqa: E402
@@ -144,11 +144,11 @@ def test_unavailable_blockd_gets_no_numbers(tmp_path: Path) -> None:
         }
     }
     tests = [run.Test("full", 1, run.STREAM_CMDS)]
-    lines, table = run.render(plan, run.rows_for(plan, tests), out, specs)
+    lines, table = report.render(plan, report.rows_for(plan, tests), out, specs)
     assert table[0]["reference"] == 1000.0 and table[0]["blockd"] is None
     assert table[0]["ratio"] is None
     assert any("lacks block-stream" in ln for ln in lines)
-    line = run.summary(plan, out, specs)
+    line = report.summary(plan, out, specs)
     assert line.startswith("summary: stream n/a,")
     assert "unavailable: lacks block-stream" in line and "stream 1000 MiB/s" in line
 
@@ -168,7 +168,7 @@ def test_concurrent_rows_show_the_durable_ceiling_and_the_bound(tmp_path: Path) 
         "durable": {"host": run.Outcome(runs=[{"virtual_mibps": 1650.0}])},
     }
     tests = [run.Test("concurrent", 5, run.STREAM_CMDS), run.Test("durable", 5)]
-    lines, _ = run.render(plan, run.rows_for(plan, tests), out, specs)
+    lines, _ = report.render(plan, report.rows_for(plan, tests), out, specs)
     fig5 = [ln.split() for ln in lines if ln.startswith("5 ")]
     ceiling = next(f for f in fig5 if "(ceiling):" in f)
     assert ceiling[-2:] == ["1650", "(host)"]
@@ -176,7 +176,7 @@ def test_concurrent_rows_show_the_durable_ceiling_and_the_bound(tmp_path: Path) 
     assert share[-2:] == ["0.67", "0.88"]  # medians 1100 and 1450 against 1650
     bound = next(f for f in fig5 if "durable" in f and "reach" in f)
     assert bound[-1] == "1.50x"  # 1650 / 1100: what a stream durable at completion can reach
-    assert "16x 1.32x (durable bound 1.50x)," in run.summary(plan, out, specs)
+    assert "16x 1.32x (durable bound 1.50x)," in report.summary(plan, out, specs)
 
 
 def limiter_staircase(window: float, phase: float, burst: float) -> list[tuple[float, float]]:
