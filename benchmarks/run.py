@@ -11,7 +11,8 @@ so slow drifts of the machine hit both alike; each figure is the median over the
 repetitions. A daemon that lacks a command a test needs (blockd before block-stream
 landed) is reported as unavailable for that test; a run that fails is reported as failed
 and the test is not retried on that daemon. Nothing is ever estimated or filled in.
-Progress goes to stderr; the table to stdout, and its last line is the summary.
+Progress goes to stderr; the table (benchmarks/report.py) to stdout, and its last line is
+the summary.
 """
 
 from __future__ import annotations
