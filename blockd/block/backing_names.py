@@ -101,7 +101,8 @@ def header_backing_options(
     A header name is data from the image: a ``json:`` pseudo-filename or a protocol
     prefix (``nbd:``, ``blkdebug:``, ``file:`` ...) could make the daemon open any
     host file or service, so it is refused unless ``allow_json`` is set (the daemon's
-    ``--allow-header-json``). Plain relative and absolute paths are followed as QEMU follows them.
+    ``--allow-header-json``). Plain relative and absolute paths are followed as QEMU
+    follows them.
 
     Raises:
         RequestError: such a name without the opt-in, or a malformed ``json:`` name.
