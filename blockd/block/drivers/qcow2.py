@@ -161,6 +161,7 @@ class Qcow2Driver(Qcow2Reads, Driver):
         # QEMU's l2-cache-size / refcount-cache-size options (bytes), at least 2 entries
         slice_bytes = self._l2_slice_bytes(options, cs)
         self._slice_bits = (slice_bytes >> 3).bit_length() - 1
+        self._slice_mask = (1 << self._slice_bits) - 1
         l2_limit = int(options.get("l2-cache-size") or L2_CACHE_BYTES) // slice_bytes
         refcount_cache = options.get("refcount-cache-size")
         refcount_bytes = int(refcount_cache) if refcount_cache else None
@@ -319,7 +320,7 @@ class Qcow2Driver(Qcow2Reads, Driver):
         h = self.header
         cb = h.cluster_bits
         cs = h.cluster_size
-        mask = (1 << self._slice_bits) - 1
+        mask = self._slice_mask
         l2off = await self._table_for_write(offset >> (cb + h.l2_bits))
         at, table = await self._slice(l2off, offset)
         end = offset + len(data)
@@ -403,7 +404,7 @@ class Qcow2Driver(Qcow2Reads, Driver):
         offset ``at``) at the new host clusters from ``host`` on, once their data is
         written; the old ones go."""
         cb = self.header.cluster_bits
-        mask = (1 << self._slice_bits) - 1
+        mask = self._slice_mask
         for k in range(count):
             i = (c0 + k) & mask
             old = table[i]
@@ -484,7 +485,7 @@ class Qcow2Driver(Qcow2Reads, Driver):
         """:meth:`_link_clusters` for the entries of ``[c0, c0 + count)`` that are still
         unallocated; the copies meant for the others are freed."""
         cb = self.header.cluster_bits
-        mask = (1 << self._slice_bits) - 1
+        mask = self._slice_mask
         start = 0
         for k in range(count + 1):
             if k < count and _KIND(table[(c0 + k) & mask]) is _UNALLOCATED:
@@ -502,7 +503,7 @@ class Qcow2Driver(Qcow2Reads, Driver):
         part of ``data`` that falls there, completed from the old contents."""
         h = self.header
         cb = h.cluster_bits
-        mask = (1 << self._slice_bits) - 1
+        mask = self._slice_mask
         count = c1 - c0
         g0, g1 = c0 << cb, c1 << cb
         d0, d1 = max(offset, g0), min(offset + len(data), g1)

@@ -64,8 +64,9 @@ class Qcow2Reads:
     header: Header
     l1: array[int]
     _l2: L2Cache
-    #: log2 of the entries in one L2 cache slice
+    #: log2 of the entries in one L2 cache slice, and the mask of an entry's index in it
     _slice_bits: int
+    _slice_mask: int
     _lock: RequestLock
     _geometry: fmt.CompressedGeometry
     _zstd: Any
@@ -85,7 +86,7 @@ class Qcow2Reads:
 
     async def _slice(self, l2off: int, guest: int) -> tuple[int, array[int]]:
         """The L2 slice of the table at host ``l2off`` that maps guest offset ``guest``,
-        and its host offset; entry ``(guest >> cluster_bits) & slice mask``."""
+        and its host offset; entry ``(guest >> cluster_bits) & _slice_mask``."""
         h = self.header
         if l2off & (h.cluster_size - 1):
             raise ImageError(f"L2 table offset {l2off:#x} unaligned")
@@ -106,7 +107,7 @@ class Qcow2Reads:
         cs = h.cluster_size
         table_bits = cb + h.l2_bits
         span_bits = cb + self._slice_bits
-        mask = (1 << self._slice_bits) - 1
+        mask = self._slice_mask
         n = len(buf)
         pos = 0
         while pos < n:
@@ -241,7 +242,7 @@ class Qcow2Reads:
         cs = h.cluster_size
         table_bits = cb + h.l2_bits
         span_bits = cb + self._slice_bits
-        mask = (1 << self._slice_bits) - 1
+        mask = self._slice_mask
         first: int | None = None
         kind = _UNALLOCATED
         nxt = 0
