@@ -9,15 +9,14 @@ from __future__ import annotations
 import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from benchmarks.chains import GiB, MiB
 from benchmarks.daemons import DaemonSpec
 
 if TYPE_CHECKING:
+    from benchmarks.figures import Record
     from benchmarks.run import Outcome, Plan, Test
-
-Record = dict[str, Any]
 
 
 @dataclass(frozen=True)

@@ -29,7 +29,6 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from types import FrameType
-from typing import Any
 
 if __package__ in (None, ""):  # run as a script: python benchmarks/run.py
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -43,11 +42,11 @@ from benchmarks.daemons import (
     default_reference,
     reference_spec,
 )
+from benchmarks.figures import Record
 from benchmarks.noise import free_bytes, mem_available
 from benchmarks.report import render, rows_for, summary
 
 REPO = Path(__file__).resolve().parent.parent
-Record = dict[str, Any]
 
 STREAM_CMDS = frozenset({"blockdev-add", "blockdev-del", "block-stream"})
 RATE_CMDS = STREAM_CMDS | {"query-block-jobs"}
