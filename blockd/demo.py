@@ -126,7 +126,8 @@ async def make_chain(demo: Demo) -> str:
 
 async def start_daemon(demo: Demo) -> str:
     """Run ``blockd --blockdev ... --socket S --pidfile P``; ready once the pidfile exists."""
-    argv = [sys.executable, "-m", "blockd"]
+    # -P: this installation's blockd, never a blockd/ folder in the working directory
+    argv = [sys.executable, "-P", "-m", "blockd"]
     for blockdev in demo.blockdevs:
         argv += ["--blockdev", blockdev]
     argv += ["--socket", str(demo.sock), "--pidfile", str(demo.pidfile)]

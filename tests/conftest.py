@@ -20,11 +20,18 @@ deterministic and fast:
 7. **Pure modules stay pure**: the protocol core and the other pure modules are tested
    without trio, from tables; trio tests use trio mode (``async def test_...``).
 8. **Warnings are errors** (``pyproject.toml``): fix the cause, do not filter it.
+9. **The package under test is the installed one.** Run the suite with the ``pytest``
+   command (not ``python -m pytest``, which puts the working directory first on
+   ``sys.path``); every Python this suite starts runs in safe-path mode
+   (``PYTHONSAFEPATH``, set below), so ``python -m blockd`` started from the checkout
+   still runs the installed package. CI installs the wheel and ``tests/test_installed.py``
+   fails if ``blockd`` comes from anywhere else.
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
 import shutil
 import tempfile
 import warnings
@@ -33,6 +40,8 @@ from pathlib import Path
 
 import pytest
 from hypothesis import settings
+
+os.environ["PYTHONSAFEPATH"] = "1"  # rule 9
 
 settings.register_profile("ci", derandomize=True, deadline=None)
 settings.load_profile("ci")

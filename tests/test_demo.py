@@ -11,6 +11,7 @@ from pathlib import Path
 def test_demo_streams_the_chain(tmp_path: Path) -> None:
     result = subprocess.run(
         [sys.executable, "-m", "blockd", "demo", "--dir", str(tmp_path), "--keep"],
+        cwd=tmp_path,  # from any directory, not only the checkout
         capture_output=True,
         text=True,
         timeout=120,

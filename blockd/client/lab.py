@@ -62,7 +62,7 @@ def daemon_argv(program: str | None, socket_path: Path) -> list[str]:
     ``"qemu-storage-daemon"``, or a path to a qemu-storage-daemon binary.
     """
     if program in (None, "blockd"):
-        head = [sys.executable, "-m", "blockd"]
+        head = [sys.executable, "-P", "-m", "blockd"]  # -P: never a ./blockd folder
     else:
         found = shutil.which(program)
         if found is None:

@@ -30,7 +30,8 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from pathlib import Path
+from importlib.resources import files
+from importlib.resources.abc import Traversable
 from typing import Any, Final
 
 import jsonschema  # type: ignore[import-untyped]
@@ -42,7 +43,7 @@ from jsonschema.exceptions import ValidationError  # type: ignore[import-untyped
 from blockd.errors import BlockdError, RequestError
 from blockd.qmp.qdict import first_leftover
 
-__all__ = ["BASE_URI", "Schema", "SchemaError"]
+__all__ = ["BASE_URI", "Schema", "SchemaError", "shipped"]
 
 #: The error for arguments nested too deeply for the validator (blockd's own text: QEMU
 #: has no such limit below the parser's nesting limit of 1024).
@@ -103,6 +104,15 @@ _INT_TYPES: Final = frozenset({*_INT_RANGES, "int64", "uint64", "size"})
 
 class SchemaError(BlockdError):
     """A schema file is missing, malformed or breaks the ``schema/README.md`` rules."""
+
+
+def shipped() -> Traversable:
+    """The schema directory installed with the package (``blockd._schema``).
+
+    It is ``schema/`` at the top of the repository, which the build maps into the package
+    (``pyproject.toml``); an editable install resolves it to that folder.
+    """
+    return files("blockd._schema")
 
 
 def _is_integer(checker: Any, instance: object) -> bool:
@@ -265,11 +275,13 @@ class Schema:
         return copy
 
     @classmethod
-    def load(cls, directory: Path | None = None, *, check_metaschema: bool = True) -> Schema:
+    def load(cls, directory: Traversable | None = None, *, check_metaschema: bool = True) -> Schema:
         """Read ``commands/``, ``events/`` and ``types/`` under ``directory``.
 
         Args:
-            directory: the schema directory; default: ``schema/`` at the repository top.
+            directory: the schema directory (a :class:`~pathlib.Path` or any
+                :class:`~importlib.resources.abc.Traversable`); default: the one the
+                package ships (:func:`shipped`).
             check_metaschema: also check every file against the draft 2020-12
                 metaschema (most of the load time). The daemon skips it for the schema
                 it ships, which the test suite checks; the README's rules and every
@@ -280,22 +292,23 @@ class Schema:
                 ``$ref`` that does not resolve, or breaks the README's rules.
         """
         if directory is None:
-            import blockd
-
-            directory = Path(blockd.__file__).resolve().parent.parent / "schema"
+            directory = shipped()
         if not directory.is_dir():
             raise SchemaError(f"schema directory {directory} not found")
         files: dict[str, dict[str, Node]] = {}
         for kind in _KINDS:
             files[kind] = {}
-            for path in sorted((directory / kind).glob("*.json")):
+            entries = sorted((e for e in (directory / kind).iterdir()), key=lambda e: e.name)
+            for entry in entries:
+                if not entry.name.endswith(".json"):
+                    continue
                 try:
-                    contents = json.loads(path.read_text(encoding="utf-8"))
+                    contents = json.loads(entry.read_text(encoding="utf-8"))
                 except (OSError, ValueError) as exc:
-                    raise SchemaError(f"{kind}/{path.name}: {exc}") from exc
+                    raise SchemaError(f"{kind}/{entry.name}: {exc}") from exc
                 if not isinstance(contents, dict):
-                    raise SchemaError(f"{kind}/{path.name}: not a JSON object")
-                files[kind][path.stem] = contents
+                    raise SchemaError(f"{kind}/{entry.name}: not a JSON object")
+                files[kind][entry.name.removesuffix(".json")] = contents
         return cls(files, check_metaschema=check_metaschema)
 
     # --- checks at load time ---------------------------------------------------------------

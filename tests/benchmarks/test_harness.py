@@ -7,15 +7,13 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
+from repo import load_package
 
-REPO = Path(__file__).resolve().parents[2]
-if str(REPO) not in sys.path:  # benchmarks/ is not an installed package
-    sys.path.insert(0, str(REPO))
+load_package("benchmarks")  # not an installed package
 
 from benchmarks import figures, report, run  # noqa: E402
 from benchmarks.chains import MiB, build_chain, clone_chain  # noqa: E402

@@ -2,7 +2,7 @@
 
 The machinery shared with the long runs lives in the ``stress`` package at the repository
 root (``stress/fuzzkit.py`` ...), so the CI passes and the long scripts check the same
-things; this conftest puts the root on ``sys.path``.
+things; this conftest loads it from there (:mod:`repo`).
 """
 
 from __future__ import annotations
@@ -13,10 +13,9 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
 import pytest
+from repo import ROOT, load_package
 
-ROOT = Path(__file__).resolve().parents[2]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+load_package("stress")
 
 from blockd.client.lab import DaemonProcess, running_daemon  # noqa: E402
 from stress.fuzzkit import FuzzClient  # noqa: E402
