@@ -298,7 +298,8 @@ class Schema:
         files: dict[str, dict[str, Node]] = {}
         for kind in _KINDS:
             files[kind] = {}
-            entries = sorted((e for e in (directory / kind).iterdir()), key=lambda e: e.name)
+            folder = directory / kind
+            entries = sorted(folder.iterdir(), key=lambda e: e.name) if folder.is_dir() else []
             for entry in entries:
                 if not entry.name.endswith(".json"):
                     continue
