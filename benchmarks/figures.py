@@ -33,7 +33,7 @@ from benchmarks.chains import Chain, MiB
 from benchmarks.daemons import MONITORS, Daemon, DaemonSpec
 from benchmarks.noise import settle
 from benchmarks.qmp_client import RECEIVED, QMPClient, QMPError, QMPProtocolError
-from blockd.block.hostio import writeback_call
+from blockd.block.host.io import writeback_call
 
 Record = dict[str, Any]
 _counter = itertools.count()

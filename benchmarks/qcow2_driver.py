@@ -13,7 +13,7 @@ for QEMU and the ratio blockd / QEMU:
   cluster-aligned offsets (QEMU: one ``qemu-io`` process running the same ``write`` list);
 * ``rand-read``: those offsets read back (QEMU: ``qemu-io`` ``read`` list).
 
-Images are made by :func:`blockd.block.create.create_qcow2` for both sides; blockd reads
+Images are made by :func:`blockd.block.qcow2.create.create_qcow2` for both sides; blockd reads
 and writes through ``Graph.open_node`` (file + qcow2 nodes) with one reused buffer.
 """
 
@@ -31,17 +31,16 @@ from pathlib import Path
 
 import trio
 
-from blockd.block.create import create_qcow2
 from blockd.block.graph import Graph
 from blockd.block.node import BlockNode
-from blockd.events import EventBus
+from blockd.block.qcow2.create import create_qcow2
 
 MiB = 1024 * 1024
 RANDOM_IO = 64 * 1024
 
 
 async def _with_node(path: Path, body: Callable[[BlockNode], Awaitable[None]]) -> float:
-    graph = Graph(EventBus())
+    graph = Graph()
     node = await graph.open_node(
         {
             "driver": "qcow2",

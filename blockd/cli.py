@@ -12,24 +12,21 @@ from __future__ import annotations
 import os
 import sys
 from collections.abc import Sequence
-from dataclasses import dataclass, field
-from typing import Any, Final
+from typing import Final
 
 from blockd import QEMU_VERSION, __version__
+from blockd.config import (
+    PROG,
+    BlockdevSpec,
+    ChardevSpec,
+    CliError,
+    Config,
+    MonitorSpec,
+    Step,
+)
 from blockd.options import OptionError, parse_bool, parse_json_or_keyval, parse_keyval
 
-__all__ = [
-    "USAGE",
-    "BlockdevSpec",
-    "ChardevSpec",
-    "CliError",
-    "Config",
-    "MonitorSpec",
-    "main",
-    "parse_args",
-]
-
-PROG: Final = "blockd"
+__all__ = ["USAGE", "main", "parse_args", "version_text"]
 
 USAGE: Final = f"""\
 Usage: {PROG} [options]
@@ -60,60 +57,6 @@ QMP-compatible block-job daemon (a drop-in for qemu-storage-daemon's block-strea
 Every socket serves many clients at once. SIGINT, SIGTERM, SIGHUP or the QMP command
 'quit' stop the daemon cleanly.
 """
-
-
-class CliError(Exception):
-    """A bad option: printed as ``blockd: <option> <value>: <message>``."""
-
-    def __init__(self, option: str | None, value: str | None, message: str) -> None:
-        where = option if value is None else f"{option} {value}"
-        super().__init__(message if where is None else f"{where}: {message}")
-        self.option, self.value, self.message = option, value, message
-
-
-@dataclass(frozen=True)
-class ChardevSpec:
-    """A ``--chardev socket,...``: where one monitor listens (or connects)."""
-
-    id: str
-    path: str | None
-    fd: int | None
-    server: bool
-    text: str
-
-
-@dataclass(frozen=True)
-class MonitorSpec:
-    """A ``--monitor``: QMP on the chardev ``chardev``."""
-
-    chardev: ChardevSpec
-    pretty: bool
-    text: str
-
-
-@dataclass(frozen=True)
-class BlockdevSpec:
-    """A ``--blockdev``: ``options`` as parsed (keyval leaves still strings)."""
-
-    options: dict[str, Any]
-    keyval: bool
-    text: str
-
-
-Step = ChardevSpec | MonitorSpec | BlockdevSpec
-
-
-@dataclass(frozen=True)
-class Config:
-    """The whole command line, options in the order given."""
-
-    steps: tuple[Step, ...] = ()
-    pidfile: str | None = None
-    daemonize: bool = False
-    help: bool = False
-    version: bool = False
-    monitors: tuple[MonitorSpec, ...] = field(default=())
-    allow_header_json: bool = False
 
 
 _WITH_VALUE: Final = frozenset(

@@ -26,7 +26,7 @@ class Daemon:
 
     def __init__(self, schema: Schema | None = None) -> None:
         self.events = EventBus()
-        self.graph = Graph(self.events)
+        self.graph = Graph()
         self.jobs = JobManager(self.events)
         self._schema = schema
         self._shutdown = trio.Event()

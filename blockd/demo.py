@@ -89,11 +89,10 @@ def expected_bytes() -> bytes:
 async def make_chain(demo: Demo) -> str:
     """base.qcow2 <- mid.qcow2 <- top.qcow2, made and filled with blockd's own code."""
     try:
-        from blockd.block.create import create_qcow2
+        from blockd.block.qcow2.create import create_qcow2
     except ImportError:
         raise Skip("image creation is not in this blockd yet") from None
     from blockd.block.graph import Graph
-    from blockd.events import EventBus
 
     base, mid, top = (demo.workdir / f"{name}.qcow2" for name in ("base", "mid", "top"))
     await trio.to_thread.run_sync(create_qcow2, str(base), IMAGE_SIZE)
@@ -104,7 +103,7 @@ async def make_chain(demo: Demo) -> str:
         lambda: create_qcow2(str(top), IMAGE_SIZE, backing_file=mid.name, backing_fmt="qcow2")
     )
     demo.images = {"base": base, "mid": mid, "top": top}
-    graph = Graph(EventBus())
+    graph = Graph()
     try:
         for image, offset, length, byte in PATTERN:
             node = await graph.open_node(
@@ -228,9 +227,8 @@ async def verify(demo: Demo) -> str:
     if not demo.streamed:
         raise Skip("nothing was streamed")
     from blockd.block.graph import Graph
-    from blockd.events import EventBus
 
-    graph = Graph(EventBus())
+    graph = Graph()
     try:
         node = await graph.open_node(
             {"driver": "qcow2", "node-name": "top", "read-only": True,

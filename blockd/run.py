@@ -20,8 +20,8 @@ from typing import Any
 
 import trio
 
-from blockd.cli import PROG, BlockdevSpec, CliError, Config, MonitorSpec
 from blockd.commands.registry import Command, load_all
+from blockd.config import PROG, BlockdevSpec, CliError, Config, MonitorSpec
 from blockd.daemon import Daemon
 from blockd.errors import QMPError, RequestError
 from blockd.options import OptionError, coerce_scalars

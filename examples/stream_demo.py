@@ -31,7 +31,8 @@ from blockd.client.lab import make_chain, running_daemon
 
 def sh(*argv: str, check: bool = True) -> int:
     """Run a command the way a person would, echoing it first."""
-    shown = ["blockctl", *argv[3:]] if argv[:3] == (sys.executable, "-m", "blockd.ctl") else argv
+    blockctl = (sys.executable, "-m", "blockd.client.ctl")
+    shown = ["blockctl", *argv[3:]] if argv[:3] == blockctl else argv
     print(f"$ {shlex.join(shown)}", flush=True)
     status = subprocess.run(argv, check=False).returncode
     if check and status != 0:
@@ -58,7 +59,7 @@ def main() -> int:
             head = ["blockd"] if args.daemon == "blockd" else [args.daemon]
             skip = 3 if args.daemon == "blockd" else 1
             print(f"$ {shlex.join([*head, *daemon.argv[skip:]])} &")
-            ctl = [sys.executable, "-m", "blockd.ctl", "-s", str(daemon.socket)]
+            ctl = [sys.executable, "-m", "blockd.client.ctl", "-s", str(daemon.socket)]
             env_note = os.environ.get("BLOCKD_SOCKET")
             if env_note:
                 print(f"(BLOCKD_SOCKET={env_note} is ignored: the demo passes -s)")

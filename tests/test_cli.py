@@ -17,7 +17,8 @@ from typing import Any
 import pytest
 
 from blockd import __version__
-from blockd.cli import BlockdevSpec, ChardevSpec, CliError, MonitorSpec, parse_args
+from blockd.cli import parse_args
+from blockd.config import BlockdevSpec, ChardevSpec, CliError, MonitorSpec
 
 BLOCKD = [sys.executable, "-m", "blockd"]
 

@@ -76,7 +76,7 @@ class BlockStatus:
 @dataclass(frozen=True, slots=True)
 class Extent:
     """``length`` bytes stored at ``offset`` of the protocol node ``node``: one piece
-    of a copy offloaded to the host (see :mod:`blockd.block.offload`)."""
+    of a copy offloaded to the host (see :mod:`blockd.block.host.offload`)."""
 
     node: BlockNode
     offset: int
@@ -127,9 +127,23 @@ class Driver(ABC):
     supports_backing: ClassVar[bool] = False
     #: the role name of the child a format or filter driver sits on
     child_role: ClassVar[str] = "file"
+    #: the prefix of the legacy filenames :meth:`parse_filename` understands
+    #: (``blkdebug:``), found in image headers; ``None`` for none
+    filename_prefix: ClassVar[str | None] = None
 
     def __init__(self, node: BlockNode) -> None:
         self.node = node
+
+    @classmethod
+    def parse_filename(cls, filename: str, base_dir: str) -> dict[str, Any]:
+        """Blockdev options of a legacy ``filename`` that starts with
+        :attr:`filename_prefix`, relative paths taken from ``base_dir`` (QEMU's
+        ``bdrv_parse_filename``).
+
+        Raises:
+            RequestError: the filename is malformed.
+        """
+        raise NotImplementedError(f"{cls.format_name} has no legacy filenames")
 
     @classmethod
     @abstractmethod
@@ -186,6 +200,12 @@ class Driver(ABC):
             OSError: the copy failed part-way.
         """
         raise OffloadNotSupported
+
+    @property
+    def offloads(self) -> bool:
+        """Whether this node's data can be the source of an offloaded copy (a protocol
+        node whose bytes sit in a host file that :meth:`copy_in` can read)."""
+        return False
 
     # -- image headers (format drivers only) ---------------------------------------
 

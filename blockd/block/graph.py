@@ -8,7 +8,7 @@ Theory of operation
 first (``file``/``image``: an inline options object, or the name of an existing node),
 then the node gets its name, its permissions are taken, the driver opens, and last the
 ``backing`` child of a format that has one (§6.2: from the image header when ``backing``
-is left out, through :mod:`blockd.block.backing_names`; none for ``null``; an existing
+is left out, through :mod:`blockd.block.names.backing`; none for ``null``; an existing
 node for a name). A failure anywhere closes
 every node the call opened and leaves the graph as it was.
 
@@ -28,7 +28,7 @@ removes the monitor's reference (§6.5).
 linked to it (:meth:`Graph.linked`, the part of the graph the change touches; no other
 node's can change) with :mod:`blockd.block.permissions` (QEMU's rules, §4.4-4.6), checks
 them as a whole before anything is applied, and then mirrors each ``file`` node's
-cumulative permissions into QEMU-compatible lock bytes (:mod:`blockd.block.locking`):
+cumulative permissions into QEMU-compatible lock bytes (:mod:`blockd.block.host.locking`):
 other QEMU processes see them, and what another process holds is refused (``Failed to get
 "write" lock``).
 
@@ -39,7 +39,7 @@ API for jobs
   and :meth:`BlockNode.check_not_busy` refuse with ``Node '<n>' is busy: <reason>``.
 * :meth:`Graph.add_user` / :meth:`Graph.remove_user` with a
   :class:`~blockd.block.node.NodeUser` (``perm``/``shared`` as
-  :class:`~blockd.block.locking.Perm`): a job's hold on a node; a writer takes
+  :class:`~blockd.block.host.locking.Perm`): a job's hold on a node; a writer takes
   ``Perm.WRITE`` and leaves it out of ``shared`` to be the only writer.
 * :meth:`Graph.freeze_chain` / :meth:`Graph.unfreeze_chain`: frozen links between ``top``
   and ``base``; :meth:`Graph.set_child`, :meth:`Graph.insert_filter` and
@@ -66,13 +66,12 @@ from typing import Any, Final
 import trio
 
 from blockd.block import permissions
-from blockd.block.backing_names import check_header_name_passes, header_backing_options
 from blockd.block.driver import Driver
 from blockd.block.drivers import DRIVERS
-from blockd.block.locking import PERM_ALL, LockError, Perm
+from blockd.block.host.locking import PERM_ALL, LockError, Perm
+from blockd.block.names.backing import check_header_name_passes, header_backing_options
 from blockd.block.node import BlockNode, NodeUser
 from blockd.errors import HostError, QMPError, RequestError
-from blockd.events import EventBus
 
 NODE_NAME_MAX: Final = 31
 _WELLFORMED: Final = re.compile(r"[A-Za-z][A-Za-z0-9._-]*\Z")
@@ -92,8 +91,7 @@ class _Inherit:
 class Graph:
     """All nodes of the daemon, oldest first in :attr:`nodes`; see the module docstring."""
 
-    def __init__(self, events: EventBus) -> None:
-        self.events = events
+    def __init__(self) -> None:
         self.nodes: dict[str, BlockNode] = {}
         self._classes: dict[BlockNode, type[Driver]] = {}
         self._inherits_ro: set[BlockNode] = set()  # opened inline without 'read-only'

@@ -12,92 +12,15 @@ past the end grows the node, which is how format drivers append clusters to thei
 from __future__ import annotations
 
 import errno
-import json
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from blockd.block.driver import BlockStatus, Driver, Extent, OffloadNotSupported, Status
-from blockd.block.locking import PERM_ALL, PERM_NONE, Perm
+from blockd.block.host.locking import PERM_ALL, PERM_NONE, Perm
+from blockd.block.names.filename import full_open_options, node_filename
 from blockd.errors import RequestError
-
-#: options that change what data a node shows; a node with any of them set is named by a
-#: ``json:`` filename, as QEMU's ``bdrv_refresh_filename`` does
-STRONG_OPTIONS: dict[str, tuple[str, ...]] = {
-    "raw": ("offset", "size"),
-    "blkdebug": (
-        "config",
-        "inject-error",
-        "set-state",
-        "align",
-        "max-transfer",
-        "opt-write-zero",
-        "max-write-zero",
-        "opt-discard",
-        "max-discard",
-    ),
-}
-#: drivers that declare no strong options, so QEMU always names their nodes ``json:``
-ALWAYS_JSON: frozenset[str] = frozenset({"copy-on-read"})
-
-
-def _json_filename(options: dict[str, Any]) -> str:
-    # QEMU prints the options QDict, whose members come in its hash order
-    from blockd.qmp.connection import qdict_order
-
-    def ordered(value: Any) -> Any:
-        if isinstance(value, dict):
-            return {key: ordered(value[key]) for key in qdict_order(value)}
-        if isinstance(value, list):
-            return [ordered(item) for item in value]
-        return value
-
-    return "json:" + json.dumps(ordered(options))
-
-
-#: QAPI member order of BlkdebugInjectErrorOptions / BlkdebugSetStateOptions
-_MEMBER_RANK: dict[str, int] = {
-    name: i
-    for i, name in enumerate(
-        ("event", "state", "iotype", "errno", "sector", "once", "immediately", "new_state")
-    )
-}
-
-
-def _member_rank(name: str) -> int:
-    return _MEMBER_RANK.get(name, len(_MEMBER_RANK))
-
-
-def _flatten(key: str, value: Any) -> dict[str, Any]:
-    """``{key: value}`` with lists and dicts inside ``value`` turned into dotted keys."""
-    from blockd.qmp.connection import qdict_order
-
-    if isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
-        # a list of objects (blkdebug's rules): QEMU's options QDict ends up holding
-        # its members grouped by member name, in reverse QDict order of the names, and
-        # by list index inside a group (found by comparison with QSD 10.0)
-        names = sorted({k for v in value for k in v}, key=_member_rank)
-        out: dict[str, Any] = {}
-        for name in reversed(qdict_order(names)):
-            for i, item in enumerate(value):
-                if name in item:
-                    out.update(_flatten(f"{key}.{i}.{name}", item[name]))
-        return out
-    if isinstance(value, list):
-        items = [(str(i), item) for i, item in enumerate(value)]
-    elif isinstance(value, dict):
-        # QEMU's QDict of the member was built by the QAPI output visitor (schema member
-        # order); its members reach the node's options in reverse hash order (found by
-        # comparison with qemu-storage-daemon 10.0)
-        keys = sorted(value, key=_member_rank)
-        items = [(sub, value[sub]) for sub in reversed(qdict_order(keys))]
-    else:
-        return {key: value}
-    flat: dict[str, Any] = {}
-    for sub, item in items:
-        flat.update(_flatten(f"{key}.{sub}", item))
-    return flat
 
 
 def _error(code: int) -> OSError:
@@ -238,50 +161,14 @@ class BlockNode:
 
     def full_open_options(self) -> dict[str, Any]:
         """The options that reopen exactly this node (``json:`` filenames)."""
-        if self.implicit and self.file is not None:
-            return self.file.full_open_options()
-        if self.is_protocol and self.drv == "file":
-            return {"driver": "file", "filename": self.driver.filename}
-        options: dict[str, Any] = {"driver": self.drv}
-        strong: dict[str, Any] = {}
-        for key in STRONG_OPTIONS.get(self.drv, ()):
-            if key in self.options:
-                # list options (blkdebug's rule lists) appear flattened, as QEMU's
-                # options QDict holds them: inject-error.0.event
-                strong.update(_flatten(key, self.options[key]))
-        # QEMU copies them by walking its flattened options QDict, which reverses the
-        # order inside a hash bucket once more
-        for key in reversed(strong):
-            options[key] = strong[key]
-        overridden = self.backing_overridden
-        for role, child in self.children.items():
-            if role != "backing" or overridden:
-                options[role] = child.full_open_options()
-        if overridden and self.backing is None:
-            options["backing"] = None
-        return options
+        return full_open_options(self)
 
     @property
     def filename(self) -> str:
         """QEMU's filename: the driver's, ``blkdebug:<config>:<image>``, or ``json:{...}``
-        when options or an overridden backing link make a plain path ambiguous."""
-        if self.implicit and self.file is not None:
-            return self.file.filename
-        strong = [key for key in STRONG_OPTIONS.get(self.drv, ()) if key in self.options]
-        if self.drv in ALWAYS_JSON or self.backing_overridden:
-            return _json_filename(self.full_open_options())
-        if self.drv == "blkdebug" and self.file is not None:
-            image = self.file.filename
-            if (strong and strong != ["config"]) or image.startswith("json:"):
-                return _json_filename(self.full_open_options())
-            return f"blkdebug:{self.options.get('config', '')}:{image}"
-        if strong:
-            return _json_filename(self.full_open_options())
-        name = self.driver.filename
-        if name.startswith("json:") and self.file is not None and not self.is_protocol:
-            # the child has no plain name: QEMU names this node by its own options
-            return _json_filename(self.full_open_options())
-        return name
+        when options or an overridden backing link make a plain path ambiguous
+        (:mod:`blockd.block.names.filename`)."""
+        return node_filename(self)
 
     @property
     def filtered(self) -> BlockNode | None:

@@ -27,7 +27,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
 from typing import Final
 
-from blockd.block.locking import PERM_ALL, Perm, perm_names
+from blockd.block.host.locking import PERM_ALL, Perm, perm_names
 from blockd.block.node import BlockNode
 from blockd.errors import RequestError
 

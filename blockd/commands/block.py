@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from blockd.block.info import query_named_block_nodes as _query
+from blockd.commands.node_info import query_named_block_nodes as _query
 from blockd.commands.registry import command
 
 if TYPE_CHECKING:

@@ -36,9 +36,10 @@ from typing import TYPE_CHECKING, Any, ClassVar, Final
 
 import trio
 
-from blockd.block import chain, offload
+from blockd.block import chain
 from blockd.block.drivers.copy_on_read import CopyOnReadDriver
-from blockd.block.locking import PERM_ALL, PERM_NONE, Perm
+from blockd.block.host import offload
+from blockd.block.host.locking import PERM_ALL, PERM_NONE, Perm
 from blockd.block.node import BlockNode, NodeUser
 from blockd.jobs.job import Job
 from blockd.jobs.window import StepWindow

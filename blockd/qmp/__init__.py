@@ -7,5 +7,6 @@
   validation), driven by :mod:`blockd.server`;
 * :mod:`blockd.qmp.schema` and :mod:`blockd.qmp.introspect` -- ``schema/``: loading,
   argument validation with QEMU's texts, ``query-qmp-schema``;
-* :mod:`blockd.qmp.qdict` -- QEMU's hash-table orders, where they pick the error reported.
+* QEMU's QDict and GHashTable orders, which pick the error reported, are
+  :mod:`blockd.qdict` (the block layer's ``json:`` filenames use them too).
 """

@@ -40,12 +40,12 @@ from dataclasses import dataclass, field
 from typing import Any, Final
 
 from blockd.errors import CommandNotFound, QMPError, RequestError
+from blockd.qdict import qdict_order
 from blockd.qmp.framing import JSONStream, Message, ParseError
 from blockd.qmp.messages import NO_ID, encode, error_response, greeting, success_response
-from blockd.qmp.qdict import qdict_order
 from blockd.qmp.schema import Schema
 
-__all__ = ["NEED_DATA", "NO_ID", "Connection", "Output", "Request", "qdict_order"]
+__all__ = ["NEED_DATA", "NO_ID", "Connection", "Output", "Request"]
 
 
 class _NeedData:

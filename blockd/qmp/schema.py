@@ -41,7 +41,7 @@ from jsonschema import Draft202012Validator
 from jsonschema.exceptions import ValidationError  # type: ignore[import-untyped]
 
 from blockd.errors import BlockdError, RequestError
-from blockd.qmp.qdict import first_leftover
+from blockd.qdict import first_leftover
 
 __all__ = ["BASE_URI", "Schema", "SchemaError", "shipped"]
 

@@ -13,13 +13,12 @@ import pytest
 from blocktools import qemu_img
 
 from blockd.block.graph import Graph
-from blockd.events import EventBus
 
 
 @pytest.fixture
 async def graph() -> AsyncIterator[Graph]:
     """An empty graph; every node still open at the end is closed."""
-    g = Graph(EventBus())
+    g = Graph()
     try:
         yield g
     finally:

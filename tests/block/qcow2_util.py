@@ -10,7 +10,6 @@ from qemutools import image_info, run_tool
 
 from blockd.block.graph import Graph
 from blockd.block.node import BlockNode
-from blockd.events import EventBus
 
 
 def run(*args: str | Path) -> str:
@@ -60,7 +59,7 @@ async def open_qcow2(
     **extra: Any,
 ) -> BlockNode:
     """Open ``path`` as a qcow2 node over a file node (backing chain from the header)."""
-    graph = graph or Graph(EventBus())
+    graph = graph or Graph()
     options: dict[str, Any] = {
         "driver": "qcow2",
         "node-name": "top",

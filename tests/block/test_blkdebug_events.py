@@ -25,7 +25,6 @@ from reference import QEMU10_BIN, QEMU10_IO
 
 from blockd.block.drivers.blkdebug import InjectRule, RuleEngine, SetStateRule
 from blockd.block.graph import Graph
-from blockd.events import EventBus
 
 KIB = 1024
 needs_qemu10 = pytest.mark.skipif(
@@ -103,7 +102,7 @@ async def blockd_results(top: Path, rules: dict[str, Any], ops: list[Op]) -> lis
 
 
 def new_graph() -> Graph:
-    return Graph(EventBus())
+    return Graph()
 
 
 READS: list[Op] = [("read", 0, 64 * KIB), ("read", 512 * KIB, 64 * KIB)] * 2

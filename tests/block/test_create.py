@@ -1,4 +1,4 @@
-"""blockd.block.create: images judged by qemu-img check/info against qemu-img create."""
+"""blockd.block.qcow2.create: images judged by qemu-img check/info against qemu-img create."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from qcow2_util import assert_clean, close, open_qcow2, read_all, run
 
-from blockd.block.create import create_qcow2, create_raw
+from blockd.block.qcow2.create import create_qcow2, create_raw
 
 CASES = [
     {"size": 0},

@@ -10,10 +10,10 @@ from typing import Any
 import pytest
 from blocktools import file_ref, qemu_img, qemu_io, write_pattern
 
-from blockd.block.create import create_qcow2
 from blockd.block.graph import Graph
-from blockd.block.locking import Perm
+from blockd.block.host.locking import Perm
 from blockd.block.node import NodeUser
+from blockd.block.qcow2.create import create_qcow2
 from blockd.errors import QMPError, RequestError
 
 GENERATED = re.compile(r"#block\d+\d\d\Z")

@@ -23,10 +23,9 @@ from hypothesis import strategies as st
 
 from blockd.block import permissions
 from blockd.block.graph import Graph
-from blockd.block.locking import PERM_ALL, PERM_NONE, Perm
+from blockd.block.host.locking import PERM_ALL, PERM_NONE, Perm
 from blockd.block.node import BlockNode, NodeUser
 from blockd.errors import QMPError
-from blockd.events import EventBus
 
 NAMES = ["a", "b", "c", "d"]
 STATS = {"nodes": 0}  # open nodes the checks saw (measured: 420 over the 40 examples)
@@ -98,7 +97,7 @@ def check(graph: Graph, work: Path) -> None:
 
 
 async def run_steps(steps: list[tuple[str, Any]], work: Path) -> None:
-    graph = Graph(EventBus())
+    graph = Graph()
     users: list[tuple[BlockNode, NodeUser]] = []
     filters: list[tuple[BlockNode, NodeUser]] = []
     try:
@@ -230,7 +229,7 @@ async def test_a_closed_backing_gives_back_what_it_held(tmp_path: Path) -> None:
     make_images(tmp_path)
     lone = tmp_path / "lone.qcow2"  # no backing name in its header
     qemu_img("create", "-q", "-f", "qcow2", lone, "1M")
-    graph = Graph(EventBus())
+    graph = Graph()
     try:
         mid = str(tmp_path / "mid.qcow2")
         options = {"driver": "file", "node-name": "f", "filename": mid, "read-only": True}

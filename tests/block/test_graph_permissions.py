@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from blockd.block.locking import PERM_ALL, PERM_NONE, Perm
+from blockd.block.host.locking import PERM_ALL, PERM_NONE, Perm
 from blockd.block.node import BlockNode, NodeUser
 from blockd.block.permissions import COPY_ON_READ, METADATA, PASSTHROUGH, check, link_perms, plan
 from blockd.errors import RequestError

@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 import trio
 
-from blockd.block import hostio, writebehind
 from blockd.block.graph import Graph
+from blockd.block.host import io as hostio
+from blockd.block.host import writebehind
 from blockd.block.node import BlockNode
-from blockd.events import EventBus
 
 MIB = 1024 * 1024
 
@@ -46,7 +46,7 @@ async def test_writeback_starts_every_threshold_bytes(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     calls = record_calls(monkeypatch)
-    graph = Graph(EventBus())
+    graph = Graph()
     try:
         node = await open_file(graph, tmp_path / "f")
         chunk = bytes(MIB)
@@ -65,7 +65,7 @@ async def test_a_failed_background_writeback_fails_the_next_flush_once(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     calls = record_calls(monkeypatch, fail=True)
-    graph = Graph(EventBus())
+    graph = Graph()
     try:
         node = await open_file(graph, tmp_path / "f")
         await node.write(0, bytes(writebehind.THRESHOLD))
@@ -84,7 +84,7 @@ async def test_no_writeback_without_flushes_or_with_direct_io(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, cache: dict[str, bool]
 ) -> None:
     calls = record_calls(monkeypatch)
-    graph = Graph(EventBus())
+    graph = Graph()
     try:
         node = await open_file(graph, tmp_path / "f", cache=cache)
         await node.write(0, bytes(writebehind.THRESHOLD))

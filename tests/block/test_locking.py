@@ -13,7 +13,7 @@ import trio
 from blocktools import file_ref, held_bytes, qemu_img, qemu_io
 
 from blockd.block.graph import Graph
-from blockd.block.locking import PERM_ALL, FileLocks, LockError, Perm
+from blockd.block.host.locking import PERM_ALL, FileLocks, LockError, Perm
 from blockd.errors import HostError
 
 WRITE_LOCK = 'Failed to get "write" lock'

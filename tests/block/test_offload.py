@@ -15,11 +15,10 @@ from typing import Any
 import pytest
 from qcow2_util import assert_clean, close, open_qcow2, qemu_io, read_all, run, to_raw
 
-from blockd.block import offload
 from blockd.block.driver import Extent, OffloadNotSupported, split_extents
 from blockd.block.graph import Graph
+from blockd.block.host import offload
 from blockd.block.node import BlockNode
-from blockd.events import EventBus
 
 KIB = 1024
 MIB = 1024 * KIB
@@ -55,7 +54,7 @@ async def copy_range(source: BlockNode, offset: int, length: int, dest: BlockNod
 async def opened(top: Path, **options: Any) -> tuple[Graph, BlockNode, BlockNode]:
     """``top`` opened with its chain (and qcow2 ``options``): the graph, top's node and
     its backing node."""
-    graph = Graph(EventBus())
+    graph = Graph()
     node = await open_qcow2(top, graph=graph, **options)
     assert node.backing is not None
     return graph, node, node.backing
@@ -177,7 +176,7 @@ async def test_file_copy_falls_back_to_a_buffer_when_the_kernel_refuses(
         raise OSError(errno.EXDEV, os.strerror(errno.EXDEV))
 
     monkeypatch.setattr(os, "copy_file_range", refuse)
-    graph = Graph(EventBus())
+    graph = Graph()
     try:
         s = await graph.open_node(
             {"driver": "file", "node-name": "s", "filename": str(src), "read-only": True},
@@ -201,7 +200,7 @@ async def test_direct_io_files_are_not_offloaded(tmp_path: Path) -> None:
     src, dst = tmp_path / "src", tmp_path / "dst"
     src.write_bytes(os.urandom(MIB))
     dst.write_bytes(bytes(MIB))
-    graph = Graph(EventBus())
+    graph = Graph()
     try:
         s = await graph.open_node(
             {"driver": "file", "node-name": "s", "filename": str(src), "cache": {"direct": True}},

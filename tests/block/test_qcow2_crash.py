@@ -14,7 +14,7 @@ import pytest
 import qcow2_util
 from qcow2_util import check, qemu_io, run
 
-from blockd.block.create import create_qcow2
+from blockd.block.qcow2.create import create_qcow2
 
 CHILD = Path(qcow2_util.__file__)
 #: the child imports the shared helpers of tests/ (qemutools) as the test process does

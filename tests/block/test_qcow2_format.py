@@ -8,8 +8,8 @@ from dataclasses import replace
 
 import pytest
 
-from blockd.block import qcow2_format as fmt
-from blockd.block.create import qcow2_image_bytes
+from blockd.block.qcow2 import format as fmt
+from blockd.block.qcow2.create import qcow2_image_bytes
 from blockd.errors import ImageError
 
 # (entry, kind) pairs of QEMU's qcow2_get_cluster_type

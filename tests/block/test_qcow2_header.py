@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 from qcow2_util import assert_clean, close, info, open_qcow2, qemu_io, run
 
-from blockd.block import qcow2_format as fmt
-from blockd.block.create import create_qcow2
+from blockd.block.qcow2 import format as fmt
+from blockd.block.qcow2.create import create_qcow2
 from blockd.errors import QMPError
 
 

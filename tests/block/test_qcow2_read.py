@@ -11,8 +11,8 @@ import pytest
 import trio
 from qcow2_util import assert_clean, close, open_qcow2, qemu_io, read_all, run, to_raw
 
-from blockd.block.create import create_qcow2
 from blockd.block.driver import Status
+from blockd.block.qcow2.create import create_qcow2
 from blockd.errors import QMPError
 
 CLUSTER_SIZES = [512, 1024, 4096, 65536, 2 * 1024 * 1024]

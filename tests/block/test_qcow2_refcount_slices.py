@@ -1,7 +1,7 @@
 """The refcount cache holds slices of refcount blocks: same image bytes as whole blocks.
 
 Each scenario runs twice on identical images, once with slices smaller than a refcount
-block (patched :data:`~blockd.block.qcow2_refcount.SLICE_BYTES`, so a few MiB of writes
+block (patched :data:`~blockd.block.qcow2.refcount.SLICE_BYTES`, so a few MiB of writes
 cross many slices and blocks) and once with slices as large as a block (the cache of
 whole blocks it replaced), both with a two-slice cache so every allocation evicts. The
 two image files must be byte-identical, ``qemu-img check`` clean and the guest data equal
@@ -20,8 +20,8 @@ from typing import Any
 import pytest
 from qcow2_util import assert_clean, close, open_qcow2, qemu_io, read_all, run, to_raw
 
-from blockd.block import qcow2_refcount
-from blockd.block.qcow2_refcount import Refcounts, RefcountTable
+from blockd.block.qcow2 import refcount as qcow2_refcount
+from blockd.block.qcow2.refcount import Refcounts, RefcountTable
 
 WIDTHS = [1, 2, 4, 8, 16, 32, 64]
 #: a slice size no cluster reaches: each slice is a whole refcount block

@@ -15,7 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from qcow2_util import TINY_CACHES, assert_clean, close, open_qcow2, qemu_io, read_all, run, to_raw
 
-from blockd.block.create import create_qcow2
+from blockd.block.qcow2.create import create_qcow2
 from blockd.errors import QMPError
 
 SIZE = 3 * 1024 * 1024 + 4096  # not a multiple of the L2 span of 64 KiB clusters

@@ -17,7 +17,6 @@ from blocktools import qemu_img, qemu_io
 from tmpfs import small_tmpfs
 
 from blockd.block.graph import Graph
-from blockd.events import EventBus
 
 KIB = 1024
 MIB = 1024 * KIB
@@ -44,7 +43,7 @@ async def test_enospc_write_leaks_nothing(small_fs: Path, cluster: int) -> None:
     st = os.statvfs(small_fs)
     filler = small_fs / "filler"
     filler.write_bytes(b"\xee" * (st.f_bavail * st.f_frsize - 256 * KIB))
-    graph = Graph(EventBus())
+    graph = Graph()
     try:
         with trio.fail_after(30):
             node = await graph.open_node(
@@ -74,7 +73,7 @@ async def test_enospc_write_leaks_nothing(small_fs: Path, cluster: int) -> None:
     # (Clusters leaked past the end of the file are invisible to the check above; the
     # file grows over them here, so a leak would show now: exit 3.)
     filler.unlink()
-    graph = Graph(EventBus())
+    graph = Graph()
     try:
         with trio.fail_after(30):
             node = await graph.open_node(

@@ -12,7 +12,7 @@ import pytest
 from blocktools import file_ref, qemu_img, write_pattern
 from test_graph_qsd_compare import QSD, compare, run_blockd
 
-from blockd.block.qcow2_snapshots import ShortTable, parse_table
+from blockd.block.qcow2.snapshots import ShortTable, parse_table
 from blockd.errors import ImageError
 
 needs_qsd = pytest.mark.skipif(QSD is None, reason="QEMU 10.0 qemu-storage-daemon missing")

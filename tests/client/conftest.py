@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 
+from blockd.client.ctl import main
 from blockd.client.lab import (
     DaemonProcess,
     LabError,
@@ -28,7 +29,6 @@ from blockd.client.lab import (
     reset_daemon,
     running_daemon,
 )
-from blockd.ctl import main
 
 PROGRAM = os.environ.get("BLOCKD_TEST_DAEMON") or None
 

@@ -23,7 +23,7 @@ STREAM = ("blockdev-add", "block-stream", "query-block-jobs", "query-jobs", "job
 def ctl_no_daemon(*args: str) -> subprocess.CompletedProcess[str]:
     """The real console script in its own process (as a script would run it: no COLUMNS)."""
     env = {k: v for k, v in os.environ.items() if k not in ("COLUMNS", "LINES")}
-    return subprocess.run([sys.executable, "-m", "blockd.ctl", *args], capture_output=True,
+    return subprocess.run([sys.executable, "-m", "blockd.client.ctl", *args], capture_output=True,
                           text=True, timeout=60, check=False, env=env)  # fmt: skip
 
 

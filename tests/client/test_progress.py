@@ -26,7 +26,7 @@ class Terminal:
             fcntl.ioctl(0, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 120, 0, 0))
             os.environ.pop("COLUMNS", None)
             os.environ["TERM"] = "xterm"
-            os.execv(sys.executable, [sys.executable, "-m", "blockd.ctl", *argv])
+            os.execv(sys.executable, [sys.executable, "-m", "blockd.client.ctl", *argv])
         self.output = b""
 
     def read_until(self, marker: bytes, timeout: float = 30.0) -> bool:

@@ -14,7 +14,8 @@ from hypothesis import strategies as st
 
 from blockd.errors import DeviceNotActive, RequestError
 from blockd.events import make_event
-from blockd.qmp.connection import NEED_DATA, NO_ID, Connection, Output, Request, qdict_order
+from blockd.qdict import qdict_order
+from blockd.qmp.connection import NEED_DATA, NO_ID, Connection, Output, Request
 from blockd.qmp.framing import JSONStream, Message
 from blockd.qmp.messages import encode, version_info
 from blockd.qmp.schema import Schema
@@ -285,7 +286,7 @@ def test_back_to_back_with_a_client_parser(schema: Schema) -> None:
 
 
 def test_glib_leftover_order_known_values() -> None:
-    from blockd.qmp.qdict import first_leftover
+    from blockd.qdict import first_leftover
 
     # observed on QEMU 10: qmp_capabilities with these (all unknown) arguments
     assert first_leftover(["job-id", "node-name", "base", "zz-bogus"], []) == "base"

@@ -17,7 +17,6 @@ from streamtools import KIB, Harness, check, create, write
 
 from blockd.block.graph import Graph
 from blockd.errors import QMPError
-from blockd.events import EventBus
 
 SIZE = 1024 * 1024
 CLUSTER = 4096
@@ -138,7 +137,7 @@ async def test_mutated_image_is_opened_or_refused(
     top = tmp_path / "top.qcow2"
     desc = mutate(top, seed)
     before = sha(top)
-    graph = Graph(EventBus())
+    graph = Graph()
     options = {"driver": "qcow2", "node-name": "top",
                "file": {"driver": "file", "filename": str(top)}}  # fmt: skip
     try:
@@ -208,7 +207,7 @@ async def test_nul_byte_in_a_header_backing_name_is_refused(tmp_path: Path) -> N
     data[offset + 2] = 0
     top.write_bytes(data)
     before = sha(top)
-    graph = Graph(EventBus())
+    graph = Graph()
     with pytest.raises(QMPError) as info:
         await graph.open_node({"driver": "qcow2", "node-name": "top",
                                "file": {"driver": "file", "filename": str(top)}},

@@ -13,7 +13,6 @@ import pytest
 from blockd.block.graph import Graph
 from blockd.client.lab import running_daemon
 from blockd.errors import RequestError
-from blockd.events import EventBus
 from stress.fuzzkit import FuzzClient
 
 SECRET = b"top secret host file\n" * 200
@@ -55,7 +54,7 @@ async def test_header_json_and_protocol_names_are_refused(tmp_path: Path, name: 
     name = json_name(target) if name == "JSON" else name.replace("SECRET", str(target))
     top = qcow2_with_backing(tmp_path / "top.qcow2", name)
     before = top.read_bytes()
-    graph = Graph(EventBus())
+    graph = Graph()
     with pytest.raises(RequestError) as info:
         await graph.open_node(opts(top), top_level=True)
     assert info.value.desc.startswith("Could not open backing file: The backing file name '")
@@ -69,7 +68,7 @@ async def test_plain_paths_are_followed(tmp_path: Path) -> None:
     (tmp_path / "sub").mkdir()
     for name in (str(target), "../secret.txt"):
         top = qcow2_with_backing(tmp_path / "sub" / "top.qcow2", name)
-        graph = Graph(EventBus())
+        graph = Graph()
         node = await graph.open_node(opts(top), top_level=True)
         assert await node.pread(0, 512) == SECRET[:512]
         await graph.close_all()
@@ -78,7 +77,7 @@ async def test_plain_paths_are_followed(tmp_path: Path) -> None:
 async def test_explicit_backing_option_is_always_allowed(tmp_path: Path) -> None:
     target = secret(tmp_path)
     top = qcow2_with_backing(tmp_path / "top.qcow2", json_name(target))
-    graph = Graph(EventBus())
+    graph = Graph()
     node = await graph.open_node(
         {**opts(top), "backing": {"driver": "raw", "file": {"driver": "file",
                                                          "filename": str(target)}}},

@@ -13,12 +13,11 @@ from streamtools import KIB, MIB, create, tool, write
 from blockd.block import chain
 from blockd.block.graph import Graph
 from blockd.block.node import BlockNode
-from blockd.events import EventBus
 
 
 @pytest.fixture
 async def graph() -> AsyncIterator[Graph]:
-    g = Graph(EventBus())
+    g = Graph()
     try:
         yield g
     finally:

@@ -8,7 +8,7 @@ import pytest
 import trio
 from streamtools import KIB, MIB, Harness, check, create, info, write
 
-from blockd.block.locking import Perm
+from blockd.block.host.locking import Perm
 from blockd.block.node import NodeUser
 from blockd.errors import QMPError
 

@@ -11,8 +11,8 @@ from blockd.block.driver import Driver
 from blockd.block.drivers.blkdebug import BlkdebugDriver
 from blockd.block.drivers.copy_on_read import CopyOnReadDriver
 from blockd.block.drivers.file import FileDriver
-from blockd.block.drivers.qcow2 import Qcow2Driver
 from blockd.block.drivers.raw import RawDriver
+from blockd.block.qcow2.driver import Qcow2Driver
 
 DRIVERS: Final[dict[str, type[Driver]]] = {
     "file": FileDriver,

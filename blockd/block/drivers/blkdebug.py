@@ -255,6 +255,14 @@ class BlkdebugDriver(Driver):
     format_name: ClassVar[str] = "blkdebug"
     is_filter: ClassVar[bool] = True
     child_role: ClassVar[str] = "image"
+    filename_prefix: ClassVar[str | None] = "blkdebug:"
+
+    @classmethod
+    def parse_filename(cls, filename: str, base_dir: str) -> dict[str, Any]:
+        """``blkdebug:<config>:<image>`` as blockdev options (:func:`legacy_options`)."""
+        options = legacy_options(filename, base_dir)
+        assert options is not None  # the graph checked the prefix
+        return options
 
     def __init__(self, node: BlockNode, rules: RuleEngine, align: int) -> None:
         super().__init__(node)

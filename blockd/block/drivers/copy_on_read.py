@@ -10,7 +10,7 @@ below ``bottom`` stays where it is. This is how ``block-stream`` copies (QEMU be
 :meth:`CopyOnReadDriver.prefetch` does the copying without returning data. The stream
 job decides per step itself, claims the range (:meth:`~CopyOnReadDriver.claim`) and runs the
 copy (:meth:`~CopyOnReadDriver.copy_claimed`) while it decides the next steps; copies go
-through :mod:`blockd.block.offload` where every layer allows. A copy (its decision, read
+through :mod:`blockd.block.host.offload` where every layer allows. A copy (its decision, read
 and write) and a read or write through the filter never overlap, so a copy cannot store
 stale data over a newer write; every parent of the child writes through the filter once
 ``block-stream`` has inserted it.
@@ -24,8 +24,9 @@ from typing import Any, ClassVar, Final
 
 import trio
 
-from blockd.block import chain, offload
+from blockd.block import chain
 from blockd.block.driver import BlockStatus, Driver
+from blockd.block.host import offload
 from blockd.block.node import BlockNode
 from blockd.block.request_lock import RequestLock
 from blockd.errors import RequestError

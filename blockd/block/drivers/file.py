@@ -9,7 +9,7 @@ aligned (the node pads them) and go through a page-aligned bounce buffer.
 
 Offloaded copies (:meth:`FileDriver.copy_in`) move extents of other ``file`` nodes into
 this one with ``copy_file_range(2)``. Written data is written back in the background
-(:mod:`blockd.block.writebehind`), a flush with nothing written since the last one
+(:mod:`blockd.block.host.writebehind`), a flush with nothing written since the last one
 skips its ``fdatasync``, and a discard punches a hole.
 
 Block status follows QEMU's ``file-posix``: ``SEEK_DATA``/``SEEK_HOLE`` tell data from
@@ -31,11 +31,11 @@ from typing import Any, ClassVar, TypeVar
 import trio
 import trio.lowlevel
 
-from blockd.block import hostio
 from blockd.block.driver import BlockStatus, Driver, Extent, OffloadNotSupported, Status
-from blockd.block.locking import FileLocks
+from blockd.block.host import io as hostio
+from blockd.block.host.locking import FileLocks
+from blockd.block.host.writebehind import WriteBehind
 from blockd.block.node import BlockNode
-from blockd.block.writebehind import WriteBehind
 from blockd.errors import HostError, RequestError
 
 DIRECT_ALIGNMENT = 4096

@@ -1,14 +1,14 @@
 """The ``qcow2`` format driver: versions 2 and 3, reads and allocating writes.
 
-Reads and block status are :class:`~blockd.block.drivers.qcow2_read.Qcow2Reads`; this
+Reads and block status are :class:`~blockd.block.qcow2.read.Qcow2Reads`; this
 module opens images, writes, copies in offloaded extents and writes metadata back.
 
 Theory of operation:
 
 * Open reads the header cluster, the active L1 table and the refcount table, and refuses
   (``ImageError``, nothing written) anything it does not fully understand: see
-  :func:`~blockd.block.qcow2_format.validate_header` and
-  :func:`~blockd.block.qcow2_format.check_tables`.
+  :func:`~blockd.block.qcow2.format.validate_header` and
+  :func:`~blockd.block.qcow2.format.check_tables`.
 * Guest requests are split per L2 table. Clusters whose L2 entry is a normal cluster with
   the COPIED flag (refcount 1) are rewritten in place; every other cluster touched by a
   write (unallocated, zero, compressed, or shared with an internal snapshot) gets a new
@@ -16,8 +16,8 @@ Theory of operation:
   contiguous run and written with one file write; partial clusters at its ends are
   completed from the old contents (copy-on-write from the old cluster or the backing node).
 * Metadata lives in write-back caches (L2 tables in
-  :class:`~blockd.block.qcow2_cache.L2Cache`, refcount blocks in
-  :class:`~blockd.block.qcow2_refcount.Refcounts`) and reaches the disk in QEMU's
+  :class:`~blockd.block.qcow2.cache.L2Cache`, refcount blocks in
+  :class:`~blockd.block.qcow2.refcount.Refcounts`) and reaches the disk in QEMU's
   dependency order: data and refcount increments, flush; L2 tables, flush; L1 entries,
   flush; then the decrements of clusters the new tables no longer reference. A crash at
   any point can leak clusters but never leaves a reference without its refcount.
@@ -45,18 +45,18 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import trio
 
-from blockd.block import qcow2_format as fmt
 from blockd.block.driver import (
     Driver,
     Extent,
     OffloadNotSupported,
     split_extents,
 )
-from blockd.block.drivers.qcow2_read import Qcow2Reads
-from blockd.block.qcow2_cache import L2Cache
-from blockd.block.qcow2_format import ClusterKind, Extension, Header
-from blockd.block.qcow2_refcount import Refcounts
-from blockd.block.qcow2_snapshots import MAX_TABLE_BYTES, ShortTable, Snapshot, parse_table
+from blockd.block.qcow2 import format as fmt
+from blockd.block.qcow2.cache import L2Cache
+from blockd.block.qcow2.format import ClusterKind, Extension, Header
+from blockd.block.qcow2.read import Qcow2Reads
+from blockd.block.qcow2.refcount import Refcounts
+from blockd.block.qcow2.snapshots import MAX_TABLE_BYTES, ShortTable, Snapshot, parse_table
 from blockd.block.request_lock import RequestLock
 from blockd.errors import ImageError
 

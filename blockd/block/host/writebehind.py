@@ -25,7 +25,7 @@ from typing import Any, Final
 import trio
 import trio.lowlevel
 
-from blockd.block import hostio
+from blockd.block.host import io as hostio
 
 #: bytes written between two background writebacks (measured on a 1 GiB stream here:
 #: 4-16 MiB all leave the final flush a few ms; 256 MiB leaves it 140 ms)

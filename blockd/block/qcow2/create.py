@@ -19,7 +19,7 @@ from __future__ import annotations
 import os
 from array import array
 
-from blockd.block import qcow2_format as fmt
+from blockd.block.qcow2 import format as fmt
 
 SECTOR = 512
 

@@ -17,7 +17,6 @@ from collections.abc import Mapping
 from typing import Any, Final
 
 from blockd.block.drivers import DRIVERS
-from blockd.block.drivers.blkdebug import legacy_options
 from blockd.block.node import BlockNode
 from blockd.errors import RequestError
 
@@ -125,7 +124,7 @@ def header_backing_options(
         if fmt and "driver" not in opts:
             opts["driver"] = fmt
         return opts
-    legacy = legacy_options(name, os.path.dirname(image_path(node)))
+    legacy = _legacy_options(name, os.path.dirname(image_path(node)))
     if legacy is not None:  # blkdebug:<config>:<image>, under the recorded format
         image = legacy["image"]["filename"]
         return {"driver": fmt or _probe_format(image), "file": legacy}
@@ -136,3 +135,11 @@ def header_backing_options(
     if cls is not None and cls.protocol_name is not None:
         return {"driver": fmt, "filename": path}
     return {"driver": fmt, "file": {"driver": "file", "filename": path}}
+
+
+def _legacy_options(name: str, base_dir: str) -> dict[str, Any] | None:
+    """The options of a legacy ``<prefix>:...`` filename a driver understands, if any."""
+    for cls in DRIVERS.values():
+        if cls.filename_prefix is not None and name.startswith(cls.filename_prefix):
+            return cls.parse_filename(name, base_dir)
+    return None

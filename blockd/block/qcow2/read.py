@@ -1,6 +1,6 @@
 """The read side of the ``qcow2`` driver: guest reads, block status, cluster lookups.
 
-:class:`Qcow2Reads` is a part of :class:`~blockd.block.drivers.qcow2.Qcow2Driver`, which
+:class:`Qcow2Reads` is a part of :class:`~blockd.block.qcow2.driver.Qcow2Driver`, which
 sets the attributes declared here when it opens an image; the write side (allocation,
 copy-on-write, offloaded copies) builds on these lookups. Requests are split per L2
 table; runs of clusters of the same kind (and contiguous host clusters) are read with one
@@ -17,14 +17,14 @@ import zlib
 from array import array
 from typing import TYPE_CHECKING, Any
 
-from blockd.block import qcow2_format as fmt
 from blockd.block.driver import BlockStatus, Status
-from blockd.block.qcow2_format import ClusterKind, Header
+from blockd.block.qcow2 import format as fmt
+from blockd.block.qcow2.format import ClusterKind, Header
 from blockd.errors import ImageError
 
 if TYPE_CHECKING:
     from blockd.block.node import BlockNode
-    from blockd.block.qcow2_cache import L2Cache
+    from blockd.block.qcow2.cache import L2Cache
     from blockd.block.request_lock import RequestLock
 
 _KIND = fmt.cluster_kind

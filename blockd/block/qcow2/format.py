@@ -1,7 +1,7 @@
 """qcow2 on-disk format: header, header extensions, table entries, refcount blocks.
 
 Pure functions and frozen records, no I/O. Everything here mirrors the layout described in
-QEMU's ``docs/interop/qcow2.txt``; the driver (:mod:`blockd.block.drivers.qcow2`) does the
+QEMU's ``docs/interop/qcow2.txt``; the driver (:mod:`blockd.block.qcow2.driver`) does the
 reading and writing.
 
 References:

@@ -11,8 +11,8 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from blockd.block.backing_names import image_path, resolve_backing_path
 from blockd.block.graph import Graph
+from blockd.block.names.backing import image_path, resolve_backing_path
 from blockd.block.node import BlockNode
 
 

@@ -1,4 +1,7 @@
-"""The iteration orders of QEMU's containers, where they decide which error QEMU reports.
+"""The iteration orders of QEMU's containers, where they decide what QEMU prints.
+
+Pure and shared: the QMP core uses them to pick the error QEMU reports, the block layer to
+order ``json:`` filenames as QEMU prints its options QDict.
 
 Two places in QEMU pick "the first" of several offending keys by walking a hash table:
 

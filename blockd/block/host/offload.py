@@ -50,10 +50,8 @@ async def _map_run(node: BlockNode, offset: int, length: int) -> tuple[Extent | 
 
 
 def _host_file(node: BlockNode | None) -> bool:
-    """Whether ``node`` is a ``file`` node that takes part in offloaded copies."""
-    from blockd.block.drivers.file import FileDriver  # drivers import this module
-
-    return node is not None and isinstance(node.driver, FileDriver) and node.driver.offloads
+    """Whether ``node`` is a protocol node that takes part in offloaded copies."""
+    return node is not None and node.driver.offloads
 
 
 def chain_offloads(dest: BlockNode, bottom: BlockNode | None) -> bool:

@@ -8,7 +8,7 @@ a 64 MiB image with 64 KiB clusters maps its guest with 8 KiB of its one 64 KiB 
 
 An L2 slice may reach the disk only after the refcounts of every cluster it points to
 (and of its table) are stable, so evicting a dirty slice first makes the refcount cache
-write back (see :mod:`blockd.block.qcow2_refcount`). Slices are native ``array('Q')``
+write back (see :mod:`blockd.block.qcow2.refcount`). Slices are native ``array('Q')``
 objects shared with the driver; a slice changed after an eviction is put back by
 :meth:`L2Cache.changed`, so no change is lost.
 
@@ -23,11 +23,11 @@ from array import array
 from collections import OrderedDict
 from typing import TYPE_CHECKING
 
-from blockd.block import qcow2_format as fmt
+from blockd.block.qcow2 import format as fmt
 
 if TYPE_CHECKING:
     from blockd.block.node import BlockNode
-    from blockd.block.qcow2_refcount import Refcounts
+    from blockd.block.qcow2.refcount import Refcounts
 
 
 class L2Cache:

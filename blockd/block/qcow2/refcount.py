@@ -43,7 +43,7 @@ from collections import OrderedDict
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
-from blockd.block.qcow2_format import (
+from blockd.block.qcow2.format import (
     REFTABLE_OFFSET_MASK,
     decode_refblock,
     decode_table,
