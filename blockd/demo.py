@@ -27,7 +27,7 @@ from typing import Final
 
 import trio
 
-from blockd.client import Client, ClientError, connect
+from blockd.client.connection import Client, ClientError, connect
 
 MiB: Final = 1024 * 1024
 IMAGE_SIZE: Final = 4 * MiB

@@ -15,17 +15,23 @@ Usage::
 
 from __future__ import annotations
 
-import errno
 import itertools
 import math
-import os
-import stat
 from collections.abc import AsyncIterator, Iterator, Mapping
 from contextlib import asynccontextmanager, contextmanager
 from typing import Any
 
 import trio
 
+from blockd.client.errors import (
+    ClientError,
+    CommandError,
+    ConnectError,
+    ConnectionLost,
+    describe_connect_error,
+    no_greeting,
+    unusable_monitor,
+)
 from blockd.client.wire import (
     Decoder,
     Event,
@@ -39,55 +45,17 @@ from blockd.client.wire import (
 #: Seconds to wait for the greeting and for the capabilities negotiation.
 HANDSHAKE_TIMEOUT = 5.0
 
-
-class ClientError(Exception):
-    """Base of every error raised by this client; ``str()`` is meant for people."""
-
-
-class ConnectError(ClientError):
-    """Could not reach a QMP monitor at the given address."""
-
-
-class ConnectionLost(ClientError):
-    """The server closed the connection (or sent garbage) while we were using it."""
-
-
-class CommandError(ClientError):
-    """The server answered a command with ``{"error": ...}``.
-
-    Attributes:
-        command: the command name.
-        error_class: QMP error class (``GenericError``, ``DeviceNotActive``, ...).
-        desc: the server's message, unchanged.
-    """
-
-    def __init__(self, command: str, error_class: str, desc: str) -> None:
-        super().__init__(desc)
-        self.command = command
-        self.error_class = error_class
-        self.desc = desc
-
-
-def describe_connect_error(path: str, exc: OSError) -> str:
-    """A one-line explanation of why connecting to the UNIX socket ``path`` failed."""
-    code = exc.errno
-    try:
-        mode = os.stat(path).st_mode
-    except OSError:
-        mode = None
-    if mode is not None and not stat.S_ISSOCK(mode):
-        return f"{path}: not a socket; pass the daemon's QMP socket with -s PATH"
-    if code == errno.ENOENT:
-        if not os.path.isdir(os.path.dirname(os.path.abspath(path))):
-            return f"{path}: no such directory; is the socket path right?"
-        return f"{path}: no such socket; is the daemon running? (start it, or pass -s PATH)"
-    if code == errno.ECONNREFUSED:
-        return f"{path}: connection refused; the daemon is not running (stale socket file)"
-    if code in (errno.ENOTSOCK, errno.ENOTDIR):
-        return f"{path}: not a socket; pass the daemon's QMP socket with -s PATH"
-    if code in (errno.EACCES, errno.EPERM):
-        return f"{path}: permission denied; run as a user that may open the socket"
-    return f"{path}: cannot connect: {exc.strerror or exc}"
+__all__ = [
+    "HANDSHAKE_TIMEOUT",
+    "Client",
+    "ClientError",
+    "CommandError",
+    "ConnectError",
+    "ConnectionLost",
+    "connect",
+    "describe_connect_error",
+    "single",
+]
 
 
 class Client:
@@ -216,12 +184,9 @@ async def connect(
             with trio.fail_after(timeout):
                 await client._handshake()
         except trio.TooSlowError as exc:
-            raise ConnectError(
-                f"{path}: no QMP greeting within {timeout:g}s; is another client holding "
-                "the monitor, or is this not a QMP socket?"
-            ) from exc
+            raise no_greeting(path, timeout) from exc
         except (ClientError, ProtocolError) as exc:
-            raise ConnectError(f"{path}: not a usable QMP monitor: {exc}") from exc
+            raise unusable_monitor(path, exc) from exc
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(client._reader)

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import trio
 
-from blockd.client import CommandError, ConnectError, connect
+from blockd.client.connection import CommandError, ConnectError, connect
 from blockd.client.lab import make_chain
 
 from .conftest import Lab

@@ -7,7 +7,7 @@ import subprocess
 
 import trio
 
-from blockd.client import connect
+from blockd.client.connection import connect
 from blockd.client.follow import JOB_EVENTS, Outcome, follow_job
 from blockd.client.lab import make_chain
 
