@@ -9,6 +9,10 @@ serves one client per monitor socket, and figure 4 runs ten clients at once):
 Every timed run uses a fresh process, so its peak RSS (``VmHWM``) and CPU time
 (``utime + stime`` from ``/proc/PID/stat``) belong to that run alone. Processes are
 stopped by their own pid: SIGTERM, then SIGKILL after a grace period.
+
+Daemons run in Python's safe-path mode (``PYTHONSAFEPATH=1``, as the test suite's), so
+``python -m blockd`` started from the checkout runs the installed package, as users have
+it, and not the checkout's ``blockd/`` (which lacks the schema the build ships).
 """
 
 from __future__ import annotations
@@ -93,6 +97,12 @@ def blockd_spec(command: str | None, repo_root: Path) -> DaemonSpec:
     return DaemonSpec("blockd", label, argv, str(repo_root))
 
 
+def daemon_env() -> dict[str, str]:
+    """This process's environment with ``PYTHONSAFEPATH=1``: a Python started in it does
+    not put its working directory (or a script's) first on ``sys.path``."""
+    return {**os.environ, "PYTHONSAFEPATH": "1"}
+
+
 def monitor_args(sockets: list[Path]) -> list[str]:
     """The ``--chardev``/``--monitor`` pairs for ``sockets``, ids mon0, mon1, ..."""
     args: list[str] = []
@@ -124,6 +134,7 @@ class Daemon:
             stdout=self._log,
             stderr=subprocess.STDOUT,
             cwd=spec.cwd,
+            env=daemon_env(),
         )
         self.pid = self.proc.pid
         self._timeout = timeout
