@@ -1,23 +1,32 @@
 """The benchmark harness's own parts, on tiny inputs: the chain builder (judged by
 qemu-img), the raw QMP client and one measured run against a real qemu-storage-daemon
-(skipped when none is installed), and the rule that unavailable figures are never filled
-in. Nothing here asserts a speed."""
+(skipped when none is installed), one start-up round against it and against the installed
+blockd, and the rule that unavailable figures are never filled in. Nothing here asserts a
+speed."""
 
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
+import tempfile
 from pathlib import Path
 from typing import Any
 
 import pytest
-from repo import load_package
+from repo import ROOT, load_package
 
 load_package("benchmarks")  # not an installed package
 
-from benchmarks import figures, report, run  # noqa: E402
+from benchmarks import figures, report, run, startup  # noqa: E402
 from benchmarks.chains import MiB, build_chain, clone_chain  # noqa: E402
-from benchmarks.daemons import Daemon, DaemonSpec, default_reference, reference_spec  # noqa: E402
+from benchmarks.daemons import (  # noqa: E402
+    Daemon,
+    DaemonSpec,
+    blockd_spec,
+    default_reference,
+    reference_spec,
+)
 from benchmarks.qmp_client import QMPError  # noqa: E402
 
 SIZE = 4 * MiB
@@ -199,3 +208,73 @@ def test_rate_estimator_error_on_an_ideal_limiter(window: float, bound: float) -
         for burst in (0.0, 0.005, 0.05)
     ]
     assert max(errors) < bound
+
+
+# -- figure 8: start-up -----------------------------------------------------------------------
+
+
+def importtime_line(self_us: int, cumulative: int, level: int, name: str) -> str:
+    return f"import time: {self_us:9d} | {cumulative:10d} | {' ' * (2 * level)}{name}"
+
+
+def test_import_breakdown_counts_the_commands_imports_by_package() -> None:
+    report_text = "\n".join(
+        [
+            "import time: self [us] | cumulative | imported package",
+            importtime_line(500, 500, 0, "site"),  # the interpreter's own: left out
+            importtime_line(40, 40, 0, "blockd"),
+            importtime_line(30, 30, 2, "trio._core"),
+            importtime_line(10, 40, 1, "trio"),
+            importtime_line(15, 15, 2, "jsonschema._format"),
+            importtime_line(5, 20, 1, "jsonschema"),
+            importtime_line(8, 8, 2, "trio._extra"),  # entered again from blockd.qmp
+            importtime_line(12, 20, 1, "blockd.qmp"),
+            importtime_line(20, 100, 0, "blockd.run"),
+        ]
+    )
+    total, packages = startup.import_breakdown(report_text)
+    assert total == 140
+    assert packages == {"blockd": (140, 72), "trio": (48, 48), "jsonschema": (20, 20)}
+    assert sum(own for _, own in packages.values()) == total
+
+
+@needs_qsd
+def test_startup_round_against_each_daemon(qsd: DaemonSpec, tmp_path: Path) -> None:
+    blockctl = startup.find_blockctl()
+    assert blockctl is not None, "blockctl is installed with blockd"
+    work = Path(tempfile.mkdtemp(prefix="blockd-"))  # short socket paths
+    try:
+        for spec in (qsd, blockd_spec(None, ROOT)):
+            rec = startup.startup_run(spec, work, qemu_img="qemu-img", blockctl=blockctl)
+            assert set(rec) == {
+                "accept_seconds",
+                "blockdev_add_seconds",
+                "blockctl_seconds",
+                "idle_rss_mib",
+                "open_rss_mib",
+            }
+            assert 0 < rec["accept_seconds"] < rec["blockdev_add_seconds"]
+            assert rec["blockctl_seconds"] > 0
+            assert rec["idle_rss_mib"] > 0 and rec["open_rss_mib"] > 0
+        assert list(work.iterdir()) == []  # every run cleaned up after itself
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def test_startup_run_fails_rather_than_guess(tmp_path: Path) -> None:
+    dead = DaemonSpec("blockd", "exits at once", ("false",))
+    with pytest.raises(figures.RunFailed, match="exited with status 1"):
+        startup.startup_run(dead, tmp_path, qemu_img="qemu-img", blockctl="blockctl")
+    with pytest.raises(figures.RunFailed, match="no blockctl"):
+        startup.startup_run(dead, tmp_path, qemu_img="qemu-img", blockctl=None)
+
+
+def test_floor_run_splits_import_blockd_run(tmp_path: Path) -> None:
+    rec = startup.floor_run(tmp_path)
+    assert rec["python_seconds"] > 0 and rec["trio_seconds"] > 0
+    assert rec["blockd_import_seconds"] > 0
+    total = rec["importtime_total_us"]
+    assert rec["import_us:blockd"] == total  # blockd.run is what the command imports
+    assert 0 < rec["import_self_us:trio"] <= rec["import_us:trio"] < total
+    assert "import_us:site" not in rec  # the interpreter's own start-up is not counted
+    assert list(tmp_path.iterdir()) == []
