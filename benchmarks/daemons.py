@@ -9,6 +9,10 @@ serves one client per monitor socket, and figure 4 runs ten clients at once):
 Every timed run uses a fresh process, so its peak RSS (``VmHWM``) and CPU time
 (``utime + stime`` from ``/proc/PID/stat``) belong to that run alone. Processes are
 stopped by their own pid: SIGTERM, then SIGKILL after a grace period.
+
+Daemons run in Python's safe-path mode (``PYTHONSAFEPATH=1``, as the test suite's), so
+``python -m blockd`` started from the checkout runs the installed package, as users have
+it, and not the checkout's ``blockd/`` (which lacks the schema the build ships).
 """
 
 from __future__ import annotations
@@ -93,6 +97,12 @@ def blockd_spec(command: str | None, repo_root: Path) -> DaemonSpec:
     return DaemonSpec("blockd", label, argv, str(repo_root))
 
 
+def daemon_env() -> dict[str, str]:
+    """This process's environment with ``PYTHONSAFEPATH=1``: a Python started in it does
+    not put its working directory (or a script's) first on ``sys.path``."""
+    return {**os.environ, "PYTHONSAFEPATH": "1"}
+
+
 def monitor_args(sockets: list[Path]) -> list[str]:
     """The ``--chardev``/``--monitor`` pairs for ``sockets``, ids mon0, mon1, ..."""
     args: list[str] = []
@@ -107,29 +117,43 @@ class Daemon:
 
     Use as a context manager: the process is stopped (and waited for) on exit.
 
+    Args:
+        wait_bound: return once every monitor socket is bound (``startup_seconds`` is then
+            the time from spawn to that); False: return right after the exec, the caller
+            waits as it needs (``startup_seconds`` is NaN).
+
+    Attributes:
+        spawned: ``time.perf_counter()`` just before the process was spawned.
+
     Raises:
         RuntimeError: the process exits or no monitor accepts within ``timeout``.
     """
 
-    def __init__(self, spec: DaemonSpec, rundir: Path, *, timeout: float = 30.0) -> None:
+    def __init__(
+        self, spec: DaemonSpec, rundir: Path, *, timeout: float = 30.0, wait_bound: bool = True
+    ) -> None:
         self.spec = spec
         rundir.mkdir(parents=True, exist_ok=True)
         self.rundir = rundir
         self.sockets = [rundir / f"m{i}.sock" for i in range(MONITORS)]
         self.log_path = rundir / "daemon.log"
         self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
+        self.spawned = time.perf_counter()
         self.proc = subprocess.Popen(
             [*spec.argv, *monitor_args(self.sockets)],
             stdin=subprocess.DEVNULL,
             stdout=self._log,
             stderr=subprocess.STDOUT,
             cwd=spec.cwd,
+            env=daemon_env(),
         )
         self.pid = self.proc.pid
         self._timeout = timeout
-        t0 = time.monotonic()
-        self._wait_ready(t0 + timeout)
-        self.startup_seconds = time.monotonic() - t0  # spawn to all monitor sockets bound
+        self.startup_seconds = float("nan")
+        if wait_bound:
+            t0 = time.monotonic()
+            self._wait_ready(t0 + timeout)
+            self.startup_seconds = time.monotonic() - t0  # spawn to all monitor sockets bound
 
     def _wait_ready(self, deadline: float) -> None:
         while not all(s.exists() for s in self.sockets):

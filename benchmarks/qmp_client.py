@@ -54,28 +54,45 @@ class QMPClient:
         path: the monitor socket.
         timeout: seconds any single socket operation may block.
         negotiate: run ``qmp_capabilities`` after the greeting.
+        sock: a socket already connected to ``path`` to speak over instead of connecting
+            anew (the client owns it from then on, and closes it if the greeting fails).
 
     Raises:
         OSError: the socket cannot be connected.
         QMPProtocolError: the greeting is missing or malformed.
     """
 
-    def __init__(self, path: str, *, timeout: float = 30.0, negotiate: bool = True) -> None:
-        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    def __init__(
+        self,
+        path: str,
+        *,
+        timeout: float = 30.0,
+        negotiate: bool = True,
+        sock: socket.socket | None = None,
+    ) -> None:
         self._timeout = timeout
-        self._sock.settimeout(timeout)
-        try:
-            self._sock.connect(path)
-        except OSError:
-            self._sock.close()
-            raise
+        if sock is None:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.settimeout(timeout)
+            try:
+                sock.connect(path)
+            except OSError:
+                sock.close()
+                raise
+        else:
+            sock.settimeout(timeout)
+        self._sock = sock
         self._buf = ""
         self._raw = bytearray()
         self._next_id = 0
         self.events: deque[JSONObject] = deque()
-        greeting = self._read_message()
-        if "QMP" not in greeting:
-            raise QMPProtocolError(f"expected a QMP greeting, got {greeting!r}")
+        try:
+            greeting = self._read_message()
+            if "QMP" not in greeting:
+                raise QMPProtocolError(f"expected a QMP greeting, got {greeting!r}")
+        except BaseException:
+            sock.close()
+            raise
         self.greeting: JSONObject = greeting
         if negotiate:
             self.execute("qmp_capabilities")

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 
 from benchmarks.chains import GiB, MiB
 from benchmarks.daemons import DaemonSpec
+from benchmarks.startup import IMPORT_CUMULATIVE, IMPORT_SELF
 
 if TYPE_CHECKING:
     from benchmarks.figures import Record
@@ -168,7 +169,80 @@ def rows_for(plan: Plan, tests: Sequence[Test]) -> list[Row]:
                     "flat",
                 )
             )
+    if "startup" in names:
+        r += [
+            Row("8", "start-up: exec to accepting socket, s", "startup", "accept_seconds", ".3f"),
+            Row(
+                "8",
+                "start-up: exec to blockdev-add reply, s",
+                "startup",
+                "blockdev_add_seconds",
+                ".3f",
+                "<= 0.15 s",
+            ),
+            Row(
+                "8",
+                "blockctl jobs: exec to exit, s",
+                "startup",
+                "blockctl_seconds",
+                ".3f",
+                "<= 0.15 s",
+            ),
+            Row(
+                "8",
+                "idle RSS (no node, no client): MiB",
+                "startup",
+                "idle_rss_mib",
+                ".1f",
+                "<= 25 MiB",
+            ),
+            Row("8", "RSS after the blockdev-add: MiB", "startup", "open_rss_mib", ".1f"),
+        ]
+    if "startup_floor" in names:
+        f = "startup_floor"
+        r += [
+            Row("8", "floor: python -c pass, s", f, "python_seconds", ".3f"),
+            Row("8", "floor: python -c 'import trio', s", f, "trio_seconds", ".3f"),
+            Row("8", "floor: python -c 'import blockd.run', s", f, "blockd_import_seconds", ".3f"),
+            Row("8", "  under -X importtime: cumulative us", f, "importtime_total_us", ".0f"),
+        ]
     return r
+
+
+#: how many top-level packages the floor of figure 8 lists
+TOP_IMPORTS = 8
+
+
+def _with_import_rows(
+    rows: Sequence[Row], out: dict[str, dict[str, Outcome]], key: str
+) -> list[Row]:
+    """``rows`` with, after the ``-X importtime`` total of figure 8, one row for each of
+    the ``TOP_IMPORTS`` top-level packages with the highest median cumulative import
+    time in daemon ``key``'s floor runs (its median self time in the label): which
+    packages those are is known only once measured."""
+    at = next((i for i, r in enumerate(rows) if r.key == "importtime_total_us"), None)
+    o = None if at is None else out.get(rows[at].test, {}).get(key)
+    if at is None or o is None or not o.runs:
+        return list(rows)
+    names = {
+        k.removeprefix(IMPORT_CUMULATIVE)
+        for run in o.runs
+        for k in run
+        if k.startswith(IMPORT_CUMULATIVE)
+    }
+    cumulative = {n: median_of(o, IMPORT_CUMULATIVE + n) or 0.0 for n in names}
+    top = sorted(names, key=lambda n: (-cumulative[n], n))[:TOP_IMPORTS]
+    extra = [
+        Row(
+            "8",
+            f"    {n} (self {median_of(o, IMPORT_SELF + n) or 0:.0f} us)",
+            rows[at].test,
+            IMPORT_CUMULATIVE + n,
+            ".0f",
+        )
+        for n in top
+    ]
+    return [*rows[: at + 1], *extra, *rows[at + 1 :]]
 
 
 def median_of(outcome: Outcome | None, key: str) -> float | None:
@@ -200,6 +274,7 @@ def render(
     """The table's lines (medians, ratios blockd/reference, targets, then what could not
     be measured and why) and the same rows as records for the JSON file."""
     ref, bd = daemons[0].key, daemons[1].key
+    rows = _with_import_rows(rows, out, bd)
     lines = [
         f"{'fig':3s} {'measure':44s} {'reference':>10s} {'blockd':>10s} {'blockd/ref':>10s}  target"
     ]
@@ -276,7 +351,9 @@ def render(
 
 def summary(plan: Plan, out: dict[str, dict[str, Outcome]], daemons: Sequence[DaemonSpec]) -> str:
     """The one-line summary; when blockd's figures are missing it says why and gives the
-    reference's own figures instead of ratios."""
+    reference's own figures instead of ratios. Start-up (figure 8: exec to the first
+    blockdev-add reply), blockctl and idle RSS are blockd's own figures, as rate and rss
+    are, since their targets are absolute."""
     ref, bd = daemons[0].key, daemons[1].key
 
     def med(test: str, key: str, who: str) -> float | None:
@@ -291,14 +368,19 @@ def summary(plan: Plan, out: dict[str, dict[str, Outcome]], daemons: Sequence[Da
         a = med("concurrent", "aggregate_virtual_mibps", ref)
         return f" (durable bound {ceiling / a:.2f}x)" if ceiling and a else ""
 
-    rate = med("rate", "ratio", bd)
-    rss = med("concurrent", "peak_rss_mib", bd)
+    def absolute(name: str, test: str, key: str, fmt: str) -> str:
+        value = med(test, key, bd)
+        return f"{name} {fmt.format(value)}" if value is not None else f"{name} n/a"
+
     parts = [
         f"stream {ratio('full', 'virtual_mibps')}",
-        f"rate {rate:.3f}" if rate is not None else "rate n/a",
+        absolute("rate", "rate", "ratio", "{:.3f}"),
         f"qmp {ratio('qmp', 'seq_median_us')}",
         f"16x {ratio('concurrent', 'aggregate_virtual_mibps')}{durable_bound()}",
-        f"rss {rss:.0f} MiB" if rss is not None else "rss n/a",
+        absolute("rss", "concurrent", "peak_rss_mib", "{:.0f} MiB"),
+        absolute("startup", "startup", "blockdev_add_seconds", "{:.3f} s"),
+        absolute("blockctl", "startup", "blockctl_seconds", "{:.3f} s"),
+        absolute("idle rss", "startup", "idle_rss_mib", "{:.0f} MiB"),
     ]
     line = "summary: " + ", ".join(parts)
     missing = sorted(
@@ -316,6 +398,9 @@ def summary(plan: Plan, out: dict[str, dict[str, Outcome]], daemons: Sequence[Da
             ("qmp", med("qmp", "seq_median_us", ref), "{:.0f} us"),
             ("16x", med("concurrent", "aggregate_virtual_mibps", ref), "{:.0f} MiB/s"),
             ("rss", med("concurrent", "peak_rss_mib", ref), "{:.0f} MiB"),
+            ("startup", med("startup", "blockdev_add_seconds", ref), "{:.3f} s"),
+            ("blockctl", med("startup", "blockctl_seconds", ref), "{:.3f} s"),
+            ("idle rss", med("startup", "idle_rss_mib", ref), "{:.0f} MiB"),
         ]
         shown = ", ".join(f"{n} {f.format(v)}" for n, v, f in rv if v is not None)
         why = missing[0].split(";")[0][:100]

@@ -8,9 +8,11 @@ Theory of operation: inputs are built once (benchmarks/chains.py) and only read;
 timed run streams a fresh copy of top in a fresh daemon process (benchmarks/figures.py).
 For every repetition, every test runs on the reference and then on blockd (A B A B ...),
 so slow drifts of the machine hit both alike; each figure is the median over the
-repetitions. A daemon that lacks a command a test needs (blockd before block-stream
-landed) is reported as unavailable for that test; a run that fails is reported as failed
-and the test is not retried on that daemon. Nothing is ever estimated or filled in.
+repetitions (figure 8 runs several rounds per repetition, the daemons alternating each
+round, and takes the median over all of them). A daemon that lacks a command a test
+needs (blockd before block-stream landed) is reported as unavailable for that test; a run
+that fails is reported as failed and the test is not retried on that daemon. Nothing is
+ever estimated or filled in.
 Progress goes to stderr; the table (benchmarks/report.py) to stdout, and its last line is
 the summary.
 """
@@ -33,7 +35,7 @@ from types import FrameType
 if __package__ in (None, ""):  # run as a script: python benchmarks/run.py
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks import figures, noise
+from benchmarks import figures, noise, startup
 from benchmarks.chains import Chain, GiB, MiB, build_chain, clone_chain
 from benchmarks.daemons import (
     Daemon,
@@ -69,6 +71,7 @@ class Plan:
     scale_sizes: tuple[int, ...]  # figure 7
     verify: str  # "first" (first repetition only), "all" or "none"
     settle_cap: int | None  # bytes; noise control touches at most this much memory
+    startup_rounds: int  # figure 8: start-ups of each daemon per repetition
     figures: frozenset[int]
     seed: int
 
@@ -80,13 +83,24 @@ HostRun = Callable[[], Record]
 @dataclass
 class Test:
     """One test: run against each daemon (``daemon_run``) or once on the host (``host_run``,
-    figure 2), with the QMP commands a daemon needs for it."""
+    figure 2), with the QMP commands a daemon needs for it.
+
+    Each repetition runs it ``rounds`` times, the daemons alternating (A B A B ...); each
+    round's record is one of the runs the figure's median is taken over. ``only``, a
+    daemon's key, runs it against that daemon alone (the others get no outcome).
+    """
 
     name: str
     figure: int
     needs: frozenset[str] = frozenset()
     daemon_run: DaemonRun | None = None
     host_run: HostRun | None = None
+    rounds: int = 1
+    only: str | None = None
+
+    def targets(self, daemons: Sequence[DaemonSpec]) -> list[DaemonSpec]:
+        """The daemons this test runs against, in order."""
+        return [d for d in daemons if self.only in (None, d.key)]
 
 
 @dataclass
@@ -131,7 +145,7 @@ def make_plan(args: argparse.Namespace) -> Plan:
     figs = (
         frozenset(int(x) for x in args.figures.split(","))
         if args.figures
-        else frozenset(range(1, 8))
+        else frozenset(range(1, 9))
     )
     return Plan(
         quick=quick,
@@ -147,6 +161,7 @@ def make_plan(args: argparse.Namespace) -> Plan:
         verify=args.verify,
         settle_cap=(args.settle_cap if args.settle_cap is not None else 1024 if quick else 0) * MiB
         or None,
+        startup_rounds=5,
         figures=figs,
         seed=args.seed,
     )
@@ -185,6 +200,14 @@ def build_tests(plan: Plan, work: Path, qemu_img: str) -> list[Test]:
     def concurrent(spec: DaemonSpec, verify: bool) -> Record:
         return figures.concurrent_run(spec, work, clones, verify=verify)
 
+    blockctl = startup.find_blockctl()
+
+    def start(spec: DaemonSpec, verify: bool) -> Record:
+        return startup.startup_run(spec, work, qemu_img=qemu_img, blockctl=blockctl)
+
+    def floor(spec: DaemonSpec, verify: bool) -> Record:
+        return startup.floor_run(work)
+
     tests: list[Test] = []
     f = plan.figures
     if f & {1, 6}:
@@ -217,6 +240,10 @@ def build_tests(plan: Plan, work: Path, qemu_img: str) -> list[Test]:
             _say(f"  skipping the {size // GiB} GiB scale point: {free / GiB:.1f} GiB free")
             continue
         tests.append(Test(f"scale_{size // MiB}", 7, STREAM_CMDS, stream(chain(size), False)))
+    if 8 in f:
+        n = plan.startup_rounds
+        tests.append(Test("startup", 8, startup.STARTUP_CMDS, start, rounds=n))
+        tests.append(Test("startup_floor", 8, daemon_run=floor, rounds=n, only="blockd"))
     return tests
 
 
@@ -233,7 +260,7 @@ def measure(
         if t.host_run is not None:
             out[t.name]["host"] = Outcome()
             continue
-        for d in daemons:
+        for d in t.targets(daemons):
             o = out[t.name][d.key] = Outcome()
             cmds = commands[d.key]
             if cmds is None:
@@ -243,8 +270,8 @@ def measure(
     for rep in range(plan.reps):
         verify = plan.verify == "all" or (plan.verify == "first" and rep == 0)
         for t in tests:
-            targets: list[DaemonSpec | None] = [None] if t.host_run else list(daemons)
-            for spec in targets:
+            targets: list[DaemonSpec | None] = [None] if t.host_run else [*t.targets(daemons)]
+            for spec in (s for _ in range(t.rounds) for s in targets):
                 key = "host" if spec is None else spec.key
                 o = out[t.name][key]
                 if o.unavailable or o.failure:
@@ -275,6 +302,10 @@ def _brief(rec: Record) -> str:
         return f"rate {rec['ratio']:.3f}"
     if "seq_median_us" in rec:
         return f"median {rec['seq_median_us']:.0f} us"
+    if "blockdev_add_seconds" in rec:
+        return f"blockdev-add reply {rec['blockdev_add_seconds']:.3f} s after exec"
+    if "importtime_total_us" in rec:
+        return f"import blockd.run {rec['importtime_total_us'] / 1000:.0f} ms"
     return ""
 
 
@@ -315,7 +346,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--blockd", default=None, help="command starting blockd (default: this python -m blockd)"
     )
-    p.add_argument("--figures", default="", help="comma-separated subset of 1-7 (default all)")
+    p.add_argument("--figures", default="", help="comma-separated subset of 1-8 (default all)")
     p.add_argument("--json", type=Path, default=None, help="save all runs and the table here")
     p.add_argument(
         "--workdir",

@@ -1,23 +1,32 @@
 """The benchmark harness's own parts, on tiny inputs: the chain builder (judged by
 qemu-img), the raw QMP client and one measured run against a real qemu-storage-daemon
-(skipped when none is installed), and the rule that unavailable figures are never filled
-in. Nothing here asserts a speed."""
+(skipped when none is installed), one start-up round against it and against the installed
+blockd, and the rule that unavailable figures are never filled in. Nothing here asserts a
+speed."""
 
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
+import tempfile
 from pathlib import Path
 from typing import Any
 
 import pytest
-from repo import load_package
+from repo import ROOT, load_package
 
 load_package("benchmarks")  # not an installed package
 
-from benchmarks import figures, report, run  # noqa: E402
+from benchmarks import figures, report, run, startup  # noqa: E402
 from benchmarks.chains import MiB, build_chain, clone_chain  # noqa: E402
-from benchmarks.daemons import Daemon, DaemonSpec, default_reference, reference_spec  # noqa: E402
+from benchmarks.daemons import (  # noqa: E402
+    Daemon,
+    DaemonSpec,
+    blockd_spec,
+    default_reference,
+    reference_spec,
+)
 from benchmarks.qmp_client import QMPError  # noqa: E402
 
 SIZE = 4 * MiB
@@ -199,3 +208,181 @@ def test_rate_estimator_error_on_an_ideal_limiter(window: float, bound: float) -
         for burst in (0.0, 0.005, 0.05)
     ]
     assert max(errors) < bound
+
+
+# -- figure 8: start-up -----------------------------------------------------------------------
+
+SPECS = [DaemonSpec("reference", "ref", ("x",)), DaemonSpec("blockd", "blockd", ("y",))]
+
+
+def importtime_line(self_us: int, cumulative: int, level: int, name: str) -> str:
+    return f"import time: {self_us:9d} | {cumulative:10d} | {' ' * (2 * level)}{name}"
+
+
+def test_import_breakdown_counts_the_commands_imports_by_package() -> None:
+    report_text = "\n".join(
+        [
+            "import time: self [us] | cumulative | imported package",
+            importtime_line(500, 500, 0, "site"),  # the interpreter's own: left out
+            importtime_line(40, 40, 0, "blockd"),
+            importtime_line(30, 30, 2, "trio._core"),
+            importtime_line(10, 40, 1, "trio"),
+            importtime_line(15, 15, 2, "jsonschema._format"),
+            importtime_line(5, 20, 1, "jsonschema"),
+            importtime_line(8, 8, 2, "trio._extra"),  # entered again from blockd.qmp
+            importtime_line(12, 20, 1, "blockd.qmp"),
+            importtime_line(20, 100, 0, "blockd.run"),
+        ]
+    )
+    total, packages = startup.import_breakdown(report_text)
+    assert total == 140
+    assert packages == {"blockd": (140, 72), "trio": (48, 48), "jsonschema": (20, 20)}
+    assert sum(own for _, own in packages.values()) == total
+
+
+def test_startup_tests_run_in_alternating_rounds(tmp_path: Path) -> None:
+    plan = run.make_plan(run.parse_args(["--quick", "--figures", "8"]))
+    assert plan.startup_rounds >= 5 and plan.reps == 2
+    assert 8 in run.make_plan(run.parse_args(["--quick"])).figures
+    assert 8 in run.make_plan(run.parse_args([])).figures
+    tests = run.build_tests(plan, tmp_path, "qemu-img")
+    assert [(t.name, t.rounds, t.only) for t in tests] == [
+        ("startup", plan.startup_rounds, None),
+        ("startup_floor", plan.startup_rounds, "blockd"),
+    ]
+    calls: list[tuple[str, str]] = []
+
+    def fake(name: str) -> run.DaemonRun:
+        def one(spec: DaemonSpec, verify: bool) -> figures.Record:
+            calls.append((name, spec.key))
+            if name == "startup" and spec.key == "blockd" and len(calls) == 6:
+                raise figures.RunFailed("third round failed")
+            return {"blockdev_add_seconds": 0.1}
+
+        return one
+
+    fakes = [
+        run.Test("startup", 8, startup.STARTUP_CMDS, fake("startup"), rounds=5),
+        run.Test("startup_floor", 8, daemon_run=fake("floor"), rounds=5, only="blockd"),
+    ]
+    cmds = dict.fromkeys(("reference", "blockd"), startup.STARTUP_CMDS)
+    out = run.measure(plan, fakes, SPECS, cmds, {})
+    first_rep = [("startup", k) for k in ("reference", "blockd")] * 2 + [("startup", "reference")]
+    assert calls[:5] == first_rep  # A B A B ...: blockd's third round failed
+    assert calls.count(("startup", "reference")) == 10  # 5 rounds x 2 repetitions
+    assert calls.count(("startup", "blockd")) == 3  # a failed test is not retried
+    assert calls.count(("floor", "blockd")) == 10 and ("floor", "reference") not in calls
+    assert out["startup"]["blockd"].failure == "third round failed"
+    assert len(out["startup"]["blockd"].runs) == 2
+    assert set(out["startup_floor"]) == {"blockd"}
+
+
+@needs_qsd
+def test_startup_round_against_each_daemon(qsd: DaemonSpec, tmp_path: Path) -> None:
+    blockctl = startup.find_blockctl()
+    assert blockctl is not None, "blockctl is installed with blockd"
+    work = Path(tempfile.mkdtemp(prefix="blockd-"))  # short socket paths
+    try:
+        for spec in (qsd, blockd_spec(None, ROOT)):
+            rec = startup.startup_run(spec, work, qemu_img="qemu-img", blockctl=blockctl)
+            assert set(rec) == {
+                "accept_seconds",
+                "blockdev_add_seconds",
+                "blockctl_seconds",
+                "idle_rss_mib",
+                "open_rss_mib",
+            }
+            assert 0 < rec["accept_seconds"] < rec["blockdev_add_seconds"]
+            assert rec["blockctl_seconds"] > 0
+            assert rec["idle_rss_mib"] > 0 and rec["open_rss_mib"] > 0
+        assert list(work.iterdir()) == []  # every run cleaned up after itself
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def test_startup_run_fails_rather_than_guess(tmp_path: Path) -> None:
+    dead = DaemonSpec("blockd", "exits at once", ("false",))
+    with pytest.raises(figures.RunFailed, match="exited with status 1"):
+        startup.startup_run(dead, tmp_path, qemu_img="qemu-img", blockctl="blockctl")
+    with pytest.raises(figures.RunFailed, match="no blockctl"):
+        startup.startup_run(dead, tmp_path, qemu_img="qemu-img", blockctl=None)
+
+
+def test_floor_run_splits_import_blockd_run(tmp_path: Path) -> None:
+    rec = startup.floor_run(tmp_path)
+    assert rec["python_seconds"] > 0 and rec["trio_seconds"] > 0
+    assert rec["blockd_import_seconds"] > 0
+    total = rec["importtime_total_us"]
+    assert rec["import_us:blockd"] == total  # blockd.run is what the command imports
+    assert 0 < rec["import_self_us:trio"] <= rec["import_us:trio"] < total
+    assert "import_us:site" not in rec  # the interpreter's own start-up is not counted
+    assert list(tmp_path.iterdir()) == []
+
+
+def startup_rec(add: float) -> dict[str, float]:
+    return {
+        "accept_seconds": add / 2,
+        "blockdev_add_seconds": add,
+        "blockctl_seconds": 0.2,
+        "idle_rss_mib": 30.0,
+        "open_rss_mib": 34.0,
+    }
+
+
+def floor_rec(scale: int) -> dict[str, float]:
+    packages = {f"p{i}": (1000 * i * scale, 100 * i * scale) for i in range(1, 11)}
+    rec: dict[str, float] = {"python_seconds": 0.01, "importtime_total_us": 99000.0}
+    for name, (cumulative, own) in packages.items():
+        rec[f"import_us:{name}"] = cumulative
+        rec[f"import_self_us:{name}"] = own
+    return rec
+
+
+def test_startup_rows_targets_floor_and_summary() -> None:
+    plan = run.make_plan(run.parse_args(["--quick", "--figures", "8"]))
+    tests = [
+        run.Test("startup", 8, startup.STARTUP_CMDS),
+        run.Test("startup_floor", 8, only="blockd"),
+    ]
+    out = {
+        "startup": {
+            "reference": run.Outcome(runs=[startup_rec(0.007), startup_rec(0.009)]),
+            "blockd": run.Outcome(runs=[startup_rec(0.2), startup_rec(0.3), startup_rec(0.4)]),
+        },
+        "startup_floor": {"blockd": run.Outcome(runs=[floor_rec(1), floor_rec(3)])},
+    }
+    lines, table = report.render(plan, report.rows_for(plan, tests), out, SPECS)
+    rows = {ln[4:48].strip(): ln[48:].split() for ln in lines if ln.startswith("8 ")}
+    add = rows["start-up: exec to blockdev-add reply, s"]
+    assert add == ["0.008", "0.300", "37.50x", "<=", "0.15", "s"]
+    assert rows["blockctl jobs: exec to exit, s"][-3:] == ["<=", "0.15", "s"]
+    assert rows["idle RSS (no node, no client): MiB"][-3:] == ["<=", "25", "MiB"]
+    assert rows["floor: python -c pass, s"] == ["-", "0.010", "-"]
+    listed = [label.split()[0] for label in rows if label.startswith("p")]
+    assert listed == [f"p{i}" for i in range(10, 10 - report.TOP_IMPORTS, -1)]  # biggest first
+    assert rows["p10 (self 2000 us)"] == ["-", "20000", "-"]  # medians of 1x and 3x
+    floor = next(r for r in table if r["measure"] == "floor: python -c pass, s")
+    assert floor["blockd"] == 0.01 and floor["reference"] is None and floor["ratio"] is None
+    line = report.summary(plan, out, SPECS)
+    assert line.endswith(", startup 0.300 s, blockctl 0.200 s, idle rss 30 MiB")
+
+
+def test_unavailable_startup_gets_no_numbers() -> None:
+    plan = run.make_plan(run.parse_args(["--quick", "--figures", "8"]))
+    tests = [
+        run.Test("startup", 8, startup.STARTUP_CMDS),
+        run.Test("startup_floor", 8, only="blockd"),
+    ]
+    out = {
+        "startup": {
+            "reference": run.Outcome(runs=[startup_rec(0.007)]),
+            "blockd": run.Outcome(unavailable="did not start: boom"),
+        },
+        "startup_floor": {"blockd": run.Outcome(unavailable="did not start: boom")},
+    }
+    lines, table = report.render(plan, report.rows_for(plan, tests), out, SPECS)
+    assert all(r["blockd"] is None and r["ratio"] is None for r in table)
+    assert not [ln for ln in lines if ln.startswith("8 ") and "(self" in ln]
+    line = report.summary(plan, out, SPECS)
+    assert "startup n/a, blockctl n/a, idle rss n/a" in line
+    assert "reference alone: startup 0.007 s, blockctl 0.200 s, idle rss 30 MiB" in line
