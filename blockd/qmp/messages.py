@@ -64,7 +64,9 @@ _NAMED: Final = {
     "\r": "\\r",
     "\t": "\\t",
 }
-_NEEDS_ESCAPE: Final = re.compile('[\x00-\x1f"\\\\\x7f-\U0010ffff]')
+# everything but printable ASCII other than '"' and '\\' (spelt as the complement: a class
+# that spans up to U+10FFFF takes milliseconds to compile at start-up)
+_NEEDS_ESCAPE: Final = re.compile(r"[^\x20\x21\x23-\x5b\x5d-\x7e]")
 
 
 def _escape_char(match: re.Match[str]) -> str:
