@@ -1,4 +1,5 @@
-"""The on-error policy table (spec §2.6; QEMU block_job_error_action)."""
+"""The on-error policy table (docs/qemu-behaviour/jobs.md §6; QEMU
+block_job_error_action)."""
 
 from __future__ import annotations
 
