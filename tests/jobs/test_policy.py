@@ -16,7 +16,7 @@ from blockd.jobs.policy import (
     io_status_after,
 )
 
-# (policy, errno) -> action, written out from the spec.
+# (policy, errno) -> action, written out from docs/qemu-behaviour/jobs.md §6.
 EXPECTED = {
     ("report", errno.EIO): "report",
     ("report", errno.ENOSPC): "report",
