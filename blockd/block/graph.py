@@ -23,14 +23,12 @@ they say otherwise.
 node is flushed and closed, then its children lose a reference in turn. ``blockdev-del``
 removes the monitor's reference (docs/qemu-behaviour/blockdev.md §5).
 
-**Permissions.** After every change the graph recomputes the permissions of the nodes
-linked to it (:meth:`Graph.linked`, the part of the graph the change touches; no other
-node's can change) with :mod:`blockd.block.permissions` (QEMU's rules,
-docs/qemu-behaviour/blockdev.md §6), checks
-them as a whole before anything is applied, and then mirrors each ``file`` node's
-cumulative permissions into QEMU-compatible lock bytes (:mod:`blockd.block.host.locking`):
-other QEMU processes see them, and what another process holds is refused (``Failed to get
-"write" lock``).
+**Permissions.** After every change the graph recomputes the permissions of the nodes linked to it
+(:meth:`Graph.linked`, the part of the graph the change touches; no other node's can change) with
+:mod:`blockd.block.permissions` (QEMU's rules, docs/qemu-behaviour/blockdev.md §6), checks them as a
+whole before anything is applied, and then mirrors each ``file`` node's cumulative permissions into
+QEMU-compatible lock bytes (:mod:`blockd.block.host.locking`): other QEMU processes see them, and
+what another process holds is refused (``Failed to get "write" lock``).
 
 API for jobs
 ============

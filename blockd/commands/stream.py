@@ -1,10 +1,9 @@
 """``block-stream``: check the request in QEMU's order, set the chain up, start the job.
 
-The checks and their texts follow docs/qemu-behaviour/block-stream.md §3
-(``qmp_block_stream``,
-``stream_start``): nothing is changed until every argument was checked; a failure
-after the filter was inserted removes it again, and a failure after the job object
-exists sends ``JOB_STATUS_CHANGE`` ``created`` then ``null`` before the error.
+The checks and their texts follow docs/qemu-behaviour/block-stream.md §3 (``qmp_block_stream``,
+``stream_start``): nothing is changed until every argument was checked; a failure after the filter
+was inserted removes it again, and a failure after the job object exists sends ``JOB_STATUS_CHANGE``
+``created`` then ``null`` before the error.
 """
 
 from __future__ import annotations
