@@ -1,18 +1,26 @@
 """The error tree of blockd.
 
 Every error that reaches a QMP client is a :class:`QMPError`: it carries the QMP error
-class and the human-readable ``desc`` that the reply needs. Only the dispatcher turns one
-into ``{"error": {...}}``. The subclasses say whose fault the error is::
+class and the human-readable ``desc`` that the reply needs. Only the protocol core
+(:meth:`blockd.qmp.connection.Connection.error`) turns one into ``{"error": {...}}``. The
+subclasses say whose fault the error is::
 
     BlockdError
-    └── QMPError                 anything a client may see as {"error": ...}
-        ├── RequestError         the request is wrong (bad arguments, bad state)  GenericError
-        │   ├── CommandNotFound  unknown command, wrong negotiation mode         CommandNotFound
-        │   ├── DeviceNotFound   QEMU's DeviceNotFound (rare: not block-stream)   DeviceNotFound
-        │   └── DeviceNotActive  block-job-* on an unknown job                    DeviceNotActive
-        ├── PeerError            the peer's bytes are not a QMP message          GenericError
-        ├── ImageError           an image's contents are corrupt or unsupported  GenericError
-        └── HostError            the host failed us (I/O error, no space)        GenericError
+    ├── QMPError                 anything a client may see as {"error": ...};    GenericError
+    │   │                        raised as such only for blockd's own bugs
+    │   │                        ("Internal error: ...", blockd.server)
+    │   ├── RequestError         the request is wrong (bad arguments, bad state)  GenericError
+    │   │   ├── CommandNotFound  unknown command, wrong negotiation mode         CommandNotFound
+    │   │   └── DeviceNotActive  block-job-* on an unknown job                    DeviceNotActive
+    │   ├── ImageError           an image's contents are corrupt or unsupported  GenericError
+    │   └── HostError            the host failed us (I/O error, no space)        GenericError
+    └── SchemaError              a file in schema/ is broken: the installation's
+                                 fault, raised at load (blockd.qmp.schema); never sent
+
+Input that is not JSON is no exception: :mod:`blockd.qmp.framing` yields a ``ParseError``
+value, answered as GenericError without ``id``. QEMU's DeviceNotFound class has no
+counterpart: QEMU does not use it for anything blockd implements (``block-stream`` reports
+an unknown node as GenericError; docs/qemu-behaviour/block-stream.md §3).
 
 I/O failures inside the block layer stay ``OSError`` with their ``errno`` (the
 ``on-error: enospc`` policy needs it); code that reports them to a client wraps them in
@@ -57,16 +65,8 @@ class CommandNotFound(RequestError):
     error_class = "CommandNotFound"
 
 
-class DeviceNotFound(RequestError):
-    error_class = "DeviceNotFound"
-
-
 class DeviceNotActive(RequestError):
     error_class = "DeviceNotActive"
-
-
-class PeerError(QMPError):
-    """The bytes the peer sent are not a well-formed QMP message (JSON parse errors)."""
 
 
 class ImageError(QMPError):
@@ -77,16 +77,16 @@ class HostError(QMPError):
     """The host failed an operation: an ``OSError`` shown to a client.
 
     Args:
-        desc: the text for the client; defaults to ``strerror(errno)``, as QEMU prints it.
+        desc: the text for the client, in QEMU's wording.
         errno: the errno value, kept for error policies.
     """
 
-    def __init__(self, desc: str | None = None, *, errno: int = _errno.EIO) -> None:
-        super().__init__(desc if desc is not None else os.strerror(errno))
+    def __init__(self, desc: str, *, errno: int = _errno.EIO) -> None:
+        super().__init__(desc)
         self.errno = errno
 
     @classmethod
-    def from_oserror(cls, exc: OSError, prefix: str = "") -> HostError:
-        """Wrap ``exc``; ``prefix`` is put before its strerror text."""
+    def from_oserror(cls, exc: OSError) -> HostError:
+        """Wrap ``exc``: its strerror text, as QEMU prints it (EIO when it has no errno)."""
         code = exc.errno if exc.errno is not None else _errno.EIO
-        return cls(prefix + os.strerror(code), errno=code)
+        return cls(os.strerror(code), errno=code)

@@ -4,8 +4,8 @@ The bus is synchronous and never blocks: :meth:`EventBus.emit` stamps the event 
 it to each subscriber's sink at once, in subscription order. A sink must not block (a
 connection's sink puts the message on its own outgoing queue), so a slow client never
 holds up the daemon. Because events are handed over at the moment they are emitted, events
-raised while a command runs are queued before that command's reply (QMP spec; QEMU
-behaviour §1.4).
+raised while a command runs are queued before that command's reply (QMP spec;
+docs/qemu-behaviour/qmp-protocol.md §4).
 """
 
 from __future__ import annotations

@@ -7,7 +7,7 @@ Two places in QEMU pick "the first" of several offending keys by walking a hash 
 
 * the envelope checks walk the request's **QDict** (``qobject/qdict.c``): 512 buckets
   chosen by ``tdb_hash``, buckets in ascending order, the key inserted last first inside a
-  bucket (qemu-behaviour.md §1.1, §1.5);
+  bucket (docs/qemu-behaviour/qmp-protocol.md §1, §5);
 * the unknown-argument check of the QAPI input visitor walks a **GHashTable** of the keys
   not yet visited (``qapi/qobject-input-visitor.c``, ``qobject_input_check_struct``): GLib's
   open-addressing table with ``g_str_hash``, quadratic probing and in-place resizing. The

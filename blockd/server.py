@@ -8,7 +8,8 @@ outgoing client-mode connections (``server=off``). Every accepted connection is 
 two tasks.
 
 * The **reader** receives bytes, feeds the core and runs the requests it yields one at a
-  time, in order. It does not read further input while a command runs (as QEMU, §1.4).
+  time, in order. It does not read further input while a command runs (as QEMU,
+  docs/qemu-behaviour/qmp-protocol.md §4).
 * The **writer** sends whatever is in the session's :class:`_Outbox`. Replies, protocol
   output and events all go through that one queue, so they keep their order: events a
   command raises are queued at the moment they are emitted, hence before its reply.

@@ -2,7 +2,7 @@
 """A block pull exactly as libvirt drives it, written with qemu.qmp's QMPClient.
 
 This is what ``virsh blockpull vda --base <mid's backing>`` sends in -blockdev mode (see
-shared/spec/clients.md §1), step by step:
+docs/clients.md §2), step by step:
 
 1. probe the QMP schema for ``block-stream/arg-type/backing-mask-protocol`` and
    ``block-commit/arg-type/backing-mask-protocol`` (libvirt turns the flag on only if both

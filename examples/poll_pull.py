@@ -3,7 +3,7 @@
 
 No events: the client starts ``block-stream`` with the default ``auto-dismiss: true``
 and calls ``query-block-jobs`` every 0.5 s, printing ``offset``/``len``, until the job
-is no longer listed (shared/spec/clients.md §2). Between polls it uses the two job
+is no longer listed (docs/clients.md §3). Between polls it uses the two job
 controls these tools use:
 
 1. a throttled stream is cancelled half-way with ``block-job-cancel``: the job vanishes,
@@ -12,7 +12,7 @@ controls these tools use:
    the end: the top image no longer has a backing file.
 
 A vanished job looks the same whether it succeeded, failed or was cancelled; that is the
-weakness of this style (clients.md §5.1), so the script checks the result afterwards with
+weakness of this style (docs/clients.md §6.1), so the script checks the result afterwards with
 ``query-named-block-nodes`` and ``qemu-img``.
 
 It uses the synchronous ``qemu.qmp.legacy.QEMUMonitorProtocol``. Run it as-is: it makes a

@@ -162,7 +162,8 @@ def _header_string(node: BlockNode) -> str | None:
 
 
 def find_backing_image(top: BlockNode, backing_file: str) -> BlockNode | None:
-    """The image below ``top`` whose overlay names it ``backing_file`` (§4.3 step 5).
+    """The image below ``top`` whose overlay names it ``backing_file``
+    (docs/qemu-behaviour/block-stream.md §3, step 5).
 
     Layers are examined from ``top`` (filters skipped) down, each one that has a COW
     child. A layer matches when its backing file name equals ``backing_file``: compared

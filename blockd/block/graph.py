@@ -4,16 +4,15 @@ closes nodes.
 Theory of operation
 ===================
 
-**Opening** (:meth:`Graph.open_node`, QEMU's ``bdrv_open``). A node's children are opened
-first (``file``/``image``: an inline options object, or the name of an existing node),
-then the node gets its name, its permissions are taken, the driver opens, and last the
-``backing`` child of a format that has one (§6.2: from the image header when ``backing``
-is left out, through :mod:`blockd.block.names.backing`; none for ``null``; an existing
-node for a name). A failure anywhere closes
-every node the call opened and leaves the graph as it was.
+**Opening** (:meth:`Graph.open_node`, QEMU's ``bdrv_open``). A node's children are opened first
+(``file``/``image``: an inline options object, or the name of an existing node), then the node gets
+its name, its permissions are taken, the driver opens, and last the ``backing`` child of a format
+that has one (docs/qemu-behaviour/blockdev.md §2: from the image header when ``backing`` is left
+out, through :mod:`blockd.block.names.backing`; none for ``null``; an existing node for a name). A
+failure anywhere closes every node the call opened and leaves the graph as it was.
 
-**Names** (§6.1). A top-level node must have a ``node-name``; nested nodes without one
-get ``#block<counter><2 random digits>``. Names are unique, well formed and short.
+**Names** (docs/qemu-behaviour/blockdev.md §1). A top-level node must have a ``node-name``; nested
+nodes without one get ``#block<counter><2 random digits>``. Names are unique, well formed and short.
 
 **Inheritance.** Children inherit ``read-only``, ``auto-read-only``, ``cache``,
 ``discard`` and ``force-share`` unless they set them; backing nodes are read-only unless
@@ -22,15 +21,14 @@ they say otherwise.
 **References.** A node lives while anything holds it: the monitor (top-level
 ``blockdev-add``), parent nodes (one per link) or users. When the last reference goes the
 node is flushed and closed, then its children lose a reference in turn. ``blockdev-del``
-removes the monitor's reference (§6.5).
+removes the monitor's reference (docs/qemu-behaviour/blockdev.md §5).
 
-**Permissions.** After every change the graph recomputes the permissions of the nodes
-linked to it (:meth:`Graph.linked`, the part of the graph the change touches; no other
-node's can change) with :mod:`blockd.block.permissions` (QEMU's rules, §4.4-4.6), checks
-them as a whole before anything is applied, and then mirrors each ``file`` node's
-cumulative permissions into QEMU-compatible lock bytes (:mod:`blockd.block.host.locking`):
-other QEMU processes see them, and what another process holds is refused (``Failed to get
-"write" lock``).
+**Permissions.** After every change the graph recomputes the permissions of the nodes linked to it
+(:meth:`Graph.linked`, the part of the graph the change touches; no other node's can change) with
+:mod:`blockd.block.permissions` (QEMU's rules, docs/qemu-behaviour/blockdev.md §6), checks them as a
+whole before anything is applied, and then mirrors each ``file`` node's cumulative permissions into
+QEMU-compatible lock bytes (:mod:`blockd.block.host.locking`): other QEMU processes see them, and
+what another process holds is refused (``Failed to get "write" lock``).
 
 API for jobs
 ============
@@ -121,7 +119,8 @@ class Graph:
                 return name
 
     def check_name(self, name: str) -> None:
-        """Raise QEMU's error for an unusable user-given ``node-name`` (§6.1)."""
+        """Raise QEMU's error for an unusable user-given ``node-name``
+        (docs/qemu-behaviour/blockdev.md §1)."""
         if not _WELLFORMED.match(name):
             raise RequestError(f"Invalid node-name: '{name}'")
         if name in self.nodes:
@@ -336,7 +335,8 @@ class Graph:
     # -- blockdev-del ----------------------------------------------------------------
 
     async def delete(self, name: str) -> None:
-        """``blockdev-del``: remove the monitor's node ``name`` (§6.5, QEMU's order).
+        """``blockdev-del``: remove the monitor's node ``name``
+        (docs/qemu-behaviour/blockdev.md §5, QEMU's order).
 
         On success the node is flushed and closed, its lock bytes released, and its
         children closed too unless something else holds them.

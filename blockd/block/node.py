@@ -31,8 +31,9 @@ def _error(code: int) -> OSError:
 class NodeUser:
     """A user of a node that is not another node: a job's hold on it, an export.
 
-    Users take part in the permission check (QEMU §4.6): every user of a node must share
-    what the others use. Add and remove them with ``Graph.add_user``/``remove_user``.
+    Users take part in the permission check (docs/qemu-behaviour/blockdev.md §6): every user of a
+    node must share what the others use. Add and remove them with
+    ``Graph.add_user``/``remove_user``.
 
     Attributes:
         description: how conflict messages name the user (``stream job 'job0'``).

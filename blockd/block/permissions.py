@@ -2,8 +2,8 @@
 
 Pure rules, no I/O (the graph applies the result to lock bytes). Every link from a parent
 node and every :class:`~blockd.block.node.NodeUser` *uses* some permissions and *shares*
-some with the other users of the same node (QEMU behaviour §4.4-4.6). Per link the rules
-are QEMU's defaults (``bdrv_default_perms``):
+some with the other users of the same node (docs/qemu-behaviour/blockdev.md §6). Per link the
+rules are QEMU's defaults (``bdrv_default_perms``):
 
 * a filter's or ``raw``'s child: the parent's needs pass through unchanged, except that
   ``copy-on-read`` always adds ``write unchanged`` (it writes back what it reads);
@@ -128,7 +128,8 @@ def check(planned: dict[BlockNode, list[Use]]) -> dict[BlockNode, tuple[Perm, Pe
     """Each node's cumulative permissions, once every node passed the check.
 
     Raises:
-        RequestError: ``Block node is read-only``, or a permission conflict (§4.6).
+        RequestError: ``Block node is read-only``, or a permission conflict
+            (docs/qemu-behaviour/blockdev.md §6).
     """
     result: dict[BlockNode, tuple[Perm, Perm]] = {}
     for node, uses in planned.items():

@@ -1,11 +1,11 @@
 """Follow one block job to its end: events for state, ``query-block-jobs`` for progress.
 
-:func:`follow_job` is what ``blockctl stream`` and ``blockctl wait`` run after the job
-exists. It works the way robust management clients do (clients.md §1, §5.1): it listens
-for ``JOB_STATUS_CHANGE`` and the ``BLOCK_JOB_*`` events, polls ``query-block-jobs``
-every ``interval`` seconds for ``offset``/``len``/``speed`` (events carry no progress),
-and when the job is ``concluded`` reads the outcome from ``query-jobs`` and dismisses it.
-A job that vanishes (auto-dismiss) is judged by the completion event it sent, if any.
+:func:`follow_job` is what ``blockctl stream`` and ``blockctl wait`` run after the job exists. It
+works the way robust management clients do (docs/clients.md §2.4, §6.1): it listens for
+``JOB_STATUS_CHANGE`` and the ``BLOCK_JOB_*`` events, polls ``query-block-jobs`` every ``interval``
+seconds for ``offset``/``len``/``speed`` (events carry no progress), and when the job is
+``concluded`` reads the outcome from ``query-jobs`` and dismisses it. A job that vanishes
+(auto-dismiss) is judged by the completion event it sent, if any.
 Progress is reported through a callback, so the caller decides how to draw it.
 """
 

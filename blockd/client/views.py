@@ -1,7 +1,7 @@
 """Turn QMP query results into terminal views (rich renderables); no I/O here.
 
-The node graph comes from ``query-named-block-nodes`` (qemu-behaviour.md §6.6). QEMU 10.1
-and later list each node's ``children``; older servers (QEMU 7.2 to 10.0) do not, so the
+The node graph comes from ``query-named-block-nodes`` (docs/qemu-behaviour/node-info.md §2). QEMU
+10.1 and later list each node's ``children``; older servers (QEMU 7.2 to 10.0) do not, so the
 edges are rebuilt from filenames: a node's ``backing_file`` is the filename of its
 backing node, and a protocol node with the same filename as a format node is its ``file``
 child. A filter (``copy-on-read`` during a stream) has the node it sits on as its child.

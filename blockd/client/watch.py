@@ -183,7 +183,7 @@ async def cmd_stream(client: Client, args: argparse.Namespace, out: Output) -> i
                 f"{args.job_id}"
             )
         return EXIT_OK
-    # Keep the concluded job until we have read its result (clients.md §5.1).
+    # Keep the concluded job until we have read its result (docs/clients.md §6.1).
     arguments["auto-dismiss"] = False
     with client.listen(*JOB_EVENTS) as events:
         await client.execute("block-stream", arguments)

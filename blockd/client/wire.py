@@ -1,4 +1,5 @@
-"""The client side of QMP framing, without I/O (qemu-behaviour.md §1, clients.md §0).
+"""The client side of QMP framing, without I/O (docs/qemu-behaviour/qmp-protocol.md §1, §7;
+docs/clients.md §1).
 
 Servers send one JSON object per line ending in CRLF (QEMU, blockd) or LF; pretty-printed
 monitors (``pretty=on``) spread one object over several lines, so the decoder does not

@@ -20,12 +20,13 @@ async def blockdev_add(d: Daemon, options: dict[str, Any]) -> dict[str, Any]:
 
 @command("blockdev-del")
 async def blockdev_del(d: Daemon, *, node_name: str) -> dict[str, Any]:
-    """Close the monitor-owned node ``node_name`` and release its image (§6.5)."""
+    """Close the monitor-owned node ``node_name`` and release its image
+    (docs/qemu-behaviour/blockdev.md §5)."""
     await d.graph.delete(node_name)
     return {}
 
 
 @command("query-named-block-nodes")
 async def query_named_block_nodes(d: Daemon, *, flat: bool = False) -> list[dict[str, Any]]:
-    """BlockDeviceInfo of every node, newest first (§6.6)."""
+    """BlockDeviceInfo of every node, newest first (docs/qemu-behaviour/node-info.md §1)."""
     return _query(d.graph, flat=flat)

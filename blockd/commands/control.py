@@ -18,7 +18,8 @@ CORE_COMMANDS = frozenset({"qmp_capabilities"})
 
 
 def version_info() -> dict[str, Any]:
-    """The ``VersionInfo`` of ``query-version`` and of the greeting (QEMU behaviour §1.2).
+    """The ``VersionInfo`` of ``query-version`` and of the greeting
+    (docs/qemu-behaviour/qmp-protocol.md §2).
 
     ``qemu`` is the QEMU release whose behaviour blockd follows (clients gate features on
     it, e.g. ``backing-mask-protocol`` from 9.0); ``package`` names blockd itself.
@@ -45,7 +46,8 @@ async def query_commands(d: Daemon) -> list[dict[str, str]]:
 
 @command("query-qmp-schema")
 async def query_qmp_schema(d: Daemon) -> list[dict[str, Any]]:
-    """Return the introspection of ``schema/`` in QEMU's ``SchemaInfo`` format (§1.9)."""
+    """Return the introspection of ``schema/`` in QEMU's ``SchemaInfo`` format
+    (docs/qemu-behaviour/qmp-protocol.md §9)."""
     return list(d.schema.introspect())
 
 

@@ -1,4 +1,4 @@
-"""Job query and control commands (spec qemu-behaviour.md §2.4, §3).
+"""Job query and control commands (docs/qemu-behaviour/jobs.md §4, §7).
 
 ``job-*`` commands report an unknown id as GenericError ``Job not found``; ``block-job-*``
 as DeviceNotActive ``Block job '%s' not found``. Everything else (verb checks, texts,

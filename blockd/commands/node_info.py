@@ -1,6 +1,7 @@
 """``query-named-block-nodes``: BlockDeviceInfo and ImageInfo of the graph's nodes.
 
-The members are those QEMU fills for nodes without a BlockBackend (QEMU behaviour §6.6):
+The members are those QEMU fills for nodes without a BlockBackend
+(docs/qemu-behaviour/node-info.md §2, §3):
 throttling values are 0, ``cache.writeback`` is true, ``backing-image`` nests through
 filters and backing links unless ``flat`` is asked for, and ``backing_file_depth`` counts
 those levels (0 when flat).

@@ -1,9 +1,9 @@
 """``block-stream``: check the request in QEMU's order, set the chain up, start the job.
 
-The checks and their texts follow QEMU behaviour §4.3 (``qmp_block_stream``,
-``stream_start``): nothing is changed until every argument was checked; a failure
-after the filter was inserted removes it again, and a failure after the job object
-exists sends ``JOB_STATUS_CHANGE`` ``created`` then ``null`` before the error.
+The checks and their texts follow docs/qemu-behaviour/block-stream.md §3 (``qmp_block_stream``,
+``stream_start``): nothing is changed until every argument was checked; a failure after the filter
+was inserted removes it again, and a failure after the job object exists sends ``JOB_STATUS_CHANGE``
+``created`` then ``null`` before the error.
 """
 
 from __future__ import annotations
@@ -79,10 +79,11 @@ async def block_stream(
     auto_finalize: bool = True,
     auto_dismiss: bool = True,
 ) -> dict[str, Any]:
-    """Start streaming into ``device`` (QEMU behaviour §4).
+    """Start streaming into ``device`` (docs/qemu-behaviour/block-stream.md §3, §4).
 
     Raises:
-        RequestError: with QEMU's text, in QEMU's order (§4.3); nothing is left behind.
+        RequestError: with QEMU's text, in QEMU's order (docs/qemu-behaviour/block-stream.md §3);
+            nothing is left behind.
     """
     if base is not None and base_node is not None:
         raise RequestError("'base' and 'base-node' cannot be specified at the same time")

@@ -29,8 +29,8 @@ Tools for ``run()``:
 * ``charge(n)`` charges ``n`` copied bytes to the rate limiter (skipped bytes are not);
   ``rate_limited()`` tells whether the next ``rate_limit_sleep()`` would sleep.
 * ``set_total(n)`` / ``advance(n)``: progress (``len`` / ``offset``).
-* ``await handle_io_error(exc)`` applies ``on-error`` (§2.6): emits ``BLOCK_JOB_ERROR``
-  (operation ``read`` unless told otherwise) and returns
+* ``await handle_io_error(exc)`` applies ``on-error`` (docs/qemu-behaviour/jobs.md §6): emits
+  ``BLOCK_JOB_ERROR`` (operation ``read`` unless told otherwise) and returns
 
   - ``"retry"`` after a *stop*: the job paused itself (a user pause, ``io-status``
     ``failed``/``nospace``) and was resumed; redo the same chunk. Raises
@@ -54,15 +54,15 @@ job stops at its next pause point or rate-limit sleep, never in the middle of I/
 pause points raise ``trio.Cancelled`` by cancelling the job's own cancel scope around
 ``run()``; the engine catches it there and finishes the job as cancelled.
 
-Completion (§2.5, one job per transaction): after ``run()`` the job is ``aborting`` on
-failure or cancel, else ``waiting`` → ``pending`` (+ ``BLOCK_JOB_PENDING`` when
-``auto-finalize`` is false, then it waits for ``job-finalize`` or ``job-cancel``) → prepare.
-Then abort (on failure) → clean → ``BLOCK_JOB_COMPLETED`` / ``BLOCK_JOB_CANCELLED`` →
-``concluded`` → ``null`` when ``auto-dismiss``. All of it runs in the job's own task, so a
-command that finalises or cancels a finished job waits for it (its events come before the
-reply) and a client that disconnects meanwhile does not interrupt it.
+Completion (docs/qemu-behaviour/jobs.md §5, one job per transaction): after ``run()`` the job is
+``aborting`` on failure or cancel, else ``waiting`` → ``pending`` (+ ``BLOCK_JOB_PENDING`` when
+``auto-finalize`` is false, then it waits for ``job-finalize`` or ``job-cancel``) → prepare. Then
+abort (on failure) → clean → ``BLOCK_JOB_COMPLETED`` / ``BLOCK_JOB_CANCELLED`` → ``concluded`` →
+``null`` when ``auto-dismiss``. All of it runs in the job's own task, so a command that finalises or
+cancels a finished job waits for it (its events come before the reply) and a client that disconnects
+meanwhile does not interrupt it.
 
-Event order versus command replies (§2.6, §9.3, §9.11): QEMU re-enters a parked job
+Event order versus command replies (docs/qemu-behaviour/jobs.md §6): QEMU re-enters a parked job
 synchronously inside the command. Trio cannot run the job's task inside the command, so
 :meth:`_enter` does on the job's behalf, at once, the status change the job would make on
 waking (a sleeping job asked to pause enters its pause point; a paused job being resumed
@@ -73,7 +73,7 @@ that the job has gone back to sleep (or into I/O) when the reply is sent: ``busy
 query that follows is what QEMU would show. A ``cancel`` of a parked (sleeping or paused) job waits
 for the job's task to finish: qemu-storage-daemon 10.0 sends ``aborting``,
 ``BLOCK_JOB_CANCELLED``, ``concluded`` and ``null`` before the cancel's reply in that case
-(measured; §9.11 of the spec says otherwise, iotest 141 allows both). A job busy with I/O
+(measured; see docs/qemu-behaviour/jobs.md §6: iotest 141 allows both orders). A job busy with I/O
 is only marked, and its events follow the reply.
 
 Where the task is (``_park``): ``RUNNING`` (busy), ``SLEEPING`` (rate-limit sleep, a
@@ -313,7 +313,8 @@ class Job:
         nursery.start_soon(self._main, name=f"job {self.id}")
 
     def early_fail(self) -> None:
-        """Drop a job that failed before it started: ``created`` → ``null`` (§2.5.7)."""
+        """Drop a job that failed before it started: ``created`` → ``null``
+        (docs/qemu-behaviour/jobs.md §5, item 7)."""
         if self.status is not S.CREATED or self._started:
             raise RuntimeError(f"job {self.id!r} cannot early-fail in state {self.status}")
         self._dismiss()
@@ -365,7 +366,8 @@ class Job:
     # ------------------------------------------------------------------------- verbs
 
     def pause(self) -> None:
-        """``job-pause`` (§2.4): verb check, ``Job is already paused``, then pause."""
+        """``job-pause`` (docs/qemu-behaviour/jobs.md §4): verb check,
+        ``Job is already paused``, then pause."""
         check_verb(self.id, self.status, JobVerb.PAUSE)
         if self.user_paused:
             raise RequestError("Job is already paused")
@@ -375,7 +377,8 @@ class Job:
             self._enter(_Wake.ALWAYS)
 
     def resume(self) -> None:
-        """``job-resume`` (§2.4): the not-paused check comes before the verb check."""
+        """``job-resume`` (docs/qemu-behaviour/jobs.md §4): the not-paused check comes before the
+        verb check."""
         if not self.user_paused or self.pause_count <= 0:
             raise RequestError("Can't resume a job that was not paused")
         check_verb(self.id, self.status, JobVerb.RESUME)
@@ -386,7 +389,8 @@ class Job:
             self._enter(_Wake.TIMER_NOT_PENDING)
 
     def set_speed(self, speed: int) -> None:
-        """``block-job-set-speed`` (§5): takes effect at once; wakes a sleeper if raised."""
+        """``block-job-set-speed`` (docs/qemu-behaviour/jobs.md §11): takes effect at once; wakes a
+        sleeper if raised."""
         check_verb(self.id, self.status, JobVerb.SET_SPEED)
         if speed < 0:
             raise RequestError("Parameter 'speed' expects a non-negative value")
@@ -398,7 +402,8 @@ class Job:
         self._enter(_Wake.TIMER_PENDING)
 
     async def cancel(self, force: bool = True) -> None:
-        """``job-cancel`` / ``block-job-cancel`` after their own checks (§2.4).
+        """``job-cancel`` / ``block-job-cancel`` after their own checks
+        (docs/qemu-behaviour/jobs.md §4).
 
         A job busy with I/O is only marked: this returns without yielding and the job's
         events follow later, once it reaches its next pause point. A job parked in a
@@ -433,7 +438,7 @@ class Job:
     # ------------------------------------------------------------------------ queries
 
     def block_job_info(self) -> dict[str, Any]:
-        """``BlockJobInfo`` (§3.2), members in QAPI order."""
+        """``BlockJobInfo`` (docs/qemu-behaviour/jobs.md §8), members in QAPI order."""
         info: dict[str, Any] = {
             "type": self.job_type,
             "device": self.id,
@@ -453,7 +458,7 @@ class Job:
         return info
 
     def job_info(self) -> dict[str, Any]:
-        """``JobInfo`` (§3.3), members in QAPI order."""
+        """``JobInfo`` (docs/qemu-behaviour/jobs.md §9), members in QAPI order."""
         info: dict[str, Any] = {
             "id": self.id,
             "type": self.job_type,

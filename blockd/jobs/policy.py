@@ -1,8 +1,8 @@
 """What a block job does when its I/O fails: the ``on-error`` policy as data.
 
 Pure. Mirrors QEMU's ``block_job_error_action`` and ``block_job_iostatus_set_err``
-(``blockjob.c``; spec §2.6): the policy and the errno decide the action; only a ``stop``
-changes the job's ``io-status``, and only while it is ``ok``.
+(``blockjob.c``; docs/qemu-behaviour/jobs.md §6): the policy and the errno decide the action; only a
+``stop`` changes the job's ``io-status``, and only while it is ``ok``.
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""QEMU's slice-based rate limiter (``include/qemu/ratelimit.h``; spec §5).
+"""QEMU's slice-based rate limiter (``include/qemu/ratelimit.h``;
+docs/qemu-behaviour/jobs.md §11).
 
 Pure: every call takes ``now`` in nanoseconds, so the caller owns the clock (a job passes
 trio's clock, tests pass plain numbers).

@@ -1,8 +1,8 @@
 """The job state machine as data: statuses, verbs, and which moves each allows.
 
 Pure: no trio, no I/O. Mirrors QEMU's ``JobSTT`` and ``JobVerbTable`` (``job.c``;
-spec qemu-behaviour.md §2.2, §2.3). :func:`check_transition` and :func:`check_verb` are the
-only places a move or a verb is judged; ``Job`` calls them and nothing else decides.
+docs/qemu-behaviour/jobs.md §2, §3). :func:`check_transition` and :func:`check_verb` are the only
+places a move or a verb is judged; ``Job`` calls them and nothing else decides.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from blockd.errors import RequestError
 
 
 class JobStatus(StrEnum):
-    """QAPI ``JobStatus`` (§2.1); values in QAPI order."""
+    """QAPI ``JobStatus`` (docs/qemu-behaviour/jobs.md §1); values in QAPI order."""
 
     UNDEFINED = "undefined"
     CREATED = "created"
@@ -31,7 +31,7 @@ class JobStatus(StrEnum):
 
 
 class JobVerb(StrEnum):
-    """QAPI ``JobVerb`` (§2.1); values in QAPI order."""
+    """QAPI ``JobVerb`` (docs/qemu-behaviour/jobs.md §1); values in QAPI order."""
 
     CANCEL = "cancel"
     PAUSE = "pause"
@@ -45,8 +45,8 @@ class JobVerb(StrEnum):
 
 S = JobStatus
 
-#: Legal moves (§2.2). A move to the same status is legal only where listed (aborting);
-#: it changes nothing and emits no event.
+#: Legal moves (docs/qemu-behaviour/jobs.md §2). A move to the same status is legal only where
+#: listed (aborting); it changes nothing and emits no event.
 TRANSITIONS: Final[Mapping[JobStatus, frozenset[JobStatus]]] = {
     S.UNDEFINED: frozenset({S.CREATED}),
     S.CREATED: frozenset({S.RUNNING, S.ABORTING, S.NULL}),
@@ -63,7 +63,7 @@ TRANSITIONS: Final[Mapping[JobStatus, frozenset[JobStatus]]] = {
 
 _ACTIVE: Final = frozenset({S.CREATED, S.RUNNING, S.PAUSED, S.READY, S.STANDBY})
 
-#: The statuses in which each verb is accepted (§2.3).
+#: The statuses in which each verb is accepted (docs/qemu-behaviour/jobs.md §3).
 VERBS: Final[Mapping[JobVerb, frozenset[JobStatus]]] = {
     JobVerb.CANCEL: _ACTIVE | {S.WAITING, S.PENDING},
     JobVerb.PAUSE: _ACTIVE,
@@ -94,7 +94,8 @@ def check_transition(old: JobStatus, new: JobStatus) -> None:
 
 
 def check_verb(job_id: str, status: JobStatus, verb: JobVerb) -> None:
-    """Accept ``verb`` on a job in ``status`` or raise QEMU's error (§2.3).
+    """Accept ``verb`` on a job in ``status`` or raise QEMU's error
+    (docs/qemu-behaviour/jobs.md §3).
 
     Raises:
         RequestError: ``Job '<id>' in state '<status>' cannot accept command verb '<verb>'``.

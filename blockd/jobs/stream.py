@@ -1,6 +1,6 @@
 """The ``stream`` job: copy a backing chain's data into its top image, then drop it.
 
-Theory of operation (QEMU behaviour §4.4; QEMU's ``block/stream.c``):
+Theory of operation (docs/qemu-behaviour/block-stream.md §4; QEMU's ``block/stream.c``):
 
 * Names. *top* is the node being filled (``device``, filters skipped). *base-overlay*
   is the lowest image whose data is copied; *above-base* the node (filters counted)
@@ -58,14 +58,16 @@ STREAM_DEPTH: Final = 4
 #: the most bytes the copies of adjacent steps merge into (one worker-thread call)
 STREAM_COPY_MERGE: Final = 4 * 1024 * 1024
 
-#: the blocker reason put on every node the job holds (QEMU behaviour §4.4 step 5)
+#: the blocker reason put on every node the job holds
+#: (docs/qemu-behaviour/block-stream.md §4, setup step 5)
 BLOCKER: Final = "block device is in use by block job: stream"
 
 _BASIC: Final = Perm.CONSISTENT_READ | Perm.WRITE_UNCHANGED
 
 
 def backing_format(node: BlockNode, mask_protocol: bool) -> str:
-    """The format name recorded for ``node`` as a backing file (§4.4 prepare 4)."""
+    """The format name recorded for ``node`` as a backing file
+    (docs/qemu-behaviour/block-stream.md §4, prepare step 3)."""
     if mask_protocol and node.is_protocol:
         return "raw"
     return node.drv
@@ -132,7 +134,8 @@ class StreamJob(Job):
         self._frozen = True
 
     def hold(self) -> None:
-        """Take the job's permissions and block the nodes it holds (§4.4 steps 4-5):
+        """Take the job's permissions and block the nodes it holds
+        (docs/qemu-behaviour/block-stream.md §4, setup steps 4-5):
         the filter, the top and every node strictly between the top and the base.
 
         Raises:

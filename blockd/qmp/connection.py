@@ -8,10 +8,10 @@ I/O. The I/O layer sends :meth:`Connection.greeting`, feeds received bytes to
 :data:`NEED_DATA`. Each event is one of:
 
 * :class:`Output` -- bytes the core produced itself; send them, in order. This covers
-  JSON parse errors (no ``id``), the envelope checks of qemu-behaviour.md §1.5 (``id``
-  echoed whenever the input was an object), negotiation (``qmp_capabilities`` is handled
-  here entirely, §1.3), unknown commands, ``exec-oob`` rules (§1.4) and argument
-  validation errors (§1.6);
+  JSON parse errors (no ``id``), the envelope checks of
+  docs/qemu-behaviour/qmp-protocol.md §5 (``id`` echoed whenever the input was an object),
+  negotiation (``qmp_capabilities`` is handled here entirely, §3), unknown commands,
+  ``exec-oob`` rules (§4) and argument validation errors (§6);
 * :class:`Request` -- a valid request for a known command with validated arguments
   (``{}`` when the client sent none). Run it and send :meth:`Connection.reply` or
   :meth:`Connection.error`.
@@ -26,9 +26,9 @@ Events go out through :meth:`Connection.event`, which returns None while the ses
 still negotiating: QEMU drops, not queues, events for such a monitor.
 
 The order of the envelope checks follows QEMU (``qemu/qemu: qapi/qmp-dispatch.c``,
-``qmp_dispatch_check_obj``): members are examined in QEMU's QDict iteration order (the
-hash order of §1.1), the first failing one wins, and the missing-``execute`` check comes
-last. Then come the command lookup, the OOB check and argument validation. While
+``qmp_dispatch_check_obj``): members are examined in QEMU's QDict iteration order (the hash order of
+docs/qemu-behaviour/qmp-protocol.md §1), the first failing one wins, and the missing-``execute``
+check comes last. Then come the command lookup, the OOB check and argument validation. While
 negotiating, every CommandNotFound desc becomes ``Expecting capabilities negotiation with
 'qmp_capabilities'`` (``monitor/qmp.c``, ``monitor_qmp_dispatch``).
 """
@@ -148,7 +148,8 @@ class Connection:
         return self._enabled
 
     def greeting(self) -> bytes:
-        """The greeting to send as soon as the client connects (§1.2)."""
+        """The greeting to send as soon as the client connects
+        (docs/qemu-behaviour/qmp-protocol.md §2)."""
         return encode(greeting(self._version, self._offered), pretty=self._pretty)
 
     def receive_data(self, data: bytes) -> None:

@@ -6,7 +6,7 @@ QMP input is a byte stream of JSON values, not lines: a chunk may hold several v
 a value may be split at any byte, and nothing terminates a value but its own syntax.
 :class:`JSONStream` turns the stream into a sequence of items, each either a parsed
 :class:`Message` or a :class:`ParseError`, exactly as QEMU's JSON layer would
-(qemu-behaviour.md §1.1, §1.7; ``qemu/qemu: qobject/json-lexer.c``, ``json-streamer.c``,
+(docs/qemu-behaviour/qmp-protocol.md §7; ``qemu/qemu: qobject/json-lexer.c``, ``json-streamer.c``,
 ``json-parser.c``):
 
 * **Lexer.** A state machine over bytes mirroring QEMU's table: strings in double *or*

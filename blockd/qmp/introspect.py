@@ -1,6 +1,6 @@
 """``query-qmp-schema``: the introspection of ``schema/`` in QEMU's ``SchemaInfo`` format.
 
-Rules (qemu-behaviour.md §1.9, mirroring ``qemu/qemu: scripts/qapi/introspect.py``'s
+Rules (docs/qemu-behaviour/qmp-protocol.md §9, mirroring ``qemu/qemu: scripts/qapi/introspect.py``'s
 output): builtins keep their names and carry ``json-type``; every other type gets a
 decimal name in first-use order; every integer type is ``int``; arrays are ``[T]`` with
 ``element-type``; optional members carry ``"default": null``; enums list ``members`` and

@@ -1,6 +1,6 @@
 """QMP output: QEMU's JSON encoding and the shapes of server messages.
 
-Encoding rules (qemu-behaviour.md §1.1, mirroring ``qemu/qemu: qobject/qjson.c``):
+Encoding rules (docs/qemu-behaviour/qmp-protocol.md §1, mirroring ``qemu/qemu: qobject/qjson.c``):
 
 * pure ASCII output: code points below 0x20 and from 0x7F up are written ``\\uXXXX`` with
   **uppercase** hex, code points beyond the BMP as a surrogate pair; the named escapes are
@@ -12,9 +12,9 @@ Encoding rules (qemu-behaviour.md §1.1, mirroring ``qemu/qemu: qobject/qjson.c`
   an empty container as ``{`` newline ``}``, as QEMU's pretty monitor prints it;
 * every message is followed by a newline, and every newline is sent as CRLF.
 
-Members are written in the mapping's order; builders here put them in the order of the
-spec's table (success: ``return``, ``id``; error: ``id``, ``error``). Clients must not
-rely on order; only byte-for-byte comparisons with QEMU need more (§1.1).
+Members are written in the mapping's order; builders here put them in a fixed order
+(success: ``return``, ``id``; error: ``id``, ``error``). Clients must not rely on order;
+only byte-for-byte comparisons with QEMU need more (docs/qemu-behaviour/qmp-protocol.md §1).
 """
 
 from __future__ import annotations
@@ -167,7 +167,8 @@ def encode(value: Any, *, pretty: bool = False) -> bytes:
 
 
 def version_info() -> dict[str, Any]:
-    """The ``VersionInfo`` of the greeting and ``query-version`` (§1.2).
+    """The ``VersionInfo`` of the greeting and ``query-version``
+    (docs/qemu-behaviour/qmp-protocol.md §2).
 
     ``qemu`` is :data:`blockd.QEMU_VERSION`, the release whose behaviour blockd follows;
     ``package`` names blockd itself.
@@ -180,7 +181,7 @@ def version_info() -> dict[str, Any]:
 
 
 def greeting(version: Mapping[str, Any], capabilities: Sequence[str]) -> dict[str, Any]:
-    """The greeting object sent on connect (§1.2)."""
+    """The greeting object sent on connect (docs/qemu-behaviour/qmp-protocol.md §2)."""
     return {"QMP": {"version": dict(version), "capabilities": list(capabilities)}}
 
 

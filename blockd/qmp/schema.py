@@ -10,7 +10,7 @@ the README allows, so a broken file fails loudly at start-up rather than at a cl
 
 **Validation** is jsonschema's (a draft 2020-12 validator whose ``integer`` is a JSON
 integer within int64/uint64, never ``1.0`` or ``true``). Its errors are then mapped to
-QEMU's texts (qemu-behaviour.md §1.6) and the one QEMU would report is chosen by
+QEMU's texts (docs/qemu-behaviour/qmp-protocol.md §6) and the one QEMU would report is chosen by
 simulating the order of QEMU's input visitor (``qemu/qemu: qapi/qobject-input-visitor.c``):
 members are visited in schema order (bases first, then own members, then the members of
 the selected union variant), an error inside a member comes before the next member, and
@@ -22,7 +22,8 @@ out as ``propertyNames`` lists (:meth:`Schema._closed`): jsonschema evaluates th
 re-validating every branch at every level, exponential in the nesting of ``blockdev-add``.
 
 **Introspection** (:meth:`Schema.introspect`, built by :mod:`blockd.qmp.introspect`) is
-the ``query-qmp-schema`` answer in QEMU's ``SchemaInfo`` format (§1.9).
+the ``query-qmp-schema`` answer in QEMU's ``SchemaInfo`` format
+(docs/qemu-behaviour/qmp-protocol.md §9).
 """
 
 from __future__ import annotations
@@ -461,7 +462,8 @@ class Schema:
 
         Raises:
             KeyError: ``command`` is not in the schema.
-            RequestError: the first error QEMU would report, with its text (§1.6).
+            RequestError: the first error QEMU would report, with its text
+                (docs/qemu-behaviour/qmp-protocol.md §6).
         """
         self._validate(self._entries["commands"][command], arguments, RequestError)
 
@@ -632,7 +634,8 @@ class Schema:
 
     # --- introspection ---------------------------------------------------------------------
     def introspect(self) -> list[dict[str, Any]]:
-        """The ``query-qmp-schema`` return value (§1.9); computed once, then cached.
+        """The ``query-qmp-schema`` return value (docs/qemu-behaviour/qmp-protocol.md §9);
+        computed once, then cached.
 
         The list is a fresh copy each time, so callers may modify it.
         """

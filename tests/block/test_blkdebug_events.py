@@ -1,4 +1,5 @@
-"""blkdebug driven by the debug events the format drivers fire (QEMU behaviour §6.3).
+"""blkdebug driven by the debug events the format drivers fire
+(docs/qemu-behaviour/blockdev.md §3).
 
 A rule only arms when its event fires: qcow2 fires ``read_aio`` right before a data
 read of its file, ``l2_load`` before an L2 table read, ``cluster_alloc``, ``write_aio``,

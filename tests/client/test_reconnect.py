@@ -1,5 +1,5 @@
 """A client that disconnects mid-job loses nothing: a new client re-syncs from query-jobs
-(clients.md §1.4 "Reconnect", §5.5), the job goes on and its result waits to be read."""
+(docs/clients.md §2.4 "Reconnect", §6.5), the job goes on and its result waits to be read."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """The job engine under trio's autojump clock, with the fake copying job.
 
-Event sequences are compared with qemu-behaviour.md §2.6. ``--reply`` markers stand for
+Event sequences are compared with docs/qemu-behaviour/jobs.md §6. ``--reply`` markers stand for
 the point where a command's reply would be queued (right after its handler returns).
 """
 

@@ -1,4 +1,5 @@
-"""The on-error policy table (spec §2.6; QEMU block_job_error_action)."""
+"""The on-error policy table (docs/qemu-behaviour/jobs.md §6; QEMU
+block_job_error_action)."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from blockd.jobs.policy import (
     io_status_after,
 )
 
-# (policy, errno) -> action, written out from the spec.
+# (policy, errno) -> action, written out from docs/qemu-behaviour/jobs.md §6.
 EXPECTED = {
     ("report", errno.EIO): "report",
     ("report", errno.ENOSPC): "report",

@@ -1,4 +1,4 @@
-"""QEMU's rate limiter (spec §5), with the clock in the test's hands."""
+"""QEMU's rate limiter (docs/qemu-behaviour/jobs.md §11), with the clock in the test's hands."""
 
 from __future__ import annotations
 

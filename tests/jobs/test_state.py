@@ -1,4 +1,5 @@
-"""The job state tables, checked in both directions against the spec's tables (§2.2, §2.3)."""
+"""The job state tables, checked in both directions against the tables of
+docs/qemu-behaviour/jobs.md §2, §3."""
 
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ from blockd.jobs.state import (
     id_wellformed,
 )
 
-# Written out again from qemu-behaviour.md §2.2 / §2.3, independently of the module.
+# Written out again from docs/qemu-behaviour/jobs.md §2 / §3, independently of the module.
 SPEC_TRANSITIONS = {
     "undefined": {"created"},
     "created": {"running", "aborting", "null"},

@@ -28,7 +28,8 @@ def split(data: bytes, cuts: Sequence[int]) -> list[bytes]:
 def probe(schema: list[dict[str, Any]], query: str) -> bool:
     """Whether a libvirt-style query path resolves in a ``query-qmp-schema`` answer.
 
-    The language of libvirt's ``virQEMUQAPISchemaPathExists`` (clients.md §1.2): the first
+    The language of libvirt's ``virQEMUQAPISchemaPathExists`` (docs/clients.md §2.2): the
+    first
     component names a command or event; then ``arg-type``/``ret-type`` follow that member;
     a plain component names an object member (``*name``: it must be optional, i.e. have a
     ``default``), ``+case`` selects a union variant, ``^value`` tests an enum value and

@@ -1,6 +1,7 @@
-"""The requests real clients send (clients.md §1.3, §2, §3) are valid for blockd's schema,
+"""The requests real clients send (docs/clients.md §2.3, §3, §4) are valid for blockd's schema,
 judged twice: by the jsonschema validator and by a port of the rules libvirt's test suite
-applies to ``query-qmp-schema`` (``tests/testutilsqemuschema.c``, clients.md §1.5). Both
+applies to ``query-qmp-schema`` (``tests/testutilsqemuschema.c``,
+docs/clients.md §2.5). Both
 judges must agree on every case, valid or not, so introspection and validation describe
 the same contract."""
 
@@ -78,7 +79,8 @@ INVALID: list[tuple[str, dict[str, Any]]] = [
 
 
 class LibvirtJudge:
-    """A port of the rules libvirt's tests apply to a QMP schema (clients.md §1.5)."""
+    """A port of the rules libvirt's tests apply to a QMP schema
+    (docs/clients.md §2.5)."""
 
     def __init__(self, info: list[dict[str, Any]]) -> None:
         self.entities = {entity["name"]: entity for entity in info}

@@ -1,4 +1,5 @@
-"""The sans-IO session: negotiation, envelope checks, OOB, events, replies (§1.2-§1.6).
+"""The sans-IO session: negotiation, envelope checks, OOB, events, replies
+(docs/qemu-behaviour/qmp-protocol.md §2-§6).
 
 A small schema built in memory keeps these tests independent of ``schema/``.
 """

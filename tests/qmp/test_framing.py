@@ -1,4 +1,5 @@
-"""The JSON stream: QEMU's framing, lexical, syntax and limit behaviour (§1.1, §1.7).
+"""The JSON stream: QEMU's framing, lexical, syntax and limit behaviour
+(docs/qemu-behaviour/qmp-protocol.md §7).
 
 Every case is also fed split at random byte offsets (and byte by byte): the items must
 not depend on how the input was cut.

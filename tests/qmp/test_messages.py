@@ -1,4 +1,5 @@
-"""Output encoding (§1.1): ASCII only, uppercase \\uXXXX, CRLF, compact and pretty forms."""
+"""Output encoding (docs/qemu-behaviour/qmp-protocol.md §1): ASCII only, uppercase \\uXXXX, CRLF,
+compact and pretty forms."""
 
 from __future__ import annotations
 

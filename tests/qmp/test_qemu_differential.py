@@ -1,11 +1,11 @@
 """Differential test against the real QEMU: the same raw input to ``qemu-storage-daemon``
 10.0 and to blockd's protocol core must give byte-identical replies.
 
-Covers what the core answers itself: JSON parse errors and resync (§1.7), envelope checks
-in QEMU's member order (§1.5), negotiation (§1.3), OOB rules (§1.4) and argument
-validation texts for commands both implement (§1.6). Each case runs on a fresh monitor
-connection and ends with a marker request, so replies are compared up to the marker.
-Skipped when the QEMU 10 binaries are not installed.
+Covers what the core answers itself: JSON parse errors and resync
+(docs/qemu-behaviour/qmp-protocol.md §7), envelope checks in QEMU's member order (§5), negotiation
+(§3), OOB rules (§4) and argument validation texts for commands both implement (§6). Each case runs
+on a fresh monitor connection and ends with a marker request, so replies are compared up to the
+marker. Skipped when the QEMU 10 binaries are not installed.
 """
 
 from __future__ import annotations

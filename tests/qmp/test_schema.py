@@ -1,4 +1,5 @@
-"""Schema loading, validation texts (§1.6) and introspection (§1.9) on small schemas."""
+"""Schema loading, validation texts (docs/qemu-behaviour/qmp-protocol.md §6) and introspection
+(§9) on small schemas."""
 
 from __future__ import annotations
 

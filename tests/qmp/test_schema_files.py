@@ -1,5 +1,6 @@
 """The real ``schema/`` directory: it loads under the README's rules, its introspection is
-well formed, and the paths real clients probe resolve (clients.md §0, §1.2, §1.5)."""
+well formed, and the paths real clients probe resolve (docs/clients.md §1, §2.2,
+§2.5)."""
 
 from __future__ import annotations
 
@@ -79,7 +80,7 @@ def test_block_stream_members_as_qemu_10(info: list[dict[str, Any]]) -> None:
     entities = {entity["name"]: entity for entity in info}
     args = entities[entities["block-stream"]["arg-type"]]
     members = [(m["name"], m["type"], "default" in m) for m in args["members"]]
-    # QEMU 10.0's order (clients.md §1.5, libvirt's caps_10.0.0 capture)
+    # QEMU 10.0's order (docs/clients.md §2.5, libvirt's caps_10.0.0 capture)
     assert [name for name, _, _ in members] == [
         "job-id",
         "device",
@@ -99,7 +100,7 @@ def test_block_stream_members_as_qemu_10(info: list[dict[str, Any]]) -> None:
     assert ("speed", "int", True) in members
 
 
-# The paths libvirt and others probe (clients.md §1.5, point 1).
+# The paths libvirt and others probe (docs/clients.md §2.5).
 PROBES = [
     "block-stream/arg-type/backing-mask-protocol",
     "block-stream/arg-type/*backing-mask-protocol",

@@ -1,4 +1,5 @@
-"""Events raised while a command runs go out before its reply (qemu-behaviour.md §1.4)."""
+"""Events raised while a command runs go out before its reply
+(docs/qemu-behaviour/qmp-protocol.md §4)."""
 
 from __future__ import annotations
 

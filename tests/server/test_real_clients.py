@@ -1,5 +1,5 @@
 """Real QMP clients against a daemon subprocess: qemu.qmp's QMPClient (asyncio), its
-legacy sync API, qmp-shell, and socat (clients.md §3)."""
+legacy sync API, qmp-shell, and socat (docs/clients.md §4)."""
 
 from __future__ import annotations
 

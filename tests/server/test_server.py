@@ -1,4 +1,5 @@
-"""The trio QMP server over real UNIX sockets (qemu-behaviour.md §1, clients.md §0, §6)."""
+"""The trio QMP server over real UNIX sockets (docs/qemu-behaviour/qmp-protocol.md §1, §4, §7;
+docs/clients.md §1, §7)."""
 
 from __future__ import annotations
 
@@ -276,7 +277,8 @@ async def test_garbage_and_limits_never_break_the_daemon(served: Served) -> None
     ]
     for number, garbage in enumerate(samples):
         await client.send(garbage)
-        # 0xFF makes QEMU's lexer drop whatever it holds and start afresh (§1.7).
+        # 0xFF makes QEMU's lexer drop whatever it holds and start afresh
+        # (docs/qemu-behaviour/qmp-protocol.md §7).
         await client.send(b"\xff" + json.dumps({"execute": "query-version", "id": number}).encode())
         while True:
             reply = await client.recv()

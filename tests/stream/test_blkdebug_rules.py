@@ -1,4 +1,5 @@
-"""blkdebug's rule engine and config parser (pure; QEMU behaviour §6.3)."""
+"""blkdebug's rule engine and config parser (pure;
+docs/qemu-behaviour/blockdev.md §3)."""
 
 from __future__ import annotations
 

@@ -1,5 +1,6 @@
 """Chain queries (blockd.block.chain) on real images: allocation across layers with
-QEMU's meaning, and the base lookup by backing file name (§4.3 step 5)."""
+QEMU's meaning, and the base lookup by backing file name
+(docs/qemu-behaviour/block-stream.md §3, step 5)."""
 
 from __future__ import annotations
 

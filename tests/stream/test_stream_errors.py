@@ -1,4 +1,5 @@
-"""block-stream's refusals, in QEMU's order and with its texts (§4.3, iotest 030)."""
+"""block-stream's refusals, in QEMU's order and with its texts
+(docs/qemu-behaviour/block-stream.md §3, iotest 030)."""
 
 from __future__ import annotations
 
@@ -229,7 +230,8 @@ async def test_concurrent_requests_on_one_chain(chain: Harness) -> None:
 
 async def test_permission_conflict_fails_early(harness: Harness, tmp_path: Path) -> None:
     """A writer on an intermediate node (here a stand-in for an export) conflicts with
-    the job's hold on it: created then null, then QEMU's conflict text (§4.6)."""
+    the job's hold on it: created then null, then QEMU's conflict text
+    (docs/qemu-behaviour/block-stream.md §6)."""
     base = create(tmp_path / "base.qcow2", 1 * MIB)
     mid = create(tmp_path / "mid.qcow2", None, base)
     top = create(tmp_path / "top.qcow2", None, mid)

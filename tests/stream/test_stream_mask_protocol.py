@@ -1,5 +1,6 @@
-"""backing-mask-protocol with the base opened as a bare ``file`` node (§6.4), and the
-copy-on-read filter used on its own through blockdev-add."""
+"""backing-mask-protocol with the base opened as a bare ``file`` node
+(docs/qemu-behaviour/blockdev.md §4), and the copy-on-read filter used on its own through
+blockdev-add."""
 
 from __future__ import annotations
 

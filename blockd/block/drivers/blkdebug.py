@@ -1,6 +1,6 @@
 """``blkdebug``: a filter that fails chosen requests, for tests (QEMU's ``block/blkdebug.c``).
 
-Theory of operation (QEMU behaviour §6.3):
+Theory of operation (docs/qemu-behaviour/blockdev.md §3):
 
 * The node has a numbered *state*, 1 at open. Rules are attached to *events*.
   ``inject-error`` rules arm an error; ``set-state`` rules move the state machine.

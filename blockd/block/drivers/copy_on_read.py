@@ -1,11 +1,11 @@
 """``copy-on-read``: a filter that stores what it reads from below into its child.
 
-Reads through this filter return the ``file`` child's data, as any filter does; on the
-way, every range the child does not store itself (it is read from the child's backing
-chain) is written into the child. With ``bottom``, only ranges that some layer from the
-child's backing down to ``bottom`` (inclusive) stores are copied; data of the layers
-below ``bottom`` stays where it is. This is how ``block-stream`` copies (QEMU behaviour
-§4.4, §6.2; QEMU's ``block/copy-on-read.c`` and ``bdrv_co_do_copy_on_readv``).
+Reads through this filter return the ``file`` child's data, as any filter does; on the way, every
+range the child does not store itself (it is read from the child's backing chain) is written into
+the child. With ``bottom``, only ranges that some layer from the child's backing down to ``bottom``
+(inclusive) stores are copied; data of the layers below ``bottom`` stays where it is. This is how
+``block-stream`` copies (docs/qemu-behaviour/block-stream.md §4, docs/qemu-behaviour/blockdev.md §2;
+QEMU's ``block/copy-on-read.c`` and ``bdrv_co_do_copy_on_readv``).
 
 :meth:`CopyOnReadDriver.prefetch` does the copying without returning data. The stream
 job decides per step itself, claims the range (:meth:`~CopyOnReadDriver.claim`) and runs the
