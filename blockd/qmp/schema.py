@@ -298,6 +298,8 @@ class Schema:
         files: dict[str, dict[str, Node]] = {}
         for kind in _KINDS:
             files[kind] = {}
+            if not (directory / kind).is_dir():  # a schema may lack events/, say
+                continue
             entries = sorted((e for e in (directory / kind).iterdir()), key=lambda e: e.name)
             for entry in entries:
                 if not entry.name.endswith(".json"):
