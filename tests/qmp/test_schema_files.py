@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import ast
 import re
+import subprocess
+import sys
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -114,6 +116,20 @@ def test_the_values_are_valid_broken_and_nested(oracle: Oracle) -> None:
 
     draw()
     assert seen["valid"] > 60 and seen["broken"] > 60 and seen["nested twice"] > 10, seen
+
+
+def test_the_daemon_imports_no_json_schema_library() -> None:
+    code = (
+        "import blockd.run, blockd.server, blockd.commands.registry\n"
+        "from blockd.qmp.schema import Schema\n"
+        "schema = Schema.load()\n"
+        "schema.validate_arguments('blockdev-add', {'driver': 'file', 'filename': 'f'})\n"
+        "schema.introspect()\n"
+        "import sys\n"
+        "loaded = {'jsonschema', 'referencing', 'rpds'} & set(sys.modules)\n"
+        "assert not loaded, loaded\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
 
 
 @pytest.fixture(scope="module")
@@ -235,6 +251,11 @@ def test_own_answers_conform(schema: Schema, info: list[dict[str, Any]]) -> None
     schema.validate_arguments("qmp_capabilities", {"enable": ["oob"]})
 
 
+# blockd.qmp is pure: no I/O layer, no block layer, and no JSON Schema library at run time.
+NOT_IN_THE_CORE = ("blockd.server", "blockd.daemon", "blockd.block", "blockd.jobs",
+                   "blockd.commands", "jsonschema", "referencing")  # fmt: skip
+
+
 def test_no_trio_in_the_protocol_core() -> None:
     package = Path(blockd.qmp.__file__).parent
     for path in package.glob("*.py"):
@@ -248,7 +269,7 @@ def test_no_trio_in_the_protocol_core() -> None:
                 continue
             for name in names:
                 assert name.split(".")[0] != "trio", f"{path.name} imports {name}"
-                assert not name.startswith(("blockd.server", "blockd.daemon")), path.name
+                assert not name.startswith(NOT_IN_THE_CORE), f"{path.name} imports {name}"
 
 
 _KEYS = ["device", "job-id", "id", "speed", "driver", "node-name", "file", "filename",
