@@ -37,7 +37,7 @@ class Daemon:
         if self._schema is None:
             from blockd.qmp.schema import Schema
 
-            self._schema = Schema.load(check_metaschema=False)  # tests/qmp check it
+            self._schema = Schema.load()
         return self._schema
 
     def request_shutdown(self) -> None:

@@ -15,8 +15,10 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, Final
 
+from blockd.qmp.model import Alternate, AnyType, Array, Enum, Object, Ref, Scalar, Type, resolve
+
 if TYPE_CHECKING:
-    from blockd.qmp.schema import Node, Schema
+    from blockd.qmp.schema import Schema
 
 __all__ = ["introspect"]
 
@@ -46,33 +48,34 @@ class _Introspector:
             {"name": name, "meta-type": "builtin", "json-type": json_type}
             for name, json_type in _BUILTINS
         ]
-        self.names: dict[int, str] = {}
-        self.keep: list[Any] = []
+        self.names: dict[int, str] = {}  # id() of a model type -> its masked name
         self.arrays: set[str] = set()
         self.empty: str | None = None
         self.counter = 0
 
     def run(self) -> list[dict[str, Any]]:
         schema = self.schema
-        for kind in ("commands", "events"):
-            for name, entry in schema._entries[kind].items():
-                resolver = schema._registry.resolver(entry.uri)
-                info: dict[str, Any] = {"name": name, "meta-type": kind[:-1]}
-                info["arg-type"] = self.type_name(entry.contents, resolver, root=True)
-                if kind == "commands":
-                    returns = entry.contents.get("x-qmp-returns")
-                    info["ret-type"] = (
-                        self.empty_type() if returns is None else self.type_name(returns, resolver)
-                    )
-                    if entry.contents.get("x-qmp-allow-oob"):
-                        info["allow-oob"] = True
-                self.features(info, entry.contents)
-                self.entities.append(info)
+        for name in sorted(schema.commands):
+            command = schema.command(name)
+            info: dict[str, Any] = {"name": name, "meta-type": "command"}
+            info["arg-type"] = self.type_name(command.arguments, root=True)
+            info["ret-type"] = (
+                self.empty_type() if command.returns is None else self.type_name(command.returns)
+            )
+            if command.allow_oob:
+                info["allow-oob"] = True
+            self.features(info, command.features)
+            self.entities.append(info)
+        for name in sorted(schema.events):
+            event = schema.event(name)
+            info = {"name": name, "meta-type": "event"}
+            info["arg-type"] = self.type_name(event.data, root=True)
+            self.features(info, event.features)
+            self.entities.append(info)
         return self.entities
 
     @staticmethod
-    def features(info: dict[str, Any], node: Any) -> None:
-        features = node.get("x-qmp-features") if isinstance(node, dict) else None
+    def features(info: dict[str, Any], features: tuple[str, ...]) -> None:
         if features:
             info["features"] = list(features)
 
@@ -87,95 +90,71 @@ class _Introspector:
             self.entities.append({"name": self.empty, "meta-type": "object", "members": []})
         return self.empty
 
-    def type_name(self, node: Any, resolver: Any, *, root: bool = False) -> str:
-        named = isinstance(node, dict) and "$ref" in node
-        node, resolver = self.schema._deref(node, resolver)
-        kind = self.schema._kind_of(node)
-        if kind in _BUILTIN_OF_TYPE and "enum" not in node:
-            return _BUILTIN_OF_TYPE[kind]
-        if kind == "any":
+    def type_name(self, kind: Type, *, root: bool = False) -> str:
+        named = isinstance(kind, Ref)
+        kind = resolve(kind)
+        if isinstance(kind, Scalar):
+            return _BUILTIN_OF_TYPE[kind.json_type]
+        if isinstance(kind, AnyType):
             return "any"
-        if kind == "array":
-            element = self.type_name(node.get("items", {}), resolver)
+        if isinstance(kind, Array):
+            element = self.type_name(kind.items)
             name = f"[{element}]"
             if name not in self.arrays:
                 self.arrays.add(name)
                 self.entities.append({"name": name, "meta-type": "array", "element-type": element})
             return name
-        if id(node) in self.names:
-            return self.names[id(node)]
-        if (
-            kind == "object"
-            and not self.schema._members(node, resolver, None)
-            and ("x-qmp-union" not in node)
-        ):
+        if id(kind) in self.names:
+            return self.names[id(kind)]
+        if isinstance(kind, Object) and not kind.members and kind.tag is None:
             return self.empty_type()
-        name = self.names[id(node)] = self.masked()
-        self.keep.append(node)
-        info: dict[str, Any] = {"name": name, "meta-type": kind}
+        name = self.names[id(kind)] = self.masked()
+        info: dict[str, Any] = {"name": name}
         self.entities.append(info)
-        if kind == "string":  # an enum
+        if isinstance(kind, Enum):
             info["meta-type"] = "enum"
-            value_features = node.get("x-qmp-value-features", {})
             info["members"] = []
-            for value in node["enum"]:
+            for value in kind.values:
                 member: dict[str, Any] = {"name": value}
-                if value_features.get(value):
-                    member["features"] = list(value_features[value])
+                self.features(member, kind.value_features.get(value, ()))
                 info["members"].append(member)
-            info["values"] = list(node["enum"])
-        elif kind == "alternate":
-            info["members"] = [
-                {"type": self.type_name(branch, resolver)} for branch in node["oneOf"]
-            ]
+            info["values"] = list(kind.values)
+        elif isinstance(kind, Alternate):
+            info["meta-type"] = "alternate"
+            info["members"] = [{"type": self.type_name(branch)} for branch in kind.branches]
         else:
-            self.object_info(info, node, resolver)
+            info["meta-type"] = "object"
+            self.object_info(info, kind)
         if named or not root:
-            self.features(info, node)
+            # a command's or event's own features are on its entity, not its arguments'
+            self.features(info, kind.features)
         return name
 
-    def object_info(self, info: dict[str, Any], node: Node, resolver: Any) -> None:
+    def object_info(self, info: dict[str, Any], kind: Object) -> None:
         members = []
-        required: set[str] = set()
-        self.collect_required(node, resolver, required)
-        for name, sub, sub_resolver in self.schema._members(node, resolver, None):
-            member: dict[str, Any] = {"name": name, "type": self.type_name(sub, sub_resolver)}
-            if name not in required:
-                member["default"] = None
-            self.features(member, sub)
-            members.append(member)
+        for member in kind.members:
+            entry: dict[str, Any] = {"name": member.name, "type": self.type_name(member.type)}
+            if not member.required:
+                entry["default"] = None
+            self.features(entry, member.features)
+            members.append(entry)
         info["members"] = members
-        tag = node.get("x-qmp-union")
-        if tag is not None:
-            info["tag"] = tag
-            branches = {
-                self.schema._case_of(branch, tag): branch.get("then", {})
-                for branch in node.get("allOf", ())
-                if "if" in branch
-            }
-            # Every tag value is a case; one without a branch has the empty type (QAPI's
+        if kind.tag is not None:
+            info["tag"] = kind.tag
+            # Every tag value is a case; one without a variant has the empty type (QAPI's
             # implicit empty variant), as QEMU's introspection shows.
-            tag_type, _ = self.schema._deref(node["properties"][tag], resolver)
-            cases = list(tag_type.get("enum", ())) if isinstance(tag_type, dict) else []
-            cases += [case for case in branches if case not in cases]
+            tag = next(member for member in kind.members if member.name == kind.tag)
+            cases = resolve(tag.type)
+            assert isinstance(cases, Enum)
             info["variants"] = [
                 {
                     "case": case,
-                    "type": self.type_name(branches[case], resolver)
-                    if case in branches
+                    "type": self.type_name(kind.variants[case])
+                    if case in kind.variants
                     else self.empty_type(),
                 }
-                for case in cases
+                for case in cases.values
             ]
-
-    def collect_required(self, node: Any, resolver: Any, out: set[str]) -> None:
-        node, resolver = self.schema._deref(node, resolver)
-        if not isinstance(node, dict):
-            return
-        out.update(node.get("required", ()))
-        for sub in node.get("allOf", ()):
-            if "if" not in sub:
-                self.collect_required(sub, resolver, out)
 
 
 def introspect(schema: Schema) -> list[dict[str, Any]]:

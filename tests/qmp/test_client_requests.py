@@ -1,7 +1,6 @@
 """The requests real clients send (docs/clients.md §2.3, §3, §4) are valid for blockd's schema,
-judged twice: by the jsonschema validator and by a port of the rules libvirt's test suite
-applies to ``query-qmp-schema`` (``tests/testutilsqemuschema.c``,
-docs/clients.md §2.5). Both
+judged twice: by blockd's validator and by a port of the rules libvirt's test suite
+applies to ``query-qmp-schema`` (``tests/testutilsqemuschema.c``, docs/clients.md §2.5). Both
 judges must agree on every case, valid or not, so introspection and validation describe
 the same contract."""
 
@@ -137,7 +136,7 @@ def judge(schema: Schema) -> LibvirtJudge:
     return LibvirtJudge(schema.introspect())
 
 
-def jsonschema_accepts(schema: Schema, command: str, arguments: dict[str, Any]) -> bool:
+def validator_accepts(schema: Schema, command: str, arguments: dict[str, Any]) -> bool:
     try:
         schema.validate_arguments(command, arguments)
     except RequestError:
@@ -149,7 +148,7 @@ def jsonschema_accepts(schema: Schema, command: str, arguments: dict[str, Any]) 
 def test_client_requests_are_valid(
     schema: Schema, judge: LibvirtJudge, command: str, arguments: dict[str, Any]
 ) -> None:
-    assert jsonschema_accepts(schema, command, arguments)
+    assert validator_accepts(schema, command, arguments)
     assert judge.command(command, arguments)
 
 
@@ -157,7 +156,7 @@ def test_client_requests_are_valid(
 def test_both_judges_refuse(
     schema: Schema, judge: LibvirtJudge, command: str, arguments: dict[str, Any]
 ) -> None:
-    assert not jsonschema_accepts(schema, command, arguments)
+    assert not validator_accepts(schema, command, arguments)
     assert not judge.command(command, arguments)
 
 
@@ -184,4 +183,4 @@ VALUES = st.recursive(
 def test_judges_agree_on_random_arguments(
     schema: Schema, judge: LibvirtJudge, command: str, arguments: dict[str, Any]
 ) -> None:
-    assert jsonschema_accepts(schema, command, arguments) == judge.command(command, arguments)
+    assert validator_accepts(schema, command, arguments) == judge.command(command, arguments)

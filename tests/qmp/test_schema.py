@@ -13,6 +13,7 @@ from blockd.errors import RequestError
 from blockd.qmp.schema import Schema, SchemaError
 
 from .helpers import probe
+from .oracle import Oracle, metaschema_errors
 
 TYPES: dict[str, Any] = {
     "Driver": {"type": "string", "enum": ["file", "qcow2", "null-co"]},
@@ -127,10 +128,17 @@ def write(root: Path, files: dict[str, dict[str, Any]]) -> Path:
     return root
 
 
+FILES: dict[str, dict[str, Any]] = {"commands": COMMANDS, "events": EVENTS, "types": TYPES}
+
+
 @pytest.fixture(scope="module")
 def schema(tmp_path_factory: pytest.TempPathFactory) -> Schema:
-    root = tmp_path_factory.mktemp("schema")
-    return Schema.load(write(root, {"commands": COMMANDS, "events": EVENTS, "types": TYPES}))
+    return Schema.load(write(tmp_path_factory.mktemp("schema"), FILES))
+
+
+def test_files_are_draft_2020_12_schemas() -> None:
+    assert metaschema_errors(FILES) == []
+    assert metaschema_errors(INT_FILES) == []
 
 
 OK: list[tuple[str, dict[str, Any]]] = [
@@ -495,6 +503,142 @@ LOAD_ERRORS: list[tuple[dict[str, Any], str]] = [
 ]
 
 
+def _command(properties: dict[str, Any], **extra: Any) -> dict[str, Any]:
+    return {"type": "object", "properties": properties, "additionalProperties": False, **extra}
+
+
+_OPEN: dict[str, Any] = {"type": "object", "properties": {"a": {"type": "string"}}}
+_TAG: dict[str, Any] = {"type": "string", "enum": ["a", "b"]}
+
+
+def _union(*branches: Any, **extra: Any) -> dict[str, Any]:
+    return {
+        "type": "object",
+        "x-qmp-union": "t",
+        "properties": {"t": {"$ref": "Tag.json"}},
+        "required": ["t"],
+        "allOf": list(branches),
+        "unevaluatedProperties": False,
+        **extra,
+    }
+
+
+def _branch(case: Any, then: Any = None) -> dict[str, Any]:
+    return {
+        "if": {"properties": {"t": {"const": case}}, "required": ["t"]},
+        "then": {"$ref": "Open.json"} if then is None else then,
+    }
+
+
+# The README's rules that keep blockd's reading of a file the same as jsonschema's.
+RULE_ERRORS: list[tuple[dict[str, Any], str]] = [
+    (
+        {"commands": {"x": _command({"a": {"$ref": "../types/T.json", "type": "string"}})},
+         "types": {"T": {"type": "string"}}},
+        "only annotations may stand beside \\$ref, not 'type'",
+    ),
+    ({"commands": {"x": _command({"a": {"const": "v"}})}}, "'const' belongs in a union branch"),
+    ({"commands": {"x": _command({"a": {"oneOf": [{"type": "string"}]}})}}, "x-qmp-alternate"),
+    ({"commands": {"x": _command({"a": {"items": {}}})}}, 'items needs "type": "array"'),
+    ({"commands": {"x": _command({"a": {"properties": {}}})}}, 'needs "type": "object"'),
+    ({"commands": {"x": _command({"a": {"type": ["string", "null"]}})}}, "is not one of"),
+    ({"commands": {"x": _command({"a": {"enum": ["v", 1]}})}}, "distinct strings"),
+    ({"commands": {"x": _command({"a": _OPEN})}}, "close the object"),
+    (
+        {"commands": {"x": _command({"a": {"$ref": "../types/Open.json"}})},
+         "types": {"Open": _OPEN}},
+        "Open.json is open",
+    ),
+    (
+        {"commands": {"x": _command({}, allOf=[{"$ref": "../types/Open.json"}])},
+         "types": {"Open": _OPEN}},
+        "closed by unevaluatedProperties",
+    ),
+    (
+        {"types": {"Closed": {**_OPEN, "additionalProperties": False},
+                   "D": {"type": "object", "allOf": [{"$ref": "Closed.json"}],
+                         "unevaluatedProperties": False}}},
+        "a base or union variant is an open object",
+    ),
+    (
+        {"types": {"Open": _OPEN, "D": {"type": "object", "allOf": [{"$ref": "Open.json"}],
+                                        "properties": {"a": {}}, "unevaluatedProperties": False}}},
+        "member 'a' is declared twice",
+    ),
+    ({"commands": {"x": _command({}, required=["a"])}}, "required 'a' is not a member"),
+    (
+        {"types": {"Tag": {"type": "string"}, "Open": _OPEN, "U": _union()}},
+        "union tag 't' must be an enum",
+    ),
+    (
+        {"types": {"Tag": _TAG, "Open": _OPEN, "U": _union(_branch("c"))}},
+        "'c' is no value of 't'",
+    ),
+    (
+        {"types": {"Tag": _TAG, "Open": _OPEN, "U": _union(_branch("a"), _branch("a"))}},
+        "a second branch for 'a'",
+    ),
+    (
+        {"types": {"Tag": _TAG, "Open": _OPEN,
+                   "U": _union({"if": {"properties": {"t": {"const": "a"}}}, "then": {}})}},
+        "branch must test 't' with const",
+    ),
+    ({"types": {"Tag": _TAG, "U": _union(_branch("a", {}))}}, "must be an object"),
+    (
+        {"types": {"Tag": _TAG, "Open": _OPEN, "U": _union(),
+                   "V": _union(_branch("a", {"$ref": "U.json"}))}},
+        "an open object, not a union",
+    ),
+    (
+        {"types": {"A": {"x-qmp-alternate": "A", "oneOf": [{"type": "integer"},
+                                                            {"type": "number"}]}}},
+        "distinct JSON types",
+    ),
+    ({"types": {"A": {"x-qmp-alternate": "A", "oneOf": [{}, {"type": "null"}]}}},
+     "distinct JSON types"),
+    (
+        {"types": {"A": {"type": "object", "allOf": [{"$ref": "B.json"}]},
+                   "B": {"type": "object", "allOf": [{"$ref": "A.json"}]}}},
+        "its own base",
+    ),
+    (
+        {"commands": {"x": {"$ref": "../types/A.json"}},
+         "types": {"A": {"$ref": "B.json"}, "B": {"$ref": "A.json"}}},
+        "a cycle of \\$refs",
+    ),
+    ({"commands": {"x": {"$ref": "../commands/y.json"}, "y": _command({})}}, "cannot resolve"),
+    ({"commands": {"x": {"$ref": "../types/T.json#/properties"}}, "types": {"T": _OPEN}},
+     "cannot resolve"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("files", "message"), RULE_ERRORS)
+def test_rule_errors(tmp_path: Path, files: dict[str, Any], message: str) -> None:
+    with pytest.raises(SchemaError, match=message):
+        Schema.load(write(tmp_path, files))
+
+
+def test_an_alternate_takes_its_branch_by_qtype(tmp_path: Path) -> None:
+    """As QEMU: one QType for every number, so a float goes to an integer branch."""
+    files = {
+        "commands": {"x": _command({"a": {"$ref": "../types/A.json"}})},
+        "types": {"A": {"x-qmp-alternate": "IntOrStr",
+                        "oneOf": [{"type": "integer"}, {"type": "string"}]}},
+    }  # fmt: skip
+    schema = Schema.load(write(tmp_path, files))
+    schema.validate_arguments("x", {"a": 1})
+    schema.validate_arguments("x", {"a": "1"})
+    for value, desc in [
+        (1.5, "Invalid parameter type for 'a', expected: integer"),
+        (None, "Invalid parameter type for 'a', expected: IntOrStr"),
+        ([1], "Invalid parameter type for 'a', expected: IntOrStr"),
+    ]:
+        with pytest.raises(RequestError) as info:
+            schema.validate_arguments("x", {"a": value})
+        assert info.value.desc == desc
+        assert not Oracle(files).accepts("commands", "x", {"a": value})
+
+
 @pytest.mark.parametrize(("files", "message"), LOAD_ERRORS)
 def test_load_errors(tmp_path: Path, files: dict[str, Any], message: str) -> None:
     with pytest.raises(SchemaError, match=message.replace("$", r"\$")):
@@ -513,13 +657,9 @@ def test_load_missing_directory_and_bad_json(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("command", "arguments"), [(c, a) for c, a in OK] + [(c, a) for c, a, _ in BAD]
 )
-def test_closed_form_agrees_with_unevaluated_properties(
-    schema: Schema, command: str, arguments: dict[str, Any]
-) -> None:
-    """The validators' faster form of the files accepts exactly what the files accept."""
-    from blockd.qmp.schema import BASE_URI, _Validator
-
-    original = _Validator({"$ref": f"{BASE_URI}commands/{command}.json"}, registry=schema._registry)
+def test_agrees_with_jsonschema(schema: Schema, command: str, arguments: dict[str, Any]) -> None:
+    """blockd's validator accepts exactly what jsonschema accepts for the files."""
+    original = Oracle(FILES).validator("commands", command)
     try:
         schema.validate_arguments(command, arguments)
         valid = True
@@ -537,6 +677,38 @@ def test_nested_blockdev_options_validate_fast(schema: Schema) -> None:
     start = time.perf_counter()
     schema.validate_arguments("add", options)
     assert time.perf_counter() - start < 0.5
+
+
+def test_nesting_limit(tmp_path: Path) -> None:
+    """Objects and lists count as levels, the arguments object the first."""
+    from blockd.qmp.validate import MAX_DEPTH, TOO_DEEP
+
+    node = {
+        "type": "object",
+        "properties": {"n": {"$ref": "N.json"}, "l": {"$ref": "L.json"}},
+        "additionalProperties": False,
+    }
+    files = {
+        "commands": {"nest": {"$ref": "../types/N.json"}},
+        "types": {"N": node, "L": {"type": "array", "items": {"$ref": "N.json"}}},
+    }  # fmt: skip
+    schema = Schema.load(write(tmp_path, files))
+
+    def nested(levels: int) -> dict[str, Any]:
+        value: dict[str, Any] = {}
+        count = 1
+        while count < levels:
+            if count % 3 == 0 and count + 2 <= levels:
+                value, count = {"l": [value]}, count + 2  # an object and a list
+            else:
+                value, count = {"n": value}, count + 1
+        return value
+
+    schema.validate_arguments("nest", nested(MAX_DEPTH))
+    schema.validate_arguments("nest", {"l": [nested(MAX_DEPTH - 2)]})
+    for deep in (nested(MAX_DEPTH + 1), {"l": [nested(MAX_DEPTH - 1)]}):
+        with pytest.raises(RequestError, match=TOO_DEEP):
+            schema.validate_arguments("nest", deep)
 
 
 INT_FILES: dict[str, Any] = {

@@ -1,26 +1,135 @@
-"""The real ``schema/`` directory: it loads under the README's rules, its introspection is
-well formed, and the paths real clients probe resolve (docs/clients.md §1, §2.2,
-§2.5)."""
+"""The real ``schema/`` directory: it loads under the README's rules, every file is a
+draft 2020-12 schema, blockd's validator accepts exactly what jsonschema accepts for it, its
+introspection is well formed, and the paths real clients probe resolve (docs/clients.md §1,
+§2.2, §2.5)."""
 
 from __future__ import annotations
 
 import ast
+import re
+import subprocess
+import sys
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import blockd.qmp
-from blockd.qmp.schema import Schema
+from blockd.errors import RequestError
+from blockd.qmp.schema import Schema, shipped
 
 from .helpers import probe
+from .oracle import Oracle, metaschema_errors, read_files
+from .schema_values import Values
+
+FILES = read_files(shipped())
+VALUES = Values(FILES)
 
 
 @pytest.fixture(scope="module")
 def schema() -> Schema:
     return Schema.load()
+
+
+@pytest.fixture(scope="module")
+def oracle() -> Oracle:
+    return Oracle(FILES)
+
+
+def test_every_file_is_a_draft_2020_12_schema() -> None:
+    # The daemon does not check this (it imports no JSON Schema library): this test does.
+    assert metaschema_errors(FILES) == []
+
+
+# QEMU's texts for argument errors (docs/qemu-behaviour/qmp-protocol.md §6), and blockd's one of its own.
+QEMU_TEXTS = re.compile(
+    r"Parameter '[^']*' is (missing|unexpected)"
+    r"|Invalid parameter type for '[^']*', expected: \w+"
+    r"|Parameter '[^']*' does not accept value '.*'"
+    r"|Parameter '[^']*' expects u?int(8|16|32|64)(_t)?"
+    r"|Parameters are nested too deeply",
+    re.DOTALL,
+)
+
+
+def judge(schema: Schema, command: str, arguments: dict[str, Any]) -> bool:
+    """Whether blockd accepts ``arguments``; an error must be one of QEMU's texts."""
+    try:
+        schema.validate_arguments(command, arguments)
+    except RequestError as exc:
+        assert QEMU_TEXTS.fullmatch(exc.desc), exc.desc
+        return False
+    return True
+
+
+@pytest.mark.parametrize("command", sorted(set(FILES["commands"]) - {"blockdev-add"}))
+@settings(max_examples=40)
+@given(data=st.data())
+def test_accepts_what_jsonschema_accepts(
+    schema: Schema, oracle: Oracle, command: str, data: st.DataObject
+) -> None:
+    """Valid and broken arguments alike: blockd and jsonschema agree on every one."""
+    arguments = data.draw(VALUES.arguments(command))
+    assert judge(schema, command, arguments) == oracle.accepts("commands", command, arguments)
+
+
+@settings(max_examples=400)
+@given(arguments=VALUES.arguments("blockdev-add"))
+def test_blockdev_add_accepts_what_jsonschema_accepts(
+    schema: Schema, oracle: Oracle, arguments: dict[str, Any]
+) -> None:
+    """Nested union variants and alternates of ``blockdev-add``, valid and broken."""
+    assert judge(schema, "blockdev-add", arguments) == oracle.accepts(
+        "commands", "blockdev-add", arguments
+    )
+
+
+@pytest.mark.parametrize("event", sorted(FILES["events"]))
+@settings(max_examples=30)
+@given(data=st.data())
+def test_event_data_as_jsonschema(
+    schema: Schema, oracle: Oracle, event: str, data: st.DataObject
+) -> None:
+    value = data.draw(VALUES.event_data(event))
+    try:
+        schema.validate_event(event, value)
+        ours = True
+    except ValueError:
+        ours = False
+    assert ours == oracle.accepts("events", event, value)
+
+
+def test_the_values_are_valid_broken_and_nested(oracle: Oracle) -> None:
+    """The strategy behind the tests above makes both kinds, and nests inline options."""
+    seen: Counter[str] = Counter()
+
+    @settings(max_examples=300, database=None)
+    @given(arguments=VALUES.arguments("blockdev-add"))
+    def draw(arguments: dict[str, Any]) -> None:
+        seen["valid" if oracle.accepts("commands", "blockdev-add", arguments) else "broken"] += 1
+        inner = [arguments.get(key) for key in ("file", "backing", "data-file", "image")]
+        if any(isinstance(value, dict) and isinstance(value.get("file"), dict) for value in inner):
+            seen["nested twice"] += 1
+
+    draw()
+    assert seen["valid"] > 60 and seen["broken"] > 60 and seen["nested twice"] > 10, seen
+
+
+def test_the_daemon_imports_no_json_schema_library() -> None:
+    code = (
+        "import blockd.run, blockd.server, blockd.commands.registry\n"
+        "from blockd.qmp.schema import Schema\n"
+        "schema = Schema.load()\n"
+        "schema.validate_arguments('blockdev-add', {'driver': 'file', 'filename': 'f'})\n"
+        "schema.introspect()\n"
+        "import sys\n"
+        "loaded = {'jsonschema', 'referencing', 'rpds'} & set(sys.modules)\n"
+        "assert not loaded, loaded\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
 
 
 @pytest.fixture(scope="module")
@@ -142,6 +251,11 @@ def test_own_answers_conform(schema: Schema, info: list[dict[str, Any]]) -> None
     schema.validate_arguments("qmp_capabilities", {"enable": ["oob"]})
 
 
+# blockd.qmp is pure: no I/O layer, no block layer, and no JSON Schema library at run time.
+NOT_IN_THE_CORE = ("blockd.server", "blockd.daemon", "blockd.block", "blockd.jobs",
+                   "blockd.commands", "jsonschema", "referencing")  # fmt: skip
+
+
 def test_no_trio_in_the_protocol_core() -> None:
     package = Path(blockd.qmp.__file__).parent
     for path in package.glob("*.py"):
@@ -155,7 +269,7 @@ def test_no_trio_in_the_protocol_core() -> None:
                 continue
             for name in names:
                 assert name.split(".")[0] != "trio", f"{path.name} imports {name}"
-                assert not name.startswith(("blockd.server", "blockd.daemon")), path.name
+                assert not name.startswith(NOT_IN_THE_CORE), f"{path.name} imports {name}"
 
 
 _KEYS = ["device", "job-id", "id", "speed", "driver", "node-name", "file", "filename",
