@@ -4,6 +4,9 @@
 crosses tasks, so that a job outlives the connection whose command started it. It also
 keeps the job table (ids, lookups with QEMU's errors, queries newest first) and cancels
 every job on shutdown.
+
+The manager is the :class:`~blockd.jobs.job.JobOwner` of its jobs and uses only their
+public seam (see the :mod:`blockd.jobs.job` docstring).
 """
 
 from __future__ import annotations
@@ -64,14 +67,18 @@ class JobManager:
         if job.id in self.jobs:
             raise RequestError(f"Job ID '{job.id}' already in use")
         self.jobs[job.id] = job
-        job._transition(JobStatus.CREATED)
+        job.mark_created()
         try:
             job.set_speed(job.initial_speed)
         except BaseException:
             job.early_fail()
             raise
 
-    def _remove(self, job: Job) -> None:
+    def forget(self, job: Job) -> None:
+        """Drop ``job`` from the table (the job calls it on reaching ``null``).
+
+        A different job registered under the same id since is left alone.
+        """
         if self.jobs.get(job.id) is job:
             del self.jobs[job.id]
 
@@ -135,6 +142,6 @@ class JobManager:
         for job in jobs:
             if job.completing or (job.status in COMPLETED and job.status is not JobStatus.PENDING):
                 continue
-            await job._cancel()
+            await job.force_cancel()
         for job in jobs:
             await job.wait_ended()
