@@ -441,6 +441,11 @@ class Job:
             self._parked = trio.Event()
             await self._parked.wait()
 
+    @property
+    def ended(self) -> bool:
+        """The job's task has finished (its completion ran, or it was torn down)."""
+        return self._ended.is_set()
+
     async def wait_ended(self) -> None:
         """Wait until the job's completion has run (or, never started, returns at once)."""
         if self._started:
@@ -666,9 +671,15 @@ class Job:
         except trio.Cancelled:
             # The daemon's nursery is being torn down under us (job-cancel and
             # cancel_all are cooperative and never get here): abort and clean up, briefly.
-            with trio.CancelScope(shield=True) as scope:
-                scope.deadline = trio.current_time() + EMERGENCY_CLEANUP_SECONDS
-                await self._emergency_stop()
+            with trio.CancelScope(shield=True):
+                with trio.move_on_after(EMERGENCY_CLEANUP_SECONDS) as bound:
+                    await self._emergency_stop()
+            if bound.cancelled_caught:
+                log.error(
+                    "job %r: abort and clean-up did not finish within %gs; left as is",
+                    self.id,
+                    EMERGENCY_CLEANUP_SECONDS,
+                )
             raise
         except Exception:
             log.exception("job %r: internal error", self.id)

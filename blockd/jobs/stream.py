@@ -35,6 +35,8 @@ Theory of operation (QEMU behaviour §4.4; QEMU's ``block/stream.c``):
 from __future__ import annotations
 
 import errno
+import logging
+import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, Final
 
@@ -54,6 +56,8 @@ if TYPE_CHECKING:
     from blockd.jobs.job import JobOwner
     from blockd.jobs.setup import UndoStack
 
+log = logging.getLogger(__name__)
+
 #: the most bytes one step of the run loop examines (QEMU's ``STREAM_CHUNK``)
 STREAM_CHUNK: Final = 512 * 1024
 
@@ -63,6 +67,16 @@ STREAM_DEPTH: Final = 4
 
 #: the most bytes the copies of adjacent steps merge into (one worker-thread call)
 STREAM_COPY_MERGE: Final = 4 * 1024 * 1024
+
+#: the longest the header update of ``prepare`` (backing file name, then a flush) may
+#: take; it is shielded so that the link and the header never disagree. Past it the job
+#: fails with ``ETIMEDOUT`` (the storage does not answer).
+HEADER_UPDATE_SECONDS: Final = 30.0
+
+#: the longest ``clean`` (remove the filter, release the nodes, reopen read-only) may
+#: take; shielded so that a cancel cannot leave half the graph changes behind. Past it
+#: the job ends anyway and the error names the node.
+CLEAN_SECONDS: Final = 30.0
 
 #: the blocker reason put on every node the job holds (QEMU behaviour §4.4 step 5)
 BLOCKER: Final = "block device is in use by block job: stream"
@@ -392,13 +406,35 @@ class StreamJob(Job):
         # open by itself (a differing link makes it "overridden"). Set it together with
         # the link, before any I/O lets another job look at this node's filename.
         top.auto_backing_file = name or ""
+        # The header and the link must not part ways: shielded, but bounded.
         with trio.CancelScope(shield=True):
-            await top.driver.change_backing_file(name, fmt)
-            await top.flush()
+            with trio.move_on_after(HEADER_UPDATE_SECONDS) as bound:
+                await top.driver.change_backing_file(name, fmt)
+                await top.flush()
+        if bound.cancelled_caught:
+            log.error(
+                "stream job '%s': writing the backing file name into node '%s' did not "
+                "finish within %gs (storage not responding)",
+                self.id,
+                top.name,
+                HEADER_UPDATE_SECONDS,
+            )
+            raise OSError(errno.ETIMEDOUT, os.strerror(errno.ETIMEDOUT))
 
     async def clean(self) -> None:
+        # Runs even when the job is being cancelled; bounded so that a hung disk (the
+        # filter's close flushes) cannot hold the job, and shutdown, forever.
         with trio.CancelScope(shield=True):
-            await self.drop_filter()
-            await self.release()
-            if self.read_only:
-                await self.graph.reopen(self.target, read_only=True)
+            with trio.move_on_after(CLEAN_SECONDS) as bound:
+                await self.drop_filter()
+                await self.release()
+                if self.read_only:
+                    await self.graph.reopen(self.target, read_only=True)
+        if bound.cancelled_caught:
+            log.error(
+                "stream job '%s': releasing node '%s' did not finish within %gs (storage "
+                "not responding); the node may stay blocked",
+                self.id,
+                self.target.name,
+                CLEAN_SECONDS,
+            )
