@@ -70,15 +70,15 @@ class QMP:
         self.sock.close()
 
 
+def _run(*argv: str) -> None:
+    subprocess.run(argv, check=True, capture_output=True, timeout=TIMEOUT)
+
+
 def _chain(directory: Path) -> Path:
     base, top = directory / "base.qcow2", directory / "top.qcow2"
-    run = {"check": True, "capture_output": True, "timeout": TIMEOUT}
-    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(base), "64M"], **run)
-    subprocess.run(["qemu-io", "-c", "write -P 0x5a 0 64M", str(base)], **run)
-    subprocess.run(
-        ["qemu-img", "create", "-q", "-f", "qcow2", "-b", str(base), "-F", "qcow2", str(top)],
-        **run,
-    )
+    _run("qemu-img", "create", "-q", "-f", "qcow2", str(base), "64M")
+    _run("qemu-io", "-c", "write -P 0x5a 0 64M", str(base))
+    _run("qemu-img", "create", "-q", "-f", "qcow2", "-b", str(base), "-F", "qcow2", str(top))
     return top
 
 
