@@ -30,6 +30,7 @@ class Daemon:
         self.jobs = JobManager(self.events)
         self._schema = schema
         self._shutdown = trio.Event()
+        self._jobs_hung = False
 
     @property
     def schema(self) -> Schema:
@@ -42,7 +43,13 @@ class Daemon:
 
     def request_shutdown(self) -> None:
         """Ask the daemon to stop (``quit``, SIGTERM); returns at once."""
+        self.jobs.begin_shutdown()
         self._shutdown.set()
+
+    async def wait_shutdown_begun(self) -> None:
+        """Wait until a shutdown began: :meth:`request_shutdown`, or ``quit`` starting to
+        cancel the jobs (before its reply, so before it requests the shutdown)."""
+        await self.jobs.wait_shutdown_begun()
 
     @property
     def shutdown_requested(self) -> bool:
@@ -65,7 +72,26 @@ class Daemon:
             await self.aclose()
             nursery.cancel_scope.cancel()
 
+    def set_shutdown_seconds(self, seconds: float) -> None:
+        """Bound each shutdown step by ``seconds``: the cancel of every job
+        (:attr:`JobManager.cancel_seconds`) and each node's flush and close
+        (:attr:`Graph.close_seconds`)."""
+        self.jobs.cancel_seconds = seconds
+        self.graph.close_seconds = seconds
+
+    @property
+    def data_safe(self) -> bool:
+        """Every job ended and every node closed was flushed within its deadline."""
+        return not self._jobs_hung and not self.graph.unflushed
+
     async def aclose(self) -> None:
-        """Cancel running jobs, then flush and close every node."""
-        await self.jobs.cancel_all()
+        """Cancel running jobs, then flush and close every node.
+
+        Never hangs on storage that stopped answering: the cancel is bounded by
+        :attr:`JobManager.cancel_seconds`, each node by :attr:`Graph.close_seconds`;
+        what does not finish is logged as an error and :attr:`data_safe` turns False.
+        Closing continues with the other nodes either way.
+        """
+        if not await self.jobs.cancel_all():
+            self._jobs_hung = True
         await self.graph.close_all()

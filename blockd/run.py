@@ -7,16 +7,27 @@ line ``blockd: --opt value: message`` and exit status 1, with nothing left behin
 
 Shutdown (SIGINT, SIGTERM, SIGHUP or QMP ``quit``): stop accepting, flush queued replies,
 close connections, cancel jobs, flush and close images, remove sockets and pidfile, exit 0.
+
+Shutdown never hangs. The cancel of the jobs and each image's flush and close are bounded
+(:data:`~blockd.jobs.manager.CANCEL_ALL_SECONDS`, :data:`~blockd.block.graph.NODE_CLOSE_SECONDS`);
+what misses its deadline is logged as an error naming the job or node, the rest is still
+closed, and the exit status is 1. A worker thread stuck in the kernel (``fdatasync`` on
+storage that stopped answering) cannot be cancelled at all, so a watchdog ends the process
+:data:`SHUTDOWN_SECONDS` after the shutdown began: one error line naming the node being
+closed, sockets and pidfile removed, exit status 1. ``BLOCKD_SHUTDOWN_SECONDS`` (a number)
+replaces every one of these bounds, e.g. for tests.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import signal
 import sys
-from collections.abc import AsyncIterator, Mapping
-from typing import Any
+import threading
+from collections.abc import AsyncIterator, Callable, Mapping
+from typing import Any, Final
 
 import trio
 
@@ -31,6 +42,27 @@ from blockd.server import Endpoint, EndpointError, Server
 __all__ = ["add_blockdev", "run_daemon"]
 
 _SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+#: The longest a shutdown may take, from ``quit``/SIGTERM to the exit, before the watchdog
+#: ends the process (exit status 1). Above the in-daemon bounds, which report what hung
+#: and go on; the watchdog is for what cannot be cancelled (a thread in ``fdatasync``).
+SHUTDOWN_SECONDS: Final = 60.0
+
+#: Set to a number of seconds to replace every shutdown bound (tests use a short one).
+SHUTDOWN_SECONDS_ENV: Final = "BLOCKD_SHUTDOWN_SECONDS"
+
+log = logging.getLogger("blockd.run")
+
+
+def _shutdown_seconds() -> float | None:
+    value = os.environ.get(SHUTDOWN_SECONDS_ENV)
+    if not value:
+        return None
+    try:
+        seconds = float(value)
+    except ValueError:
+        return None
+    return seconds if seconds > 0 else None
 
 
 def run_daemon(config: Config) -> int:
@@ -47,9 +79,12 @@ def run_daemon(config: Config) -> int:
 def _run(config: Config, ready_fd: int | None) -> int:
     logging.basicConfig(format=f"{PROG}: %(message)s", level=logging.WARNING)
     try:
-        trio.run(_main, config, ready_fd)
+        data_safe = trio.run(_main, config, ready_fd)
     except CliError as exc:
         print(f"{PROG}: {exc}", file=sys.stderr)
+        return 1
+    if not data_safe:
+        log.error("shut down, but not every image could be flushed: exit status 1")
         return 1
     return 0
 
@@ -130,12 +165,17 @@ async def _start(
                 raise CliError(option, chardev.text, str(exc)) from exc
 
 
-async def _main(config: Config, ready_fd: int | None) -> None:
+async def _main(config: Config, ready_fd: int | None) -> bool:
+    """Run the daemon; returns :attr:`Daemon.data_safe` after a shutdown."""
     pidfile = PidFile(config.pidfile) if config.pidfile else None
     daemon = Daemon()
     daemon.graph.allow_header_json = config.allow_header_json
+    bound = _shutdown_seconds()
+    if bound is not None:
+        daemon.set_shutdown_seconds(bound)
     commands = load_all()
     server = Server(daemon, commands)
+    watchdogs: list[threading.Timer] = []
     with trio.open_signal_receiver(*_SIGNALS) as signals:
         try:
             async with trio.open_nursery() as nursery:
@@ -144,6 +184,8 @@ async def _main(config: Config, ready_fd: int | None) -> None:
                 if error is None:
                     watcher = trio.CancelScope()
                     nursery.start_soon(_watch_signals, signals, daemon, watcher)
+                    arm = functools.partial(_arm_watchdog, daemon, server, pidfile)
+                    nursery.start_soon(_watchdog_on_shutdown, daemon, arm, bound, watchdogs)
                     if ready_fd is not None:
                         _detach(ready_fd)
                     await daemon.wait_shutdown()
@@ -151,11 +193,54 @@ async def _main(config: Config, ready_fd: int | None) -> None:
                 daemon.request_shutdown()
                 await server.aclose()
         finally:
+            for watchdog in watchdogs:
+                watchdog.cancel()
             server.remove_sockets()
             if pidfile is not None:
                 pidfile.remove()
     if error is not None:
         raise error
+    return daemon.data_safe
+
+
+async def _watchdog_on_shutdown(
+    daemon: Daemon,
+    arm: Callable[[float], threading.Timer],
+    bound: float | None,
+    armed: list[threading.Timer],
+) -> None:
+    await daemon.wait_shutdown_begun()
+    armed.append(arm(bound or SHUTDOWN_SECONDS))
+
+
+def _arm_watchdog(
+    daemon: Daemon, server: Server, pidfile: PidFile | None, seconds: float
+) -> threading.Timer:
+    """End the process ``seconds`` from now unless the shutdown is over by then.
+
+    Runs in a thread of its own, since the trio thread may be waiting for a worker thread
+    that the kernel holds; so it only reads plain attributes and removes files.
+    """
+
+    def give_up() -> None:
+        node = daemon.graph.closing
+        what = f"node '{node}' is still being flushed" if node else "jobs are still running"
+        try:
+            sys.stderr.write(
+                f"{PROG}: shutdown did not finish within {seconds:g}s ({what}; storage not "
+                "responding): exiting now, data may not be flushed\n"
+            )
+            sys.stderr.flush()
+            server.remove_sockets()
+            if pidfile is not None:
+                pidfile.remove()
+        finally:
+            os._exit(1)
+
+    timer = threading.Timer(seconds, give_up)
+    timer.daemon = True
+    timer.start()
+    return timer
 
 
 async def _start_serving(

@@ -63,6 +63,12 @@ READ_SIZE: Final = 65536
 LISTEN_BACKLOG: Final = 128
 #: Seconds a closing server lets sessions flush their queued replies (``quit``).
 CLOSE_GRACE: Final = 2.0
+#: Seconds a closing session waits for its socket to close (shielded: the descriptor
+#: must not leak when the session is cancelled). A UNIX socket closes at once; the bound
+#: is there for a peer that never lets a TLS/transport close finish.
+STREAM_CLOSE_SECONDS: Final = 1.0
+#: Seconds for closing every listening socket (shielded, so that none stays bound).
+LISTENER_CLOSE_SECONDS: Final = 1.0
 _UNIX_PATH_MAX: Final = 107
 
 
@@ -171,7 +177,7 @@ class _Session:
                 self._outbox.close()
         finally:
             unsubscribe()
-            with trio.CancelScope(shield=True), trio.move_on_after(1):
+            with trio.CancelScope(shield=True), trio.move_on_after(STREAM_CLOSE_SECONDS):
                 await self._stream.aclose()
 
     async def _writer(self) -> None:
@@ -376,9 +382,11 @@ class Server:
             self._closed.set()
 
     async def _close_listeners(self) -> None:
-        with trio.CancelScope(shield=True):
+        with trio.CancelScope(shield=True), trio.move_on_after(LISTENER_CLOSE_SECONDS) as bound:
             for listener, _ in self._listeners:
                 await listener.aclose()
+        if bound.cancelled_caught:
+            log.error("closing the listening sockets took over %gs", LISTENER_CLOSE_SECONDS)
 
     async def _drain(self, nursery: trio.Nursery) -> None:
         # Stop accepting (the accept loops watch _closing), let sessions flush, then cut.

@@ -21,7 +21,10 @@ they say otherwise.
 **References.** A node lives while anything holds it: the monitor (top-level
 ``blockdev-add``), parent nodes (one per link) or users. When the last reference goes the
 node is flushed and closed, then its children lose a reference in turn. ``blockdev-del``
-removes the monitor's reference (docs/qemu-behaviour/blockdev.md §5).
+removes the monitor's reference (docs/qemu-behaviour/blockdev.md §5). Closing cannot be
+interrupted (each node's flush and close is shielded) but is bounded: a node whose storage
+does not answer within :data:`NODE_CLOSE_SECONDS` is logged, listed in
+:attr:`Graph.unflushed` and dropped.
 
 **Permissions.** After every change the graph recomputes the permissions of the nodes linked to it
 (:meth:`Graph.linked`, the part of the graph the change touches; no other node's can change) with
@@ -55,6 +58,7 @@ calls it (``file`` reopens its descriptor, keeping its lock bytes).
 from __future__ import annotations
 
 import contextlib
+import logging
 import random
 import re
 from collections.abc import Iterable, Iterator, Mapping
@@ -71,7 +75,15 @@ from blockd.block.names.backing import check_header_name_passes, header_backing_
 from blockd.block.node import BlockNode, NodeUser
 from blockd.errors import HostError, QMPError, RequestError
 
+log = logging.getLogger(__name__)
+
 NODE_NAME_MAX: Final = 31
+#: The longest flushing and closing one node may take once its last reference goes
+#: (``blockdev-del``, a job's end, shutdown). It runs shielded, so that a half-closed
+#: node is never left behind; the bound keeps a disk that stopped answering from hanging
+#: the command or the daemon's exit. Generous: a healthy flush of a big write-back cache
+#: takes seconds at most.
+NODE_CLOSE_SECONDS: Final = 10.0
 _WELLFORMED: Final = re.compile(r"[A-Za-z][A-Za-z0-9._-]*\Z")
 
 
@@ -98,6 +110,12 @@ class Graph:
         #: Follow ``json:`` and protocol-prefixed backing names found in image headers
         #: (the daemon's ``--allow-header-json``); off, such names are refused.
         self.allow_header_json = False
+        #: The longest one node's flush and close may take (:data:`NODE_CLOSE_SECONDS`).
+        self.close_seconds: float = NODE_CLOSE_SECONDS
+        #: Nodes given up at that deadline, oldest first: their data may not be on disk.
+        self.unflushed: list[str] = []
+        #: The node being flushed and closed right now, if any (for a shutdown report).
+        self.closing: str | None = None
 
     # -- lookup ----------------------------------------------------------------------
 
@@ -239,8 +257,7 @@ class Graph:
                 await self._open_backing(node, options, child_inherit)
         except BaseException:
             before = self.linked([node])
-            with trio.CancelScope(shield=True):
-                await self._unref(node)
+            await self._unref(node)  # shielded and bounded inside
             # the children it held (an existing node named as its file) give up the
             # permissions and lock bytes it took; fewer permissions never conflict
             with contextlib.suppress(QMPError):
@@ -324,13 +341,36 @@ class Graph:
         self._classes.pop(node, None)
         self._inherits_ro.discard(node)
         if hasattr(node, "driver"):
-            with contextlib.suppress(OSError):  # as QEMU: a failed flush does not keep it open
-                await node.driver.flush()
-            await node.driver.close()
+            await self._close_driver(node)
         for role in list(node.children):
             child = self._detach(node, role)
             if child is not None:
                 await self._unref(child)
+
+    async def _close_driver(self, node: BlockNode) -> None:
+        """Flush and close ``node``'s driver; shielded, bounded by :attr:`close_seconds`.
+
+        A failed flush does not keep the node open (as QEMU). A flush or close still
+        running at the deadline is given up: the node is logged as an error and listed in
+        :attr:`unflushed`, and the caller goes on with the next node.
+        """
+        self.closing = node.name
+        try:
+            with trio.CancelScope(shield=True):
+                with trio.move_on_after(self.close_seconds) as bound:
+                    with contextlib.suppress(OSError):
+                        await node.driver.flush()
+                    await node.driver.close()
+        finally:
+            self.closing = None
+        if bound.cancelled_caught:
+            self.unflushed.append(node.name)
+            log.error(
+                "node '%s': flush and close did not finish within %gs (storage not "
+                "responding); closed without flushing its data",
+                node.name,
+                self.close_seconds,
+            )
 
     # -- blockdev-del ----------------------------------------------------------------
 
@@ -360,8 +400,7 @@ class Graph:
             raise RequestError(f"Block device {name} is in use")
         node.monitor_owned = False
         before = self.linked([node])
-        with trio.CancelScope(shield=True):
-            await self._unref(node)
+        await self._unref(node)  # shielded and bounded inside
         self.refresh_permissions(before)
 
     async def close_all(self) -> None:
@@ -452,8 +491,7 @@ class Graph:
         if user in node.users:
             node.users.remove(user)
             before = self.linked([node])
-            with trio.CancelScope(shield=True):
-                await self._unref(node)
+            await self._unref(node)  # shielded and bounded inside
             self.refresh_permissions(before)
 
     # -- frozen links ----------------------------------------------------------------
@@ -529,8 +567,7 @@ class Graph:
             raise
         if old is not None:
             before = self.linked([old])
-            with trio.CancelScope(shield=True):
-                await self._unref(old)
+            await self._unref(old)  # shielded and bounded inside
             self.refresh_permissions(before)  # what the old child held, if it closed
 
     def _move_parents(self, old: BlockNode, new: BlockNode, *, skip: BlockNode | None) -> None:
@@ -566,8 +603,7 @@ class Graph:
         except BaseException:
             self._move_parents(filt, above, skip=None)
             filt.users.clear()
-            with trio.CancelScope(shield=True):
-                await self._unref(filt)
+            await self._unref(filt)  # shielded and bounded inside
             self.refresh_permissions()
             raise
         filt.users.clear()
@@ -583,8 +619,7 @@ class Graph:
         if below is not None:
             self._move_parents(filt, below, skip=None)
         before = self.linked([filt])
-        with trio.CancelScope(shield=True):
-            await self._unref(filt)
+        await self._unref(filt)  # shielded and bounded inside
         self.refresh_permissions(before)
 
     async def reopen(self, node: BlockNode, *, read_only: bool) -> None:

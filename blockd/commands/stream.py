@@ -1,9 +1,11 @@
-"""``block-stream``: check the request in QEMU's order, set the chain up, start the job.
+"""``block-stream``: check the request in QEMU's order, then hand the job its plan.
 
 The checks and their texts follow docs/qemu-behaviour/block-stream.md §3 (``qmp_block_stream``,
-``stream_start``): nothing is changed until every argument was checked; a failure after the filter
-was inserted removes it again, and a failure after the job object exists sends ``JOB_STATUS_CHANGE``
-``created`` then ``null`` before the error.
+``stream_start``): nothing is changed until every argument was checked. The graph
+changes are the job's (:meth:`StreamJob.set_up
+<blockd.jobs.stream.StreamJob.set_up>`): a failure after the filter was inserted removes
+it again, and a failure after the job was created sends ``JOB_STATUS_CHANGE`` ``created``
+then ``null`` before the error.
 """
 
 from __future__ import annotations
@@ -18,8 +20,8 @@ import trio
 from blockd.block import chain
 from blockd.block.node import BlockNode
 from blockd.commands.registry import command
-from blockd.errors import QMPError, RequestError
-from blockd.jobs.stream import StreamJob
+from blockd.errors import RequestError
+from blockd.jobs.stream import StreamJob, StreamPlan
 
 if TYPE_CHECKING:
     from blockd.daemon import Daemon
@@ -135,63 +137,24 @@ async def block_stream(
         base_overlay = overlay
         above_base = _above_base(base_overlay, base_bs)
 
-    read_only = top.read_only
-    if read_only:
-        # Hold the chain while the top is reopened (QEMU stream_start).
-        d.graph.freeze_chain(top, above_base)
-        try:
-            await d.graph.reopen(top, read_only=False)
-        finally:
-            d.graph.unfreeze_chain(top, above_base)
-
-    options: dict[str, Any] = {"driver": "copy-on-read", "file": top.name}
-    options["bottom"] = base_overlay.name
-    if filter_node_name is not None:
-        options["node-name"] = filter_node_name
-    try:
-        # QEMU bdrv_insert_node: opening the filter fails with "Could not create node",
-        # moving the top's parents to it with "Could not replace node".
-        if filter_node_name is not None:
-            try:
-                d.graph.check_name(filter_node_name)
-            except QMPError as exc:
-                raise type(exc)(f"Could not create node: {exc.desc}") from exc
-        try:
-            filter_node = await d.graph.insert_filter(options, top)
-        except QMPError as exc:
-            raise type(exc)(f"Could not replace node: {exc.desc}") from exc
-    except BaseException:
-        if read_only:
-            await d.graph.reopen(top, read_only=True)
-        raise
-
-    job = StreamJob(
-        d.jobs,
-        job_id if job_id is not None else device,
-        graph=d.graph,
-        target=top,
-        filter_node=filter_node,
+    plan = StreamPlan(
+        top=top,
+        base=base_bs,
         base_overlay=base_overlay,
         above_base=above_base,
         backing_file=backing_file,
         backing_mask_protocol=backing_mask_protocol,
-        read_only=read_only,
+        filter_node_name=filter_node_name,
+    )
+    job = StreamJob(
+        d.jobs,
+        job_id if job_id is not None else device,
+        graph=d.graph,
+        plan=plan,
         speed=speed,
         on_error=on_error,
         auto_finalize=auto_finalize,
         auto_dismiss=auto_dismiss,
     )
-    try:
-        # The copy-on-read filter freezes its chain down to the base-overlay.
-        job.freeze()
-        d.jobs.create(job)
-        try:
-            job.hold()
-        except BaseException:
-            job.early_fail()
-            raise
-    except BaseException:
-        await job.clean()
-        raise
-    job.start()
+    await job.launch()  # the set-up steps; a failure undoes those done
     return {}

@@ -9,6 +9,16 @@ runs it as a task in the manager's daemon-wide nursery: a job outlives the conne
 whose command started it. Every status change goes through :meth:`Job._transition`, which
 checks :data:`~blockd.jobs.state.TRANSITIONS` and emits ``JOB_STATUS_CHANGE``.
 
+The job and its manager meet at a small public seam, and neither touches the other's
+private members:
+
+* the job sees its owner only as a :class:`JobOwner` (``events``, ``nursery``,
+  ``create(job)``, ``forget(job)``);
+* the manager drives a job only through :meth:`Job.mark_created` (registration),
+  :meth:`Job.set_speed`, :meth:`Job.early_fail`, :meth:`Job.drain`,
+  :meth:`Job.force_cancel` (shutdown), :meth:`Job.wait_ended`, ``completing`` and
+  ``status``.
+
 Subclass contract (what the stream job implements)::
 
     job_type: ClassVar[str]            # "stream"
@@ -86,7 +96,7 @@ import enum
 import errno
 import logging
 import os
-from typing import TYPE_CHECKING, Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Final, Literal, Protocol
 
 import trio
 
@@ -100,18 +110,44 @@ from blockd.jobs.policy import (
     io_status_after,
 )
 from blockd.jobs.ratelimit import RateLimit
+from blockd.jobs.setup import UndoStack
 from blockd.jobs.state import JobStatus, JobVerb, check_transition, check_verb
 
 if TYPE_CHECKING:
-    from blockd.jobs.manager import JobManager
+    from blockd.events import EventBus
 
 log = logging.getLogger(__name__)
 
 S = JobStatus
 
 #: How long a job may take to abort and clean up when the daemon's nursery is torn down
-#: under it (the orderly path is :meth:`JobManager.cancel_all`, which has no limit).
-EMERGENCY_CLEANUP_SECONDS = 10.0
+#: under it (the orderly path is :meth:`JobManager.cancel_all`, bounded by the daemon's
+#: shutdown deadline). Past it the job is left as it is: its nodes are closed by the
+#: graph, and an image whose flush hangs is reported there.
+EMERGENCY_CLEANUP_SECONDS: Final = 10.0
+
+
+class JobOwner(Protocol):
+    """What a job needs from whoever owns it (:class:`~blockd.jobs.manager.JobManager`).
+
+    Attributes:
+        events: the bus the job's events go to.
+    """
+
+    events: EventBus
+
+    @property
+    def nursery(self) -> trio.Nursery:
+        """The daemon-wide nursery the job's task runs in (see :meth:`Job.start`)."""
+        ...
+
+    def create(self, job: Job) -> None:
+        """Register ``job`` (``created``); see :meth:`JobManager.create` for the errors."""
+        ...
+
+    def forget(self, job: Job) -> None:
+        """Drop ``job`` from the owner's table; the job calls it on reaching ``null``."""
+        ...
 
 
 class _Park(enum.Enum):
@@ -166,7 +202,7 @@ class Job:
 
     def __init__(
         self,
-        manager: JobManager,
+        manager: JobOwner,
         job_id: str,
         *,
         speed: int = 0,
@@ -225,6 +261,43 @@ class Job:
 
     async def clean(self) -> None:
         """Release what the job holds; runs last, whatever the outcome."""
+
+    async def set_up(self, undo: UndoStack) -> None:
+        """Prepare what the job needs before it starts; by default only :meth:`register`.
+
+        Each step pushes its undo on ``undo`` once done, and the job is registered
+        (:meth:`register`) at the point where QEMU creates it.
+
+        Raises:
+            QMPError: a step failed; :meth:`launch` undoes the steps done.
+        """
+        self.register(undo)
+
+    # ------------------------------------------------------------------------ set-up
+
+    def register(self, undo: UndoStack) -> None:
+        """Register the job with its owner (``created``); its undo is :meth:`early_fail`.
+
+        Raises:
+            RequestError: as :meth:`JobManager.create` (a bad id: no event; a bad speed:
+                ``created`` then ``null``, nothing to undo).
+        """
+        self.manager.create(self)
+        undo.push(self.early_fail, "the job's creation")
+
+    async def launch(self) -> None:
+        """Set the job up (:meth:`set_up`) and start it (:meth:`start`).
+
+        Raises:
+            QMPError: the set-up failed; every step done was undone (shielded, bounded by
+                :data:`~blockd.jobs.setup.ROLLBACK_SECONDS`) before this raises.
+            trio.Cancelled: likewise undone first; the job was not started.
+        """
+        async with UndoStack(f"{self.job_type} job '{self.id}'") as undo:
+            await self.set_up(undo)
+            if self.status is S.UNDEFINED:
+                raise RuntimeError(f"job {self.id!r}: set_up() did not register the job")
+        self.start()
 
     # --------------------------------------------------------------------- tools for run
 
@@ -319,8 +392,19 @@ class Job:
             raise RuntimeError(f"job {self.id!r} cannot early-fail in state {self.status}")
         self._dismiss()
 
+    def mark_created(self) -> None:
+        """``undefined`` → ``created``: emits ``JOB_STATUS_CHANGE created``.
+
+        Called once, by the owner that registers the job (:meth:`JobManager.create`).
+
+        Raises:
+            JobStateError: the job was registered already.
+        """
+        self._transition(S.CREATED)
+
     @property
     def started(self) -> bool:
+        """The job's task was started (:meth:`start`)."""
         return self._started
 
     @property
@@ -357,6 +441,11 @@ class Job:
         while self._park is _Park.RUNNING:
             self._parked = trio.Event()
             await self._parked.wait()
+
+    @property
+    def ended(self) -> bool:
+        """The job's task has finished (its completion ran, or it was torn down)."""
+        return self._ended.is_set()
 
     async def wait_ended(self) -> None:
         """Wait until the job's completion has run (or, never started, returns at once)."""
@@ -410,8 +499,20 @@ class Job:
         rate-limit sleep or a pause point, one that finished its work (pending) and one
         that never started are finished before this returns, events included (as
         qemu-storage-daemon 10.0 does, checked against it).
+
+        Raises:
+            JobStateError: the verb is not allowed in the job's status.
         """
         check_verb(self.id, self.status, JobVerb.CANCEL)
+        await self._cancel()
+
+    async def force_cancel(self) -> None:
+        """Cancel without the verb check (QEMU ``job_cancel_sync`` on shutdown).
+
+        As :meth:`cancel` otherwise; the owner calls it for every unfinished job. If the
+        caller is cancelled while this waits, the cancel stays requested and the job
+        still finishes in its own task.
+        """
         await self._cancel()
 
     def complete(self) -> None:
@@ -575,9 +676,15 @@ class Job:
         except trio.Cancelled:
             # The daemon's nursery is being torn down under us (job-cancel and
             # cancel_all are cooperative and never get here): abort and clean up, briefly.
-            with trio.CancelScope(shield=True) as scope:
-                scope.deadline = trio.current_time() + EMERGENCY_CLEANUP_SECONDS
-                await self._emergency_stop()
+            with trio.CancelScope(shield=True):
+                with trio.move_on_after(EMERGENCY_CLEANUP_SECONDS) as bound:
+                    await self._emergency_stop()
+            if bound.cancelled_caught:
+                log.error(
+                    "job %r: abort and clean-up did not finish within %gs; left as is",
+                    self.id,
+                    EMERGENCY_CLEANUP_SECONDS,
+                )
             raise
         except Exception:
             log.exception("job %r: internal error", self.id)
@@ -657,7 +764,7 @@ class Job:
         """QEMU ``job_do_dismiss``: to ``null`` and out of the manager."""
         self.busy = False
         self._transition(S.NULL)
-        self.manager._remove(self)
+        self.manager.forget(self)
 
     def _send_request(self, verb: JobVerb) -> None:
         self._completing = True

@@ -6,9 +6,12 @@ Theory of operation (docs/qemu-behaviour/block-stream.md §4; QEMU's ``block/str
   is the lowest image whose data is copied; *above-base* the node (filters counted)
   directly above the base. With ``bottom`` both are the bottom node. The base itself is
   never read by the job and never changes.
-* Setup (in :mod:`blockd.commands.stream`): a ``copy-on-read`` filter with
-  ``bottom = base-overlay`` is inserted above the top and takes over all its parents;
-  the filter, the top and every node down to (not including) the base are blocked.
+* Setup (:meth:`StreamJob.set_up`, from the :class:`StreamPlan` that
+  :mod:`blockd.commands.stream` checked): a read-only top is reopened read-write; a
+  ``copy-on-read`` filter with ``bottom = base-overlay`` is inserted above the top and
+  takes over all its parents; the job is created; the filter, the top and every node
+  down to (not including) the base are blocked. Each step done is undone if a later one
+  fails (:class:`~blockd.jobs.setup.UndoStack`).
 * Run: the image is walked in steps of at most :data:`STREAM_CHUNK` bytes. A range the
   top already stores is skipped; a range some layer from the top's backing down to the
   base-overlay stores is copied by a prefetch read through the filter; a range nobody
@@ -32,6 +35,9 @@ Theory of operation (docs/qemu-behaviour/block-stream.md §4; QEMU's ``block/str
 from __future__ import annotations
 
 import errno
+import logging
+import os
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, Final
 
 import trio
@@ -41,12 +47,16 @@ from blockd.block.drivers.copy_on_read import CopyOnReadDriver
 from blockd.block.host import offload
 from blockd.block.host.locking import PERM_ALL, PERM_NONE, Perm
 from blockd.block.node import BlockNode, NodeUser
+from blockd.errors import QMPError
 from blockd.jobs.job import Job
 from blockd.jobs.window import StepWindow
 
 if TYPE_CHECKING:
     from blockd.block.graph import Graph
-    from blockd.jobs.manager import JobManager
+    from blockd.jobs.job import JobOwner
+    from blockd.jobs.setup import UndoStack
+
+log = logging.getLogger(__name__)
 
 #: the most bytes one step of the run loop examines (QEMU's ``STREAM_CHUNK``)
 STREAM_CHUNK: Final = 512 * 1024
@@ -57,6 +67,16 @@ STREAM_DEPTH: Final = 4
 
 #: the most bytes the copies of adjacent steps merge into (one worker-thread call)
 STREAM_COPY_MERGE: Final = 4 * 1024 * 1024
+
+#: the longest the header update of ``prepare`` (backing file name, then a flush) may
+#: take; it is shielded so that the link and the header never disagree. Past it the job
+#: fails with ``ETIMEDOUT`` (the storage does not answer).
+HEADER_UPDATE_SECONDS: Final = 30.0
+
+#: the longest ``clean`` (remove the filter, release the nodes, reopen read-only) may
+#: take; shielded so that a cancel cannot leave half the graph changes behind. Past it
+#: the job ends anyway and the error names the node.
+CLEAN_SECONDS: Final = 30.0
 
 #: the blocker reason put on every node the job holds
 #: (docs/qemu-behaviour/block-stream.md §4, setup step 5)
@@ -73,21 +93,48 @@ def backing_format(node: BlockNode, mask_protocol: bool) -> str:
     return node.drv
 
 
-class StreamJob(Job):
-    """One block-stream job. The ``block-stream`` handler builds it, then calls
-    :meth:`freeze`, ``JobManager.create``, :meth:`hold` and ``start``; on a failure
-    before the start it calls :meth:`clean`, which undoes whatever was done.
+@dataclass(frozen=True)
+class StreamPlan:
+    """What a ``block-stream`` request asks for, checked by its handler
+    (docs/qemu-behaviour/block-stream.md §3).
 
-    Args:
-        manager: the job manager.
-        job_id: the job's id.
-        graph: the block graph (for the filter and backing-link changes).
-        target: the ``device`` node (the filter's child).
-        filter_node: the inserted copy-on-read filter (the job removes it).
-        base_overlay: the lowest image whose data is copied.
-        above_base: the node directly above the base (filters counted).
+    Attributes:
+        top: the ``device`` node: the filter goes above it, its image is filled.
+        base: the base node (``base``/``base-node``), ``None`` for a full stream or with
+            ``bottom``; never read by the job.
+        base_overlay: the lowest image whose data is copied (``bottom``, or the overlay
+            of the base).
+        above_base: the node directly above the base, filters counted.
         backing_file: the header string to write instead of the base's filename.
         backing_mask_protocol: write ``raw`` for a protocol base.
+        filter_node_name: the copy-on-read filter's ``node-name`` (``None``: implicit).
+    """
+
+    top: BlockNode
+    base: BlockNode | None
+    base_overlay: BlockNode
+    above_base: BlockNode
+    backing_file: str | None = None
+    backing_mask_protocol: bool = False
+    filter_node_name: str | None = None
+
+
+class StreamJob(Job):
+    """One block-stream job. The ``block-stream`` handler builds it from a
+    :class:`StreamPlan` and awaits :meth:`~blockd.jobs.job.Job.launch`: :meth:`set_up`
+    changes the graph, step by step, and a failure undoes every step done.
+
+    Args:
+        manager: the job's owner.
+        job_id: the job's id.
+        graph: the block graph (for the filter and backing-link changes).
+        plan: the checked request.
+        job_options: ``speed``, ``on_error``, ``auto_finalize``, ``auto_dismiss``.
+
+    Attributes:
+        target: the ``device`` node (the filter's child).
+        filter_node: the inserted copy-on-read filter, once :meth:`set_up` inserted it
+            and until the job removes it.
         read_only: the target was read-only and was reopened read-write.
     """
 
@@ -95,32 +142,79 @@ class StreamJob(Job):
 
     def __init__(
         self,
-        manager: JobManager,
+        manager: JobOwner,
         job_id: str,
         *,
         graph: Graph,
-        target: BlockNode,
-        filter_node: BlockNode,
-        base_overlay: BlockNode,
-        above_base: BlockNode,
-        backing_file: str | None = None,
-        backing_mask_protocol: bool = False,
-        read_only: bool = False,
+        plan: StreamPlan,
         **job_options: Any,
     ) -> None:
         super().__init__(manager, job_id, **job_options)
         self.graph = graph
-        self.target = target
-        self.filter_node: BlockNode | None = filter_node
-        self.base_overlay = base_overlay
-        self.above_base = above_base
-        self.backing_file = backing_file
-        self.backing_mask_protocol = backing_mask_protocol
-        self.read_only = read_only
+        self.plan = plan
+        self.target = plan.top
+        self.base_overlay = plan.base_overlay
+        self.above_base = plan.above_base
+        self.backing_file = plan.backing_file
+        self.backing_mask_protocol = plan.backing_mask_protocol
+        self.filter_node: BlockNode | None = None
+        self.read_only = False
         self._holds: list[tuple[BlockNode, NodeUser]] = []
         self._frozen = False
 
     # -- setup -----------------------------------------------------------------------
+
+    async def set_up(self, undo: UndoStack) -> None:
+        """QEMU ``stream_start`` after its checks (docs/qemu-behaviour/block-stream.md §4,
+        steps 1-5), each step undone on a later failure: reopen a read-only top
+        read-write; insert the copy-on-read filter; freeze its chain; create the job
+        (``created``); take the permissions and block the nodes.
+
+        Raises:
+            QMPError: QEMU's text for the step that failed (``Could not create node:``,
+                ``Could not replace node:``, a frozen link, a permission conflict); the
+                steps done were undone, a ``created`` job went to ``null``.
+        """
+        top = self.target
+        if top.read_only:
+            # Hold the chain while the top is reopened (QEMU stream_start).
+            self.graph.freeze_chain(top, self.above_base)
+            try:
+                await self.graph.reopen(top, read_only=False)
+            finally:
+                self.graph.unfreeze_chain(top, self.above_base)
+            self.read_only = True
+            undo.push(self._reopen_read_only, "reopening the top read-write")
+        self.filter_node = await self._insert_filter()
+        undo.push(self.drop_filter, "inserting the copy-on-read filter")
+        # The copy-on-read filter freezes its chain down to the base-overlay.
+        self.freeze()
+        undo.push(self._unfreeze, "freezing the chain")
+        self.register(undo)
+        undo.push(self.release, "taking the permissions")  # hold() may stop half-way
+        self.hold()
+
+    async def _insert_filter(self) -> BlockNode:
+        """QEMU ``bdrv_insert_node``: opening the filter fails with ``Could not create
+        node``, moving the top's parents to it with ``Could not replace node``."""
+        options: dict[str, Any] = {"driver": "copy-on-read", "file": self.target.name}
+        options["bottom"] = self.base_overlay.name
+        name = self.plan.filter_node_name
+        if name is not None:
+            options["node-name"] = name
+            try:
+                self.graph.check_name(name)
+            except QMPError as exc:
+                raise type(exc)(f"Could not create node: {exc.desc}") from exc
+        try:
+            return await self.graph.insert_filter(options, self.target)
+        except QMPError as exc:
+            raise type(exc)(f"Could not replace node: {exc.desc}") from exc
+
+    async def _reopen_read_only(self) -> None:
+        if self.read_only:
+            self.read_only = False
+            await self.graph.reopen(self.target, read_only=True)
 
     def freeze(self) -> None:
         """Freeze the links from the filter down to the base-overlay, as the filter's
@@ -132,6 +226,11 @@ class StreamJob(Job):
         assert self.filter_node is not None
         self.graph.freeze_chain(self.filter_node, self.base_overlay)
         self._frozen = True
+
+    def _unfreeze(self) -> None:
+        if self._frozen and self.filter_node is not None:
+            self._frozen = False
+            self.graph.unfreeze_chain(self.filter_node, self.base_overlay)
 
     def hold(self) -> None:
         """Take the job's permissions and block the nodes it holds
@@ -161,8 +260,14 @@ class StreamJob(Job):
             node.block(BLOCKER)
 
     async def release(self) -> None:
-        """Give back every permission and blocker (idempotent)."""
-        holds, self._holds = self._holds, []
+        """Give back every permission and blocker but the filter's (idempotent).
+
+        The filter's own holds go with the filter (:meth:`drop_filter`): released
+        first, they could close it while its chain is still frozen.
+        """
+        filt = self.filter_node
+        holds = [h for h in self._holds if h[0] is not filt]
+        self._holds = [h for h in self._holds if h[0] is filt]
         seen: list[BlockNode] = []
         for node, user in reversed(holds):
             if not any(n is node for n in seen):
@@ -172,12 +277,10 @@ class StreamJob(Job):
 
     async def drop_filter(self) -> None:
         """Unfreeze the filter's chain and take the filter out of the graph (idempotent)."""
+        self._unfreeze()
         filt, self.filter_node = self.filter_node, None
         if filt is None:
             return
-        if self._frozen:
-            self._frozen = False
-            self.graph.unfreeze_chain(filt, self.base_overlay)
         for node, user in [h for h in self._holds if h[0] is filt]:
             self._holds.remove((node, user))
             await self.graph.remove_user(node, user)
@@ -307,13 +410,35 @@ class StreamJob(Job):
         # open by itself (a differing link makes it "overridden"). Set it together with
         # the link, before any I/O lets another job look at this node's filename.
         top.auto_backing_file = name or ""
+        # The header and the link must not part ways: shielded, but bounded.
         with trio.CancelScope(shield=True):
-            await top.driver.change_backing_file(name, fmt)
-            await top.flush()
+            with trio.move_on_after(HEADER_UPDATE_SECONDS) as bound:
+                await top.driver.change_backing_file(name, fmt)
+                await top.flush()
+        if bound.cancelled_caught:
+            log.error(
+                "stream job '%s': writing the backing file name into node '%s' did not "
+                "finish within %gs (storage not responding)",
+                self.id,
+                top.name,
+                HEADER_UPDATE_SECONDS,
+            )
+            raise OSError(errno.ETIMEDOUT, os.strerror(errno.ETIMEDOUT))
 
     async def clean(self) -> None:
+        # Runs even when the job is being cancelled; bounded so that a hung disk (the
+        # filter's close flushes) cannot hold the job, and shutdown, forever.
         with trio.CancelScope(shield=True):
-            await self.drop_filter()
-            await self.release()
-            if self.read_only:
-                await self.graph.reopen(self.target, read_only=True)
+            with trio.move_on_after(CLEAN_SECONDS) as bound:
+                await self.drop_filter()
+                await self.release()
+                if self.read_only:
+                    await self.graph.reopen(self.target, read_only=True)
+        if bound.cancelled_caught:
+            log.error(
+                "stream job '%s': releasing node '%s' did not finish within %gs (storage "
+                "not responding); the node may stay blocked",
+                self.id,
+                self.target.name,
+                CLEAN_SECONDS,
+            )

@@ -44,7 +44,8 @@ def test_every_file_is_a_draft_2020_12_schema() -> None:
     assert metaschema_errors(FILES) == []
 
 
-# QEMU's texts for argument errors (docs/qemu-behaviour/qmp-protocol.md §6), and blockd's one of its own.
+# QEMU's texts for argument errors (docs/qemu-behaviour/qmp-protocol.md §6), and blockd's
+# one of its own.
 QEMU_TEXTS = re.compile(
     r"Parameter '[^']*' is (missing|unexpected)"
     r"|Invalid parameter type for '[^']*', expected: \w+"
