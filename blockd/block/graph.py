@@ -664,6 +664,8 @@ class Graph:
             for n in reversed(reopened):
                 hook = getattr(n.driver, "reopen", None)
                 if hook is not None:
+                    # the driver's own write-back, bounded as the driver bounds it (the
+                    # shutdown watchdog of blockd.run for a disk that stops answering)
                     with trio.CancelScope(shield=True):
                         await hook(old[n])
             for n, value in old.items():

@@ -338,6 +338,8 @@ class FileDriver(Driver):
     async def _quiesce(self) -> None:
         """Let a background sync finish before its descriptor goes."""
         if self._behind is not None:
+            # no deadline of its own: the descriptor must outlive the sync using it; a disk
+            # that stops answering is bounded by the shutdown watchdog (blockd.run)
             with trio.CancelScope(shield=True):
                 await self._behind.wait_idle()
 

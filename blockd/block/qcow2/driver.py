@@ -253,6 +253,8 @@ class Qcow2Driver(Qcow2Reads, Driver):
         # a request that started changing metadata finishes (cancellation waits for it):
         # a half-applied allocation would leave the caches inconsistent
         async with self._lock:
+            # no deadline of its own (stopping half-way would leave the caches half-applied):
+            # a disk that stops answering is bounded by the shutdown watchdog (blockd.run)
             with trio.CancelScope(shield=True):
                 await self._write(offset, data)
 
@@ -435,6 +437,8 @@ class Qcow2Driver(Qcow2Reads, Driver):
         end = offset + sum(e.length for e in extents)
         if offset & (h.cluster_size - 1) or (end & (h.cluster_size - 1) and end != h.size):
             raise OffloadNotSupported
+        # no deadline of its own (stopping half-way would leave the caches half-applied):
+        # a disk that stops answering is bounded by the shutdown watchdog (blockd.run)
         with trio.CancelScope(shield=True):
             runs: list[tuple[int, int, int, list[Extent]]] = []  # guest, count, host, data
             async with self._lock:
@@ -576,6 +580,8 @@ class Qcow2Driver(Qcow2Reads, Driver):
 
     async def flush(self) -> None:
         async with self._lock:
+            # no deadline of its own (stopping half-way would leave the caches half-applied):
+            # a disk that stops answering is bounded by the shutdown watchdog (blockd.run)
             with trio.CancelScope(shield=True):
                 await self._write_back()
                 await self._file.flush()
@@ -614,6 +620,8 @@ class Qcow2Driver(Qcow2Reads, Driver):
         cached change back; going read-write refuses images we may not write."""
         if read_only:
             async with self._lock:
+                # no deadline of its own (stopping half-way would leave the caches half-applied):
+                # a disk that stops answering is bounded by the shutdown watchdog (blockd.run)
                 with trio.CancelScope(shield=True):
                     await self._write_back()
                     await self._file.flush()
@@ -661,6 +669,8 @@ class Qcow2Driver(Qcow2Reads, Driver):
         else:
             backing_fmt = None
         async with self._lock:
+            # no deadline of its own (stopping half-way would leave the caches half-applied):
+            # a disk that stops answering is bounded by the shutdown watchdog (blockd.run)
             with trio.CancelScope(shield=True):
                 await self._rewrite_header(self.header, exts, name)
         self.backing_name = backing_file if name else None
