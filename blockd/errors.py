@@ -11,16 +11,17 @@ subclasses say whose fault the error is::
     │   │                        ("Internal error: ...", blockd.server)
     │   ├── RequestError         the request is wrong (bad arguments, bad state)  GenericError
     │   │   ├── CommandNotFound  unknown command, wrong negotiation mode         CommandNotFound
-    │   │   └── DeviceNotActive  block-job-* on an unknown job                    DeviceNotActive
+    │   │   ├── DeviceNotActive  block-job-* on an unknown job                    DeviceNotActive
+    │   │   └── DeviceNotFound   block-commit on an unknown device                DeviceNotFound
     │   ├── ImageError           an image's contents are corrupt or unsupported  GenericError
     │   └── HostError            the host failed us (I/O error, no space)        GenericError
     └── SchemaError              a file in schema/ is broken: the installation's
                                  fault, raised at load (blockd.qmp.schema); never sent
 
 Input that is not JSON is no exception: :mod:`blockd.qmp.framing` yields a ``ParseError``
-value, answered as GenericError without ``id``. QEMU's DeviceNotFound class has no
-counterpart: QEMU does not use it for anything blockd implements (``block-stream`` reports
-an unknown node as GenericError; docs/qemu-behaviour/block-stream.md §3).
+value, answered as GenericError without ``id``. QEMU sends DeviceNotFound for few
+commands: of blockd's, ``block-commit`` with an unknown ``device`` (``block-stream``
+reports one as GenericError; docs/qemu-behaviour/block-stream.md §3).
 
 I/O failures inside the block layer stay ``OSError`` with their ``errno`` (the
 ``on-error: enospc`` policy needs it); code that reports them to a client wraps them in
@@ -67,6 +68,10 @@ class CommandNotFound(RequestError):
 
 class DeviceNotActive(RequestError):
     error_class = "DeviceNotActive"
+
+
+class DeviceNotFound(RequestError):
+    error_class = "DeviceNotFound"
 
 
 class ImageError(QMPError):

@@ -127,6 +127,14 @@ class Driver(ABC):
     supports_backing: ClassVar[bool] = False
     #: the role name of the child a format or filter driver sits on
     child_role: ClassVar[str] = "file"
+    #: how the driver uses its non-backing child, a kind of
+    #: :func:`blockd.block.permissions.link_perms` (formats with a backing use
+    #: ``metadata`` whatever this says); an open driver may change it (a filter that
+    #: stops forwarding), then the graph refreshes the permissions
+    link_kind: str = "passthrough"
+    #: the node is named by its child's filename, whatever its options (QEMU drivers
+    #: whose ``bdrv_refresh_filename`` copies the child's name: the commit filters)
+    names_as_child: ClassVar[bool] = False
     #: the prefix of the legacy filenames :meth:`parse_filename` understands
     #: (``blkdebug:``), found in image headers; ``None`` for none
     filename_prefix: ClassVar[str | None] = None

@@ -69,7 +69,7 @@ import trio
 
 from blockd.block import permissions
 from blockd.block.driver import Driver
-from blockd.block.drivers import DRIVERS
+from blockd.block.drivers import DRIVERS, JOB_FILTERS
 from blockd.block.host.locking import PERM_ALL, LockError, Perm
 from blockd.block.names.backing import check_header_name_passes, header_backing_options
 from blockd.block.node import BlockNode, NodeUser
@@ -178,9 +178,11 @@ class Graph:
             return node
         return await self._open(ref, inherit)
 
-    async def _open(self, options: Mapping[str, Any], inherit: _Inherit) -> BlockNode:
+    async def _open(
+        self, options: Mapping[str, Any], inherit: _Inherit, *, job_filter: bool = False
+    ) -> BlockNode:
         driver_name = options.get("driver")
-        cls = DRIVERS.get(str(driver_name))
+        cls = (JOB_FILTERS if job_filter else DRIVERS).get(str(driver_name))
         if cls is None:
             raise RequestError(f"Unknown driver '{driver_name}'")
         opts = dict(options)
@@ -244,7 +246,7 @@ class Graph:
         if child is not None:
             self._attach(node, cls.child_role, child)
         try:
-            if "backing" in options and not cls.supports_backing:
+            if "backing" in options and not cls.supports_backing and cls.child_role != "backing":
                 raise RequestError(
                     f"Driver '{cls.format_name}' of node '{node.name}' does not support "
                     "backing files"
@@ -382,12 +384,15 @@ class Graph:
         children closed too unless something else holds them.
 
         Raises:
-            RequestError: not found, busy (a job's blocker, or the backing of another
-                node), not monitor-owned, in use (another node's ``file``, a user).
+            RequestError: not found, used by a front end (a job's reader or writer),
+                busy (a job's blocker, or the backing of another node), not
+                monitor-owned, in use (another node's ``file``, a user).
         """
         node = self.find(name)
         if node is None:
             raise RequestError(f"Failed to find node with node-name='{name}'")
+        if node.has_backend:
+            raise RequestError(f"Node {name} is in use")
         node.check_not_busy()
         for parent in reversed(node.parents):  # QEMU's backing-link blocker, newest first
             if parent.children.get("backing") is node:
@@ -423,9 +428,10 @@ class Graph:
         cls = self._classes.get(parent)
         if cls is not None and cls.supports_backing:
             return permissions.METADATA
-        if cls is not None and cls.format_name == "copy-on-read":
-            return permissions.COPY_ON_READ
-        return permissions.PASSTHROUGH
+        if cls is None:
+            return permissions.PASSTHROUGH
+        driver = parent.__dict__.get("driver")  # not there yet while it opens
+        return driver.link_kind if driver is not None else cls.link_kind
 
     def linked(self, nodes: Iterable[BlockNode]) -> list[BlockNode]:
         """The open nodes connected to ``nodes`` by parent/child links (``nodes`` among
@@ -585,16 +591,56 @@ class Graph:
             self._detach(parent, role)
             self._attach(parent, role, new)
 
-    async def insert_filter(self, options: Mapping[str, Any], above: BlockNode) -> BlockNode:
+    async def replace_node(self, old: BlockNode, new: BlockNode) -> None:
+        """Link every parent of ``old`` to ``new`` instead (QEMU's ``bdrv_replace_node``);
+        ``old`` loses those references (and is closed when they were its last).
+
+        Raises:
+            RequestError: a parent's link is frozen, the change would make a cycle, or
+                permissions refuse; nothing changed then.
+        """
+        links = [
+            (parent, role)
+            for parent in dict.fromkeys(old.parents)
+            for role, child in parent.children.items()
+            if child is old
+        ]
+        for parent, role in links:
+            if role in parent.frozen:
+                raise RequestError(f"Cannot change '{role}' link to '{old.name}'")
+            self._check_cycle(parent, role, new)
+        before = self.linked([old, new])
+        for parent, role in links:
+            self._detach(parent, role)
+            self._attach(parent, role, new)
+        try:
+            self.refresh_permissions([new])
+        except BaseException:
+            for parent, role in links:
+                self._detach(parent, role)
+                self._attach(parent, role, old)
+            self.refresh_permissions(before)
+            raise
+        await self._unref(old)  # shielded and bounded inside
+        self.refresh_permissions(before)
+
+    async def insert_filter(
+        self, options: Mapping[str, Any], above: BlockNode, *, read_only: bool | None = None
+    ) -> BlockNode:
         """Open filter ``options`` (its child being ``above``) and give it every parent of
         ``above``. Without ``node-name`` the filter gets a generated name and is implicit
-        (it shows its child's filename, as QEMU's implicit filters do).
+        (it shows its child's filename, as QEMU's implicit filters do). The filter is
+        read-only as ``above`` is, unless ``read_only`` says otherwise.
 
         Raises:
             QMPError: the filter cannot be opened or the parents cannot move (frozen
                 links, permissions); the graph is unchanged then.
         """
-        filt = await self._open(options, _Inherit(read_only=above.read_only))
+        filt = await self._open(
+            options,
+            _Inherit(read_only=above.read_only if read_only is None else read_only),
+            job_filter=str(options.get("driver")) in JOB_FILTERS,
+        )
         filt.implicit = options.get("node-name") is None
         filt.users.append(NodeUser("graph change", "insert"))  # holds it while moving
         try:

@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from blockd.block.dirty import DirtyBitmap
 from blockd.block.driver import BlockStatus, Driver, Extent, OffloadNotSupported, Status
 from blockd.block.host.locking import PERM_ALL, PERM_NONE, Perm
 from blockd.block.names.filename import full_open_options, node_filename
@@ -40,12 +41,16 @@ class NodeUser:
         child_name: the role it uses the node in (``main node``, ``intermediate node``).
         perm: the permissions it uses.
         shared: the permissions it lets others use.
+        backend: the user is a device-like front end (QEMU's BlockBackend: a job's
+            reader or writer, an export), not a job's hold on the node: the node stays a
+            root node, and ``blockdev-del`` refuses it as in use.
     """
 
     description: str
     child_name: str
     perm: Perm = PERM_NONE
     shared: Perm = PERM_ALL
+    backend: bool = False
 
 
 @dataclass(eq=False)
@@ -79,6 +84,8 @@ class BlockNode:
             it do not count as overridden.
         perm, shared: the node's cumulative permissions, as the graph last computed
             them from all its parents and users.
+        dirty_bitmaps: bitmaps that every completed write or discard on this node marks
+            (an active commit's record of what changed since it copied).
     """
 
     name: str
@@ -98,6 +105,7 @@ class BlockNode:
     implicit: bool = False
     perm: Perm = PERM_NONE
     shared: Perm = PERM_ALL
+    dirty_bitmaps: list[DirtyBitmap] = field(default_factory=list)
 
     # -- blockers ---------------------------------------------------------------------
 
@@ -122,6 +130,17 @@ class BlockNode:
         if self.blockers:
             name = self.name if display_name is None else display_name
             raise RequestError(f"Node '{name}' is busy: {self.blockers[0]}")
+
+    @property
+    def is_root(self) -> bool:
+        """No parent node and no job holds this node; front ends may (QEMU's
+        ``bdrv_is_root_node``): what ``block-commit`` accepts as its ``device``."""
+        return not self.parents and all(user.backend for user in self.users)
+
+    @property
+    def has_backend(self) -> bool:
+        """A front end uses this node (QEMU's ``bdrv_has_blk``)."""
+        return any(user.backend for user in self.users)
 
     @property
     def in_use(self) -> bool:
@@ -227,10 +246,16 @@ class BlockNode:
         padded = await self._read_padded(offset, len(view))
         if padded is None:
             await self.driver.write(offset, view)
-            return
-        start, bounce = padded  # read-modify-write of the aligned range
-        bounce[offset - start : offset - start + len(view)] = view
-        await self.driver.write(start, bounce)
+        else:
+            start, bounce = padded  # read-modify-write of the aligned range
+            bounce[offset - start : offset - start + len(view)] = view
+            await self.driver.write(start, bounce)
+        self._mark_dirty(offset, len(view))
+
+    def _mark_dirty(self, offset: int, length: int) -> None:
+        """QEMU ``bdrv_set_dirty``: a write that completed marks every bitmap."""
+        for bitmap in self.dirty_bitmaps:
+            bitmap.set(offset, length)
 
     async def copy_in(self, offset: int, extents: Sequence[Extent]) -> None:
         """Store the host ``extents`` at ``offset`` (see :meth:`Driver.copy_in`).
@@ -246,6 +271,7 @@ class BlockNode:
             raise OffloadNotSupported
         if length:
             await self.driver.copy_in(offset, extents)
+            self._mark_dirty(offset, length)
 
     async def discard(self, offset: int, length: int) -> None:
         """Give ``[offset, offset + length)`` back to the host (see
@@ -253,6 +279,7 @@ class BlockNode:
         if offset < 0 or length <= 0 or self.read_only:
             return
         await self.driver.discard(offset, length)
+        self._mark_dirty(offset, length)
 
     async def _read_padded(self, offset: int, length: int) -> tuple[int, bytearray] | None:
         """``None`` when ``[offset, offset + length)`` suits the driver's alignment;

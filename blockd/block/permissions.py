@@ -10,7 +10,11 @@ rules are QEMU's defaults (``bdrv_default_perms``):
 * a format's ``file`` (its metadata lives there): ``consistent read`` always, ``write``
   and ``resize`` when the format node is writable, and neither shared with others;
 * a ``backing`` link: at most ``consistent read``; writes shared only if the parents
-  share them; ``consistent read`` and ``write unchanged`` always shared.
+  share them; ``consistent read`` and ``write unchanged`` always shared;
+* the filters a commit job inserts: ``commit_top`` takes nothing of its child and shares
+  everything (it gives its parents consistent reads the chain below no longer grants);
+  ``mirror_top`` of an active commit passes its parents' needs on without ``consistent
+  read`` and shares ``write`` (the job writes into the node below).
 
 A node with ``force-share`` lets its users share everything. The check then refuses a
 writer on a read-only node (``Block node is read-only``) and two users that disagree
@@ -53,6 +57,8 @@ class Use:
 METADATA: Final = "metadata"  # a format keeping its metadata there (qcow2's ``file``)
 COPY_ON_READ: Final = "copy-on-read"  # writes back what it reads: ``write unchanged``
 PASSTHROUGH: Final = "passthrough"  # raw, blkdebug: the parents' needs unchanged
+COMMIT_TOP: Final = "commit-top"  # a non-active commit's filter: nothing taken
+MIRROR_COMMIT: Final = "mirror-commit"  # an active commit's filter
 
 _PASSED: Final = _READ | _WRITE | _RESIZE
 
@@ -61,9 +67,16 @@ def link_perms(role: str, perm: int, shared: int, *, kind: str, writable: bool) 
     """What a parent whose users need ``perm``/``shared`` takes on its ``role`` child.
 
     ``kind``: :data:`METADATA`, :data:`COPY_ON_READ` or :data:`PASSTHROUGH` (how the
-    parent's driver uses a non-backing child); ``writable``: the parent is read-write.
+    parent's driver uses a non-backing child), or a commit filter's kind
+    (:data:`COMMIT_TOP`, :data:`MIRROR_COMMIT`: their one child is a ``backing`` link);
+    ``writable``: the parent is read-write.
     """
-    # reference: QEMU bdrv_default_perms (filter / storage / cow), cor_child_perm
+    # reference: QEMU bdrv_default_perms (filter / storage / cow), cor_child_perm,
+    # bdrv_commit_top_child_perm, bdrv_mirror_top_child_perm
+    if kind == COMMIT_TOP:
+        return 0, _ALL
+    if kind == MIRROR_COMMIT:
+        return perm & ~_READ, shared | _WRITE
     if role == "backing":
         cow_shared = (_WRITE | _RESIZE) if shared & _WRITE else 0
         return perm & _READ, cow_shared | _READ | _WRITE_UNCHANGED

@@ -78,7 +78,8 @@ def block_device_info(node: BlockNode, *, flat: bool) -> dict[str, Any]:
         "ro": node.read_only,
         "drv": node.drv,
     }
-    if node.backing is not None:
+    if node.backing is not None and not node.is_filter:
+        # a filter on a backing child (a commit's) has no backing file name of its own
         info["backing_file"] = node.backing.filename
     info.update(
         {

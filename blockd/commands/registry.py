@@ -62,7 +62,7 @@ def command(name: str, *, raw: bool = False) -> Callable[[H], H]:
 
 
 #: The modules of :mod:`blockd.commands` whose handlers fill the table.
-HANDLER_MODULES: Final = ("block", "control", "jobs", "stream")
+HANDLER_MODULES: Final = ("block", "commit", "control", "jobs", "stream")
 
 
 def load_all() -> Mapping[str, Command]:

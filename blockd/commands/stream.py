@@ -10,16 +10,12 @@ then ``null`` before the error.
 
 from __future__ import annotations
 
-import functools
-import weakref
-from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
-
-import trio
 
 from blockd.block import chain
 from blockd.block.node import BlockNode
 from blockd.commands.registry import command
+from blockd.commands.serial import one_setup_at_a_time
 from blockd.errors import RequestError
 from blockd.jobs.stream import StreamJob, StreamPlan
 
@@ -46,25 +42,8 @@ def _above_base(base_overlay: BlockNode, base: BlockNode | None) -> BlockNode:
     return above
 
 
-#: One block-stream set-up at a time per daemon: QEMU runs a command's checks and its
-#: graph changes without interruption; here the set-up awaits (reopen, filter open), and
-#: a second stream must not pass the busy check before the first has blocked its nodes.
-_SETUP_LOCKS: weakref.WeakKeyDictionary[Daemon, trio.Lock] = weakref.WeakKeyDictionary()
-
-
-def _one_at_a_time(
-    handler: Callable[..., Awaitable[dict[str, Any]]],
-) -> Callable[..., Awaitable[dict[str, Any]]]:
-    @functools.wraps(handler)
-    async def serialized(d: Daemon, **arguments: Any) -> dict[str, Any]:
-        async with _SETUP_LOCKS.setdefault(d, trio.Lock()):
-            return await handler(d, **arguments)
-
-    return serialized
-
-
 @command("block-stream")
-@_one_at_a_time
+@one_setup_at_a_time
 async def block_stream(
     d: Daemon,
     *,

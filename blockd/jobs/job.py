@@ -28,6 +28,12 @@ Subclass contract (what the stream job implements)::
     async def abort(self) -> None      # after a failure or cancel
     async def clean(self) -> None      # always, last; exceptions are logged and dropped
 
+A job that becomes ready (an active commit, a mirror) also implements::
+
+    completable: ClassVar[bool] = True
+    def on_complete(self) -> None      # job-complete was accepted: finish once in sync
+    def soft_cancel_allowed(self) -> bool  # a cancel without force ends it as done
+
 Tools for ``run()``:
 
 * ``await pause_point()`` parks while the job is paused (status ``paused``, ``busy`` false)
@@ -39,6 +45,10 @@ Tools for ``run()``:
 * ``charge(n)`` charges ``n`` copied bytes to the rate limiter (skipped bytes are not);
   ``rate_limited()`` tells whether the next ``rate_limit_sleep()`` would sleep.
 * ``set_total(n)`` / ``advance(n)``: progress (``len`` / ``offset``).
+* ``ready()``: the job is in sync (``JOB_STATUS_CHANGE ready``, then
+  ``BLOCK_JOB_READY``); from then on ``job-complete`` is accepted.
+* ``await sleep_ns(ns)``: QEMU's ``job_sleep_ns``: an idle sleep that any verb waking the
+  job ends early (complete, cancel, pause); a pause point.
 * ``await handle_io_error(exc)`` applies ``on-error`` (docs/qemu-behaviour/jobs.md §6): emits
   ``BLOCK_JOB_ERROR`` (operation ``read`` unless told otherwise) and returns
 
@@ -190,7 +200,9 @@ class Job:
         busy: the job's task is running (not parked in a sleep or a pause point, not done).
         pause_count: pause requests outstanding; ``paused`` in queries is ``> 0``.
         user_paused: paused by a client (or by an on-error stop).
-        cancelled: a cancel was requested.
+        cancelled: a (forced) cancel was requested: the job stops and ends cancelled.
+        soft_cancelled: a cancel without force reached a ready job that allows it
+            (:meth:`soft_cancel_allowed`): it finishes as done, without its final step.
         error: the error text once the job failed or was cancelled, else ``None``.
     """
 
@@ -199,6 +211,9 @@ class Job:
     block_job: ClassVar[bool] = True
     #: ``BLOCK_JOB_ERROR.operation`` used by :meth:`handle_io_error` by default.
     error_operation: ClassVar[IoOperationType] = IoOperationType.READ
+    #: ``job-complete`` is accepted once the job is ready (QEMU: the driver has a
+    #: ``complete`` callback); such a job overrides :meth:`on_complete`.
+    completable: ClassVar[bool] = False
 
     def __init__(
         self,
@@ -224,6 +239,7 @@ class Job:
         self.pause_count = 1  # QEMU: a created job counts as paused until it starts
         self.user_paused = False
         self.cancelled = False
+        self.soft_cancelled = False
         self.progress_current = 0
         self.progress_total = 0
         self.error: str | None = None
@@ -261,6 +277,16 @@ class Job:
 
     async def clean(self) -> None:
         """Release what the job holds; runs last, whatever the outcome."""
+
+    def on_complete(self) -> None:
+        """``job-complete`` was accepted: finish once in sync (completable jobs only)."""
+        raise NotImplementedError
+
+    def soft_cancel_allowed(self) -> bool:
+        """Whether a cancel without ``force`` ends the job as done rather than
+        cancelled (QEMU: the driver's ``cancel`` callback; a ready mirror). No by
+        default: every cancel is forced."""
+        return False
 
     async def set_up(self, undo: UndoStack) -> None:
         """Prepare what the job needs before it starts; by default only :meth:`register`.
@@ -322,6 +348,20 @@ class Job:
             if delay == 0:
                 return
 
+    async def sleep_ns(self, ns: int) -> None:
+        """Sleep ``ns`` nanoseconds unless woken earlier (a verb, a pause); a pause point.
+
+        Raises:
+            trio.Cancelled: the job was cancelled.
+        """
+        await self._sleep_ns(ns)
+
+    def ready(self) -> None:
+        """The job is in sync: ``running`` → ``ready`` (``JOB_STATUS_CHANGE``), then
+        ``BLOCK_JOB_READY`` (QEMU ``job_transition_to_ready``)."""
+        self._transition(S.READY)
+        self._emit("BLOCK_JOB_READY", self._progress_event())
+
     def rate_limited(self) -> bool:
         """Whether :meth:`rate_limit_sleep` would sleep now (the speed limit is reached)."""
         return self._limit.calculate_delay(0, _now_ns()) > 0
@@ -339,9 +379,16 @@ class Job:
         self.progress_current += n
 
     async def handle_io_error(
-        self, exc: OSError, operation: IoOperationType | None = None
+        self,
+        exc: OSError,
+        operation: IoOperationType | None = None,
+        *,
+        ignored_fails: bool = True,
     ) -> ErrorChoice:
         """Apply the ``on-error`` policy to ``exc``; see the module docstring.
+
+        ``ignored_fails``: an ignored error still fails the job at its end (stream);
+        false, the job forgets it (commit retries the chunk and succeeds).
 
         Raises:
             trio.Cancelled: the job was cancelled while stopped.
@@ -364,9 +411,13 @@ class Job:
             self.io_status = io_status_after(self.io_status, action, code)
             await self.pause_point()
             return "retry"
+        if action is BlockErrorAction.IGNORE:
+            if ignored_fails and self._first_error is None:
+                self._first_error = exc
+            return "ignore"
         if self._first_error is None:
             self._first_error = exc
-        return "ignore" if action is BlockErrorAction.IGNORE else "report"
+        return "report"
 
     # ------------------------------------------------------------------------ lifecycle
 
@@ -504,7 +555,7 @@ class Job:
             JobStateError: the verb is not allowed in the job's status.
         """
         check_verb(self.id, self.status, JobVerb.CANCEL)
-        await self._cancel()
+        await self._cancel(force)
 
     async def force_cancel(self) -> None:
         """Cancel without the verb check (QEMU ``job_cancel_sync`` on shutdown).
@@ -516,9 +567,14 @@ class Job:
         await self._cancel()
 
     def complete(self) -> None:
-        """``job-complete``: only jobs that become ready can; stream never does."""
+        """``job-complete``: only jobs that become ready can (stream never does); a
+        cancel requested already refuses too (QEMU ``job_complete_locked``)."""
         check_verb(self.id, self.status, JobVerb.COMPLETE)
-        raise RequestError(f"The active block job '{self.id}' cannot be completed")
+        if not self.completable or self.cancelled or self.soft_cancelled:
+            raise RequestError(f"The active block job '{self.id}' cannot be completed")
+        self.on_complete()
+        if self.pause_count == 0:
+            self._enter(_Wake.ALWAYS)
 
     def change(self) -> None:
         """``block-job-change``: only mirror jobs have settings to change."""
@@ -771,17 +827,25 @@ class Job:
         self._request = verb
         self._request_event.set()
 
-    async def _cancel(self) -> None:
-        """QEMU ``job_cancel`` (always a forced cancel: no job type here has a soft one)."""
+    async def _cancel(self, force: bool = True) -> None:
+        """QEMU ``job_cancel``: forced unless ``force`` is false and the job allows a
+        soft cancel (:meth:`soft_cancel_allowed`)."""
         if self._started and self._completing:
             # Finishing already (QEMU would have finished within one main-loop turn).
             await self._ended.wait()
             return
+        soft = not force and not self.cancelled and self.soft_cancel_allowed()
         if self.user_paused:
             # QEMU job_cancel_async: the cancel lifts the user pause (and its io-status).
             self.io_status = BlockDeviceIoStatus.OK
             self.user_paused = False
             self.pause_count -= 1
+        if soft:
+            # The job finishes as done in its own task; its events follow the reply.
+            self.soft_cancelled = True
+            if self.pause_count == 0:
+                self._enter(_Wake.ALWAYS)
+            return
         self.cancelled = True
         if not self._started:
             self._completing = True

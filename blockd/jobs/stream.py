@@ -46,6 +46,7 @@ from blockd.block import chain
 from blockd.block.drivers.copy_on_read import CopyOnReadDriver
 from blockd.block.host import offload
 from blockd.block.host.locking import PERM_ALL, PERM_NONE, Perm
+from blockd.block.names.backing import recorded_format
 from blockd.block.node import BlockNode, NodeUser
 from blockd.errors import QMPError
 from blockd.jobs.job import Job
@@ -83,14 +84,6 @@ CLEAN_SECONDS: Final = 30.0
 BLOCKER: Final = "block device is in use by block job: stream"
 
 _BASIC: Final = Perm.CONSISTENT_READ | Perm.WRITE_UNCHANGED
-
-
-def backing_format(node: BlockNode, mask_protocol: bool) -> str:
-    """The format name recorded for ``node`` as a backing file
-    (docs/qemu-behaviour/block-stream.md §4, prepare step 3)."""
-    if mask_protocol and node.is_protocol:
-        return "raw"
-    return node.drv
 
 
 @dataclass(frozen=True)
@@ -401,7 +394,7 @@ class StreamJob(Job):
         fmt: str | None = None
         if image is not None:
             name = self.backing_file if self.backing_file is not None else image.filename
-            fmt = backing_format(image, self.backing_mask_protocol)
+            fmt = recorded_format(image, self.backing_mask_protocol)  # §4, prepare 3
         try:
             await self.graph.set_child(top, "backing", base)
         except Exception as exc:

@@ -68,6 +68,7 @@ class CopyOnReadDriver(Driver):
 
     format_name: ClassVar[str] = "copy-on-read"
     is_filter: ClassVar[bool] = True
+    link_kind = "copy-on-read"
 
     def __init__(self, node: BlockNode, bottom: BlockNode | None) -> None:
         super().__init__(node)

@@ -32,6 +32,15 @@ def resolve_backing_path(image_filename: str, backing: str) -> str:
     return os.path.join(os.path.dirname(image_filename), backing)
 
 
+def recorded_format(node: BlockNode, mask_protocol: bool) -> str:
+    """The format name an overlay's header records for ``node`` as its backing file:
+    the node's driver, or ``raw`` for a protocol node when ``mask_protocol`` (QEMU's
+    ``backing-mask-protocol`` of ``block-stream`` and ``block-commit``)."""
+    if mask_protocol and node.is_protocol:
+        return "raw"
+    return node.drv
+
+
 def image_path(node: BlockNode) -> str:
     """The path of the file under ``node`` (its protocol node's): relative backing names
     are resolved against its directory even when ``node`` has a ``json:`` filename."""

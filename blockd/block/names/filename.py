@@ -115,7 +115,7 @@ def full_open_options(node: BlockNode) -> dict[str, Any]:
         options[key] = strong[key]
     overridden = node.backing_overridden
     for role, child in node.children.items():
-        if role != "backing" or overridden:
+        if role != "backing" or overridden or node.is_filter:
             options[role] = full_open_options(child)
     if overridden and node.backing is None:
         options["backing"] = None
@@ -126,7 +126,7 @@ def node_filename(node: BlockNode) -> str:
     """QEMU's filename of ``node``: the driver's, ``blkdebug:<config>:<image>``, or
     ``json:{...}`` when options or an overridden backing link make a plain path ambiguous
     (``bdrv_refresh_filename``)."""
-    if node.implicit and node.file is not None:
+    if (node.implicit or node.driver.names_as_child) and node.file is not None:
         return node.file.filename
     strong = [key for key in STRONG_OPTIONS.get(node.drv, ()) if key in node.options]
     if node.drv in ALWAYS_JSON or node.backing_overridden:
