@@ -119,8 +119,9 @@ async def block_commit(
         "auto_finalize": auto_finalize,
         "auto_dismiss": auto_dismiss,
     }
-    # In the storage daemon no node has a device name: the default job id is ''.
-    job_name = job_id if job_id is not None else ""
+    # Without job-id the job is named after the device, as block-stream's (QEMU takes
+    # the BlockBackend's name: qemu-storage-daemon has none and refuses with '').
+    job_name = job_id if job_id is not None else device
     if top_bs.perm & Perm.WRITE or top_bs.skip_filters() is bs.skip_filters():
         if backing_file is not None:
             if top_bs.skip_filters() is bs.skip_filters():

@@ -35,6 +35,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import time
 from typing import TYPE_CHECKING, ClassVar, Final
 
 import trio
@@ -88,6 +89,7 @@ class MirrorJob(CommitFilterJob):
 
     bitmap: DirtyBitmap | None = None
     should_complete = False
+    _last_yield = 0
 
     # -- the seams for job-complete and block-job-cancel -----------------------------
 
@@ -135,6 +137,17 @@ class MirrorJob(CommitFilterJob):
     async def initial_dirty(self, bitmap: DirtyBitmap) -> None:
         """Mark what the target lacks (QEMU ``mirror_dirty_init``)."""
         raise NotImplementedError
+
+    async def throttle(self) -> None:
+        """QEMU ``mirror_throttle``: a pause point, and a yield to the other tasks once
+        every :data:`READY_SLICE_NS` (a long walk over the chain's metadata does not
+        hold the daemon up, and does not sleep either)."""
+        now = time.monotonic_ns()
+        if now - self._last_yield >= READY_SLICE_NS:
+            self._last_yield = now
+            await self.sleep_ns(0)
+        else:
+            await self.pause_point()
 
     async def run(self) -> None:
         source, target = self.plan.top, self.plan.base
@@ -328,7 +341,7 @@ class ActiveCommitJob(MirrorJob):
         length = top.length()
         offset = 0
         while offset < length:
-            await self.rate_limit_sleep()  # a pause and cancel point
+            await self.throttle()
             try:
                 allocated, n = await chain.is_allocated_above(
                     top, overlay, True, offset, length - offset
