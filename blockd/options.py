@@ -174,20 +174,24 @@ def parse_json_or_keyval(text: str, implied_key: str | None = None) -> dict[str,
     return parse_keyval(text, implied_key)
 
 
-_INT: Final = re.compile(r"[+-]?(0[xX][0-9a-fA-F]+|[0-9]+)")
-_SIZE: Final = re.compile(r"([0-9]+(?:\.[0-9]+)?)([bBkKmMgGtTpPeE])")
-_SUFFIX: Final = {"b": 0, "k": 1, "m": 2, "g": 3, "t": 4, "p": 5, "e": 6}
+# strtoll(text, &end, 0) with nothing after the number: C white space, a sign, then hex,
+# octal (a leading 0) or decimal digits
+_INT: Final = re.compile(r"[ \t\n\v\f\r]*([+-]?)(0[xX][0-9a-fA-F]+|0[0-7]*|[1-9][0-9]*)")
+_INT_BASES: Final = {"0x": 16, "0X": 16}
 _TYPE_ERROR: Final = re.compile(r"Invalid parameter type for '([^']*)', expected: (\w+)")
 
 
 def _to_integer(path: str, text: str) -> int:
-    if _INT.fullmatch(text):
-        return int(text, 0) if "x" in text.lower() else int(text, 10)
-    size = _SIZE.fullmatch(text)
-    if size:
-        number = float(size.group(1)) * 1024 ** _SUFFIX[size.group(2).lower()]
-        if number < 2**64:
-            return int(number)
+    # reference: qobject_input_type_int64_keyval() and qemu_strtoi64(): base 0, int64
+    # (ERANGE is the same error), no size suffixes and no fraction (only ``size``
+    # members take those, and blockd has none)
+    match = _INT.fullmatch(text)
+    if match:
+        sign, digits = match.groups()
+        base = _INT_BASES.get(digits[:2], 8 if digits.startswith("0") else 10)
+        value = int(sign + digits[2:] if base == 16 else sign + digits, base)
+        if -(1 << 63) <= value < (1 << 63):
+            return value
     raise OptionError(f"Parameter '{path}' expects integer")
 
 

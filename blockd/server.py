@@ -19,6 +19,14 @@ Rules:
 * Nothing a client does blocks the daemon or another client. The event sink only queues;
   if a client stops reading and its queue passes :data:`OUTBOX_LIMIT`, its connection is
   closed rather than buffered without bound.
+* A client's output paces its input. The reader handles the next request (or bad input)
+  only while the session's output not yet written, queued or being sent, is at most
+  :data:`OUTBOX_PAUSE`; above it the reader waits, reads nothing, and the socket's
+  buffers push back on the client. A client that sends requests but never reads costs
+  one pause worth of replies and then nothing (QEMU 10.0 would buffer every reply
+  without bound). Only events can then grow the queue to :data:`OUTBOX_LIMIT`.
+* A session yields to the others after each request it handles, so a burst of requests
+  that need no I/O (``query-qmp-schema`` in a loop) cannot hold the event loop.
 * A command is never cancelled because its client went away: it finishes and its reply
   is dropped (a half-done ``blockdev-add`` would leave the graph inconsistent). Only
   server shutdown cancels commands, after a grace period.
@@ -53,12 +61,16 @@ from blockd.errors import CommandNotFound, QMPError
 from blockd.events import Event
 from blockd.qmp.connection import NEED_DATA, Connection, Output, Request
 
-__all__ = ["MAX_CONNECTIONS", "OUTBOX_LIMIT", "Endpoint", "EndpointError", "Server"]
+__all__ = ["MAX_CONNECTIONS", "OUTBOX_LIMIT", "OUTBOX_PAUSE", "Endpoint", "EndpointError", "Server"]
 
 log = logging.getLogger("blockd.server")
 
 MAX_CONNECTIONS: Final = 256
+#: Bytes of output queued for one client past which its connection is closed.
 OUTBOX_LIMIT: Final = 16 * 1024 * 1024
+#: Bytes of output not yet written past which a session stops handling its client's
+#: requests until the client has read some.
+OUTBOX_PAUSE: Final = 1024 * 1024
 READ_SIZE: Final = 65536
 LISTEN_BACKLOG: Final = 128
 #: Seconds a closing server lets sessions flush their queued replies (``quit``).
@@ -94,27 +106,39 @@ class Endpoint:
 
 
 class _Outbox:
-    """The bytes waiting to be written to one client; bounded, never blocks a producer."""
+    """The bytes waiting to be written to one client; bounded, never blocks a producer.
+
+    :attr:`pending` counts what is queued and what the writer is sending, so the reader
+    can wait for the client to have read its replies (:meth:`wait_drained`).
+    """
 
     def __init__(self, limit: int) -> None:
         self._chunks: deque[bytes] = deque()
-        self._size = 0
+        self._queued = 0
+        self._sending = 0
         self._limit = limit
         self._wakeup = trio.Event()
+        self._drained = trio.Event()
         self.closed = False
         self.overflowed = False
+
+    @property
+    def pending(self) -> int:
+        """Bytes queued or being sent: not yet accepted by the socket."""
+        return self._queued + self._sending
 
     def put_nowait(self, data: bytes) -> bool:
         """Queue ``data``; False if the outbox is closed or would pass its limit."""
         if self.closed:
             return False
-        if self._size + len(data) > self._limit:
-            self.overflowed = self.closed = True
+        if self.pending + len(data) > self._limit:
+            self.overflowed = True
             self._chunks.clear()
-            self._wakeup.set()
+            self._queued = 0
+            self.close()
             return False
         self._chunks.append(data)
-        self._size += len(data)
+        self._queued += len(data)
         self._wakeup.set()
         return True
 
@@ -122,9 +146,16 @@ class _Outbox:
         """Accept nothing more; :meth:`get` returns what is queued, then None."""
         self.closed = True
         self._wakeup.set()
+        self._drained.set()
 
     async def get(self) -> bytes | None:
-        """Everything queued so far, joined; None once closed and empty."""
+        """Everything queued so far, joined; None once closed and empty.
+
+        The previous result counts as :attr:`pending` until this is called again: the
+        writer calls it once the socket has taken all of it.
+        """
+        self._sending = 0
+        self._drained.set()
         while not self._chunks:
             if self.closed:
                 return None
@@ -132,8 +163,15 @@ class _Outbox:
             self._wakeup = trio.Event()
         data = b"".join(self._chunks)
         self._chunks.clear()
-        self._size = 0
+        self._queued = 0
+        self._sending = len(data)
         return data
+
+    async def wait_drained(self, level: int) -> None:
+        """Return once at most ``level`` bytes are pending, or the outbox is closed."""
+        while self.pending > level and not self.closed:
+            self._drained = trio.Event()
+            await self._drained.wait()
 
 
 class _Session:
@@ -144,6 +182,7 @@ class _Session:
         self._daemon = server.daemon
         self._stream = stream
         self._outbox = _Outbox(server.outbox_limit)
+        self._pause = server.outbox_pause
         self._conn = Connection(
             server.daemon.schema, version=version_info(), capabilities=("oob",), pretty=pretty
         )
@@ -163,7 +202,11 @@ class _Session:
             self.stop_reading()
 
     def _on_event(self, event: Event) -> None:
-        data = self._conn.event(event)
+        try:
+            data = self._conn.event(event)
+        except (TypeError, ValueError):  # a bug: the emitter must not fail because of it
+            log.exception("event %s cannot be encoded; not sent", event.get("event"))
+            return
         if data is not None:
             self._send(data)
 
@@ -205,6 +248,11 @@ class _Session:
 
     async def _process(self) -> None:
         while not self._dead:
+            # Output paces input: nothing more is handled (so nothing more read) until
+            # the client has taken most of what it was sent.
+            await self._outbox.wait_drained(self._pause)
+            if self._dead:
+                return
             event = self._conn.next_event()
             if event is NEED_DATA:
                 return
@@ -212,6 +260,9 @@ class _Session:
                 self._send(event.data)
             elif isinstance(event, Request):
                 self._send(await self._execute(event))
+            # Let other sessions in between two requests of this one, whatever the
+            # handler awaited (a query is answered without a checkpoint).
+            await trio.lowlevel.checkpoint()
 
     async def _execute(self, request: Request) -> bytes:
         handler: Command | None = self._server.commands.get(request.command)
@@ -224,7 +275,11 @@ class _Session:
         except Exception as exc:  # a bug must not take the daemon down; report it
             log.exception("command %s failed unexpectedly", request.command)
             return self._conn.error(request, QMPError(f"Internal error: {exc}"))
-        return self._conn.reply(request, value)
+        try:
+            return self._conn.reply(request, value)
+        except (TypeError, ValueError) as exc:  # a return value with no JSON form: a bug
+            log.exception("the reply of command %s cannot be encoded", request.command)
+            return self._conn.error(request, QMPError(f"Internal error: {exc}"))
 
 
 def _unlink_stale(path: str) -> None:
@@ -299,6 +354,8 @@ class Server:
         commands: the handler table (``registry.load_all()``).
         max_connections: sessions served at once.
         outbox_limit: bytes queued for one client before its connection is closed.
+        outbox_pause: bytes not yet written to a client past which its requests wait;
+            by default :data:`OUTBOX_PAUSE`, or a quarter of ``outbox_limit`` if less.
     """
 
     def __init__(
@@ -308,11 +365,15 @@ class Server:
         *,
         max_connections: int = MAX_CONNECTIONS,
         outbox_limit: int = OUTBOX_LIMIT,
+        outbox_pause: int | None = None,
     ) -> None:
         self.daemon = daemon
         self.commands = commands
         self.max_connections = max_connections
         self.outbox_limit = outbox_limit
+        if outbox_pause is None:
+            outbox_pause = min(OUTBOX_PAUSE, outbox_limit // 4)
+        self.outbox_pause = outbox_pause
         self._listeners: list[tuple[trio.SocketListener, bool]] = []
         self._clients: list[tuple[trio.SocketStream, bool]] = []
         self._created: list[tuple[str, int, int]] = []

@@ -1,7 +1,8 @@
 """Fuzz a blockd daemon's QMP socket: ``python -m stress.fuzz_socket --count 100000``.
 
 Sends seeded inputs (random bytes, mutated and truncated valid commands, deep nesting,
-invalid UTF-8, unknown commands, wrong argument types for every command) on one
+invalid UTF-8, unknown commands, huge and odd numbers in ids and integer arguments,
+deeply nested arguments, wrong argument types for every command) on one
 connection; checks each gets exactly its replies (see :mod:`stress.fuzzkit`), that a
 second client connected alongside is served every ``--probe-every`` inputs, that the
 daemon stays alive, and that its VmRSS grows by less than ``--rss-slack-mib`` after the
@@ -23,10 +24,20 @@ from stress.fuzzkit import (
     FuzzClient,
     check_answer,
     generate,
+    number_requests,
     valid_corpus,
     vmrss_kib,
     wrong_type_requests,
 )
+
+
+def _answer(fuzz: FuzzClient, path: Path, payload: bytes) -> tuple[FuzzClient, str | None]:
+    """Send ``payload``; the client to go on with and what was wrong with the answer. A
+    lost connection or a line that is not strict JSON is a problem; a new client follows."""
+    try:
+        return fuzz, check_answer(payload, fuzz.send(payload))
+    except (EOFError, OSError, ValueError) as exc:
+        return FuzzClient(path), f"no proper answer to {payload[:200]!r}: {exc}"
 
 
 def run(count: int, seed: int, probe_every: int, rss_slack_mib: int, program: str | None) -> int:
@@ -49,6 +60,12 @@ def run(count: int, seed: int, probe_every: int, rss_slack_mib: int, program: st
             if problem:
                 failures.append(problem)
             wrong += 1
+        numbers = 0
+        for payload in number_requests():
+            fuzz, problem = _answer(fuzz, daemon.socket, payload)
+            if problem:
+                failures.append(problem)
+            numbers += 1
         warm = min(1000, count // 10)
         rss_start = 0
         start = time.monotonic()
@@ -56,11 +73,7 @@ def run(count: int, seed: int, probe_every: int, rss_slack_mib: int, program: st
             if i == warm:
                 rss_start = vmrss_kib(pid)
             payload = generate(rnd, corpus)
-            try:
-                problem = check_answer(payload, fuzz.send(payload))
-            except (EOFError, OSError, ValueError) as exc:
-                problem = f"connection lost after {payload[:200]!r}: {exc}"
-                fuzz = FuzzClient(daemon.socket)
+            fuzz, problem = _answer(fuzz, daemon.socket, payload)
             if problem:
                 failures.append(problem)
                 if len(failures) > 20:
@@ -78,7 +91,7 @@ def run(count: int, seed: int, probe_every: int, rss_slack_mib: int, program: st
         fuzz.close()
         probe.close()
     growth = (rss_end - rss_start) / 1024
-    print(f"wrong-type requests: {wrong}")
+    print(f"wrong-type requests: {wrong}; odd-number requests: {numbers}")
     print(f"fuzz inputs: {count} in {elapsed:.1f}s = {count / elapsed:.0f} inputs/s (seed {seed})")
     print(f"daemon VmRSS: {rss_start / 1024:.1f} MiB after warm-up, {rss_end / 1024:.1f} MiB "
           f"at the end (growth {growth:+.1f} MiB, allowed {rss_slack_mib})")  # fmt: skip

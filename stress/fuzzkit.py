@@ -5,14 +5,14 @@ resync: it ends any half-read message) and a sentinel ``query-version`` with a u
 ``id``. Everything the daemon writes before the sentinel's reply is the answer to the
 input. :func:`expected_replies` counts, with blockd's own streaming parser used as the
 oracle of QEMU's framing, how many complete messages (or parse errors) the input holds;
-the daemon must answer each with exactly one ``return`` or ``error``.
+the daemon must answer each with exactly one ``return`` or ``error``, and every line it
+writes must be strict JSON (:func:`strict_json`: no ``NaN``, ``Infinity`` or ``inf``).
 """
 
 from __future__ import annotations
 
 import json
 import random
-import re
 import socket
 import sys
 import time
@@ -24,19 +24,18 @@ from blockd.qmp.framing import JSONStream
 
 SCHEMA_DIR: Final = Path(__file__).resolve().parent.parent / "schema"
 RESYNC: Final = b"\xff\n"
-#: QEMU (and blockd, byte for byte) writes an echoed out-of-range double as ``inf``.
-_INF: Final = re.compile(rb"(?<=[:\[,] )(-?)inf(?=[,}\]])")
 #: Commands never sent whole by the fuzzer: they would end the daemon on purpose.
 EXCLUDED: Final = frozenset({"quit"})
 
 WRONG_VALUES: Final[list[Any]] = [
-    0, -1, 1 << 64, -(1 << 63) - 1, 1.5, 1e308, "", "x", "\u0000", True, False, None,
+    0, -1, 1 << 63, 1 << 64, -(1 << 63) - 1, 1.5, 1e308, "", "x", "\u0000", True, False, None,
     [], [1, "a"], {}, {"a": {"b": []}}, "a" * 5000,
 ]  # fmt: skip
 
 _JSON_TYPES: Final[dict[str, Callable[[Any], bool]]] = {
     "string": lambda v: isinstance(v, str),
-    "integer": lambda v: isinstance(v, int) and not isinstance(v, bool),
+    # QAPI's int: int64 (blockd's schema has no wider integer members)
+    "integer": lambda v: type(v) is int and -(1 << 63) <= v < (1 << 63),
     "number": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
     "boolean": lambda v: isinstance(v, bool),
     "array": lambda v: isinstance(v, list),
@@ -133,6 +132,58 @@ def deep(rnd: random.Random) -> bytes:
     return body
 
 
+#: Number tokens at and past every edge QEMU's parser and visitor have: int64, uint64,
+#: the range of a double (where QEMU's value becomes inf, which it echoes as "inf"),
+#: underflow, negative zero, exponents, and integers of 400 and 10,000 digits.
+ODD_NUMBERS: Final = [
+    b"9223372036854775807", b"9223372036854775808", b"-9223372036854775808",
+    b"-9223372036854775809", b"18446744073709551615", b"18446744073709551616",
+    b"2147483647", b"2147483648", b"-2147483649", b"4294967296", b"-0", b"-0.0", b"0.0",
+    b"1.0", b"1e2", b"1E+2", b"0.1e1", b"1e308", b"1.7976931348623157e308",
+    b"1.7976931348623159e308", b"1e309", b"1e999", b"-1e999", b"1e-400", b"-1e-400",
+    b"4.9e-324", b"1.5e300", b"1" + b"0" * 400, b"-" + b"9" * 400, b"1" * 10_000,
+]  # fmt: skip
+#: Integer arguments of the commands blockd has, and blkdebug's int32 options.
+NUMBER_SLOTS: Final = [
+    b'{"execute": "block-job-set-speed", "arguments": {"device": "j", "speed": %s}}',
+    b'{"execute": "block-stream", "arguments": {"device": "x", "speed": %s}}',
+    b'{"execute": "blockdev-add", "arguments": {"driver": "blkdebug", "node-name": "n", '
+    b'"image": "x", "max-transfer": %s}}',
+    b'{"execute": "blockdev-add", "arguments": {"driver": "blkdebug", "node-name": "n", '
+    b'"image": "x", "inject-error": [{"event": "read_aio", "errno": %s}]}}',
+    b'{"execute": "blockdev-add", "arguments": {"driver": "raw", "node-name": "n", '
+    b'"file": "x", "offset": %s}}',
+    b'{"execute": "query-version", "id": %s}',
+    b'{"execute": "nope", "id": [%s, {"a": %s}]}',
+    b'{"id": %s}',
+    b'{"execute": "query-jobs", "arguments": {"x": %s}, "id": %s}',
+]  # fmt: skip
+
+
+def number_requests() -> Iterator[bytes]:
+    """Every odd number of :data:`ODD_NUMBERS` in every place of :data:`NUMBER_SLOTS`."""
+    for slot in NUMBER_SLOTS:
+        for number in ODD_NUMBERS:
+            yield slot % ((number,) * slot.count(b"%s"))
+
+
+def odd_number(rnd: random.Random) -> bytes:
+    """A request with huge or odd numbers in its id or its integer arguments."""
+    slot = rnd.choice(NUMBER_SLOTS)
+    return slot % tuple(rnd.choice(ODD_NUMBERS) for _ in range(slot.count(b"%s")))
+
+
+def deep_arguments(rnd: random.Random) -> bytes:
+    """Arguments nested 10 to 1,100 levels deep, with an odd number at the bottom."""
+    depth = rnd.choice([10, 63, 64, 65, 300, 1022, 1023, 1100])
+    number = rnd.choice(ODD_NUMBERS[:-1])  # 10,000 digits at every level is slow to send
+    if rnd.random() < 0.5:  # blockdev-add's file chain: objects all the way down
+        body = b'{"driver": "raw", "file": ' * depth + number + b"}" * depth
+        return b'{"execute": "blockdev-add", "arguments": ' + body + b"}"
+    body = b"[" * depth + number + b"]" * depth
+    return b'{"execute": "query-version", "arguments": {"a": ' + body + b'}, "id": ' + body + b"}"
+
+
 def invalid_utf8(rnd: random.Random) -> bytes:
     bad = rnd.choice([b"\x80", b"\xc3", b"\xe2\x82", b"\xf4\x90\x80\x80", b"\xfe", b"\xc0\xaf"])
     return b'{"execute": "query-version", "id": "a' + bad + b'b"}'
@@ -150,7 +201,11 @@ def truncated(rnd: random.Random, corpus: list[bytes]) -> bytes:
 
 def generate(rnd: random.Random, corpus: list[bytes]) -> bytes:
     """One input of a random kind."""
-    kind = rnd.randrange(10)
+    kind = rnd.randrange(12)
+    if kind == 10:
+        return odd_number(rnd)
+    if kind == 11:
+        return deep_arguments(rnd)
     if kind == 0:
         return random_bytes(rnd)
     if kind == 1:
@@ -167,6 +222,21 @@ def generate(rnd: random.Random, corpus: list[bytes]) -> bytes:
 
 
 # -- the oracle and the client ----------------------------------------------------------
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def strict_json(raw: bytes) -> Any:
+    """``raw`` parsed as strict JSON (RFC 8259): ``NaN``, ``Infinity`` and QEMU's ``inf``
+    are refused, and so is anything but one JSON text.
+
+    Raises:
+        ValueError: ``raw`` is not one strict JSON text.
+    """
+    # json.loads refuses "inf" already; parse_constant makes NaN/Infinity fail too
+    return json.loads(raw, parse_constant=_no_constant)
 
 
 def expected_replies(payload: bytes) -> int:
@@ -203,7 +273,7 @@ class FuzzClient:
             self.buf += data
         raw, _, self.buf = self.buf.partition(b"\n")
         try:
-            value: dict[str, Any] = json.loads(_INF.sub(rb"\1Infinity", raw))
+            value: dict[str, Any] = strict_json(raw)
         except ValueError as exc:
             raise ValueError(f"the daemon wrote invalid JSON {raw[:300]!r}: {exc}") from exc
         return value

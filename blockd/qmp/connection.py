@@ -11,7 +11,10 @@ I/O. The I/O layer sends :meth:`Connection.greeting`, feeds received bytes to
   JSON parse errors (no ``id``), the envelope checks of
   docs/qemu-behaviour/qmp-protocol.md §5 (``id`` echoed whenever the input was an object),
   negotiation (``qmp_capabilities`` is handled here entirely, §3), unknown commands,
-  ``exec-oob`` rules (§4) and argument validation errors (§6);
+  ``exec-oob`` rules (§4) and argument validation errors (§6); and, first of all,
+  :data:`UNECHOABLE_ID` without ``id`` for an ``id`` holding a number beyond the range of
+  a double (``1e999``, a 400-digit integer): QEMU echoes it as ``inf``, which is no JSON
+  (docs/qemu-behaviour/qmp-protocol.md §1);
 * :class:`Request` -- a valid request for a known command with validated arguments
   (``{}`` when the client sent none). Run it and send :meth:`Connection.reply` or
   :meth:`Connection.error`.
@@ -35,6 +38,7 @@ negotiating, every CommandNotFound desc becomes ``Expecting capabilities negotia
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final
@@ -45,7 +49,7 @@ from blockd.qmp.framing import JSONStream, Message, ParseError
 from blockd.qmp.messages import NO_ID, encode, error_response, greeting, success_response
 from blockd.qmp.schema import Schema
 
-__all__ = ["NEED_DATA", "NO_ID", "Connection", "Output", "Request"]
+__all__ = ["NEED_DATA", "NO_ID", "UNECHOABLE_ID", "Connection", "Output", "Request"]
 
 
 class _NeedData:
@@ -83,16 +87,27 @@ class Output:
     data: bytes
 
 
+#: The error for an ``id`` that cannot be echoed as JSON (sent without ``id``).
+UNECHOABLE_ID: Final = "QMP input member 'id' contains a number too large to echo"
+
+
 def _qdict_ordered(value: Any) -> Any:
     """``value`` with every object's members in QDict order, as QEMU echoes an ``id``.
 
     Iterative: an ``id`` may be nested as deeply as the parser allows (1024).
+
+    Raises:
+        _EnvelopeError: ``value`` holds a number that became infinite when parsed.
     """
     holder = [value]
     stack: list[tuple[Any, Any]] = [(holder, 0)]
     while stack:
         container, slot = stack.pop()
         item = container[slot]
+        if isinstance(item, float) and not math.isfinite(item):
+            # QEMU echoes it as "inf", which no JSON parser accepts; nothing else can
+            # stand for it, so the request is refused before it runs, without an id.
+            raise _EnvelopeError(RequestError(UNECHOABLE_ID), NO_ID)
         if isinstance(item, dict):
             ordered = {key: item[key] for key in qdict_order(item)}
             container[slot] = ordered

@@ -8,6 +8,11 @@ Encoding rules (docs/qemu-behaviour/qmp-protocol.md §1, mirroring ``qemu/qemu: 
   lone surrogate (undecodable bytes smuggled in a ``str``) becomes U+FFFD;
 * compact form ``{"a": 1, "b": [1, 2]}``, ``{}``, ``[]``; integers in decimal, floats
   as C's ``%.17g``;
+* strict JSON only: a non-finite float (``inf``, which QEMU's parser makes of ``1e999`` or
+  of an integer beyond the range of a double, or ``nan``) has no JSON form and is refused
+  with :exc:`ValueError`, where QEMU would print ``inf`` or ``nan`` and so emit a message
+  no JSON parser accepts (the callers keep such values away; see
+  :meth:`blockd.qmp.connection.Connection.next_event`);
 * pretty form (``--monitor pretty=on``): one member or element per line, indented by 4,
   an empty container as ``{`` newline ``}``, as QEMU's pretty monitor prints it;
 * every message is followed by a newline, and every newline is sent as CRLF.
@@ -19,6 +24,7 @@ only byte-for-byte comparisons with QEMU need more (docs/qemu-behaviour/qmp-prot
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Mapping, Sequence
 from typing import Any, Final
@@ -101,6 +107,8 @@ def _scalar(value: Any) -> str:
     if isinstance(value, int):
         return str(int(value))
     if isinstance(value, float):
+        if not math.isfinite(value):
+            raise ValueError(f"cannot encode {value!r} as JSON: not a finite number")
         return format(value, ".17g")
     raise TypeError(f"cannot encode {type(value).__name__} as JSON")
 
@@ -157,6 +165,7 @@ def encode(value: Any, *, pretty: bool = False) -> bytes:
 
     Raises:
         TypeError: ``value`` holds something that is not JSON (a bug in the caller).
+        ValueError: ``value`` holds a float that is infinite or NaN (no JSON form).
     """
     out: list[str] = []
     _write(value, pretty, out)

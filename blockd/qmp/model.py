@@ -55,7 +55,7 @@ class Scalar:
     Attributes:
         json_type: ``string``, ``integer``, ``number``, ``boolean`` or ``null``.
         int_kind: for an integer, its ``x-qmp-int`` (``int8`` ... ``size``), or None for
-            a plain ``int`` (any integer within int64/uint64).
+            a plain ``int`` (QAPI's ``int``: int64).
     """
 
     json_type: str

@@ -17,7 +17,8 @@ a walk of the arguments along the model in the order of QEMU's QAPI input visito
 (``qemu/qemu: qapi/qobject-input-visitor.c``), which stops at the first error with QEMU's
 text (docs/qemu-behaviour/qmp-protocol.md §6). The rules keep the files and the model
 equivalent: blockd accepts exactly what a draft 2020-12 validator accepts for the files
-(``integer`` being a JSON integer within int64/uint64 and ``x-qmp-int`` a range). The test
+(``integer`` being a JSON integer within int64, or within the range its ``x-qmp-int``
+names). The test
 suite holds it to that with jsonschema as the oracle, and checks the files against the
 metaschema; the daemon imports no JSON Schema library.
 

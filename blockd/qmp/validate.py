@@ -11,7 +11,12 @@ one QEMU reports (docs/qemu-behaviour/qmp-protocol.md §6):
 * unknown keys are looked for only once all members are visited, and the one reported is
   the first left in the visitor's hash table (:func:`blockd.qdict.first_leftover`);
 * an alternate takes the branch for the value's QType (any number is one QType); a value
-  of no branch's QType is an error naming the alternate.
+  of no branch's QType is an error naming the alternate;
+* an integer is checked as wide as the visitor reads it first, then as narrow as its type:
+  a plain ``integer`` is QAPI's ``int`` (int64) and ``x-qmp-int`` names any other width.
+  A float is never an integer (not even ``1.0``). Outside int64 a signed member gets
+  ``expected: integer``, outside uint64 (negative int64 values wrap) an unsigned one
+  ``expects uint64``, and a value past a narrower range ``expects int32_t`` and the like.
 
 Nothing is visited below an ``any``. A value whose objects and lists nest more than
 :data:`MAX_DEPTH` levels gets blockd's own :data:`TOO_DEEP`, which keeps the walk's
@@ -55,9 +60,11 @@ _INT_RANGES: Final = {
 }
 #: ``x-qmp-int`` values read by the visitor's uint64 method.
 _UNSIGNED: Final = frozenset({"uint8", "uint16", "uint32", "uint64", "size"})
-#: Every integer is within int64 or uint64 (blockd does not tell the two apart).
-_INT_MIN: Final = -(1 << 63)
-_INT_END: Final = 1 << 64
+#: What the visitor's int64 method takes: a QNum that fits int64 (QAPI's ``int``).
+_INT64: Final = (-(1 << 63), (1 << 63) - 1)
+#: What its uint64 method takes: a QNum that fits uint64, or a negative int64, which
+#: wraps ("Need to accept negative values for backward compatibility").
+_UINT64: Final = (-(1 << 63), (1 << 64) - 1)
 #: What the type errors of each JSON type name as expected.
 _SCALAR_CHECKS: Final = {
     "string": lambda value: isinstance(value, str),
@@ -147,13 +154,18 @@ def _scalar(kind: Scalar, value: Any, path: list[str | int]) -> None:
         if not _SCALAR_CHECKS[kind.json_type](value):
             raise _wrong_type(path, kind.json_type)
         return
-    if type(value) is not int or not _INT_MIN <= value < _INT_END:
-        if kind.int_kind in _UNSIGNED:
+    # A float never passes, whatever its value (1.0, 1e2, -0.0): QEMU's parser makes a
+    # double QNum of it, and qnum_get_try_int()/qnum_get_try_uint() refuse doubles.
+    unsigned = kind.int_kind in _UNSIGNED
+    low, high = _UINT64 if unsigned else _INT64
+    if type(value) is not int or not low <= value <= high:
+        if unsigned:
             # reference: qobject_input_type_uint64(), which visit_type_size() also uses
             raise _Stop(f"Parameter '{_full_name(path)}' expects uint64")
         # reference: qobject_input_type_int64()
         raise _wrong_type(path, "integer")
     bounds = _INT_RANGES.get(kind.int_kind or "")
+    # (a negative value given to an unsigned type wraps to 2^63 or more, out of range too)
     if bounds is not None and not bounds[0] <= value <= bounds[1]:
         # reference: visit_type_intN() and visit_type_uintN() in qapi/qapi-visit-core.c
         raise _Stop(f"Parameter '{_own_name(path)}' expects {kind.int_kind}_t")

@@ -4,8 +4,9 @@ blockd validates with a walk of its own (``blockd.qmp.validate``); the files in 
 stay standard draft 2020-12 JSON Schema, and here jsonschema judges them as such: the
 metaschema check of every file, and what a value of a command, event or return type must
 be. Two readings of the README are spelled out for jsonschema: ``"integer"`` is a JSON
-integer within int64/uint64 (never ``1.0`` or ``true``), and an ``x-qmp-int`` narrower than
-64 bits is a ``minimum``/``maximum`` pair.
+integer (never ``1.0`` or ``true``: jsonschema's own ``integer`` takes ``1.0``, QEMU does
+not), and its range, int64 or the one its ``x-qmp-int`` names, is a ``minimum``/``maximum``
+pair. An unsigned type's range starts at -2^63, as QEMU wraps negative int64 values.
 """
 
 from __future__ import annotations
@@ -23,7 +24,11 @@ from jsonschema import Draft202012Validator
 #: The URI the schema directory is mounted at inside the registry.
 BASE_URI: Final = "https://blockd.invalid/schema/"
 KINDS: Final = ("commands", "events", "types")
+INT64: Final = (-(1 << 63), (1 << 63) - 1)
 INT_RANGES: Final = {
+    "int64": INT64,
+    "uint64": (-(1 << 63), (1 << 64) - 1),
+    "size": (-(1 << 63), (1 << 64) - 1),
     "int8": (-(1 << 7), (1 << 7) - 1),
     "int16": (-(1 << 15), (1 << 15) - 1),
     "int32": (-(1 << 31), (1 << 31) - 1),
@@ -58,7 +63,7 @@ def metaschema_errors(files: Files) -> list[str]:
 
 
 def _is_integer(checker: Any, instance: object) -> bool:
-    return type(instance) is int and -(1 << 63) <= instance < (1 << 64)
+    return type(instance) is int
 
 
 Validator: Final = jsonschema.validators.extend(
@@ -68,14 +73,14 @@ Validator: Final = jsonschema.validators.extend(
 
 
 def spelled_out(node: Any) -> Any:
-    """A copy of ``node`` with each narrow ``x-qmp-int`` also written as a range."""
+    """A copy of ``node`` with each integer's range also written as ``minimum``/``maximum``."""
     if isinstance(node, list):
         return [spelled_out(item) for item in node]
     if not isinstance(node, dict):
         return node
     copy = {key: spelled_out(value) for key, value in node.items()}
-    if node.get("x-qmp-int") in INT_RANGES:
-        copy["minimum"], copy["maximum"] = INT_RANGES[node["x-qmp-int"]]
+    if node.get("type") == "integer":
+        copy["minimum"], copy["maximum"] = INT_RANGES[node.get("x-qmp-int", "int64")]
     return copy
 
 

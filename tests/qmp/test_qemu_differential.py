@@ -70,9 +70,10 @@ CASES: list[tuple[str, bytes, bytes]] = [
         "id-numbers",
         b"",
         b'{"execute": "x", "id": 0.1}{"execute": "x", "id": 18446744073709551615}'
-        b'{"execute": "x", "id": -0.0}{"execute": "x", "id": 1e400}{"execute": "x", "id": 1.5e300}'
+        b'{"execute": "x", "id": -0.0}{"execute": "x", "id": 1.5e300}'
         b'{"execute": "x", "id": 99999999999999999999}{"execute": "x", "id": -9223372036854775809}',
     ),
+    # ids QEMU echoes as inf (not JSON) get blockd's own error: tests/qmp/test_hostile_numbers.py
     ("deep-id", b"", b'{"execute": "x", "id": ' + b"[" * 1023 + b"]" * 1023 + b"}"),
     ("too-deep-id", b"", b'{"execute": "x", "id": ' + b"[" * 1024 + b"]" * 1024 + b"}"),
     (

@@ -147,7 +147,7 @@ OK: list[tuple[str, dict[str, Any]]] = [
         "stream",
         {
             "device": "d",
-            "speed": 2**64 - 1,
+            "speed": 2**63 - 1,
             "ratio": 1,
             "opaque": [None, {}],
             "tags": ["a", "b"],
@@ -194,7 +194,7 @@ BAD: list[tuple[str, dict[str, Any], str]] = [
     ),
     (
         "stream",
-        {"device": "d", "speed": 2**64},
+        {"device": "d", "speed": 2**63},
         "Invalid parameter type for 'speed', expected: integer",
     ),
     (
@@ -744,7 +744,11 @@ INTS: list[tuple[dict[str, Any], str | None]] = [
     ({"uint32": "1"}, "Parameter 'uint32' expects uint64"),
     ({"uint64": 1.5}, "Parameter 'uint64' expects uint64"),
     ({"size": "1"}, "Parameter 'size' expects uint64"),
-    ({"int64": 2**63}, None),  # QEMU keeps such a value as a uint64; handlers range-check
+    ({"int64": 2**63}, "Invalid parameter type for 'int64', expected: integer"),
+    ({"int32": 2**63}, "Invalid parameter type for 'int32', expected: integer"),
+    ({"uint32": 2**64 - 1}, "Parameter 'uint32' expects uint32_t"),
+    ({"uint64": 2**64}, "Parameter 'uint64' expects uint64"),
+    ({"size": -(2**63) - 1}, "Parameter 'size' expects uint64"),
     ({"int64": True}, "Invalid parameter type for 'int64', expected: integer"),
     ({"list": [1, 40000]}, "Parameter 'null' expects int16_t"),
 ]
