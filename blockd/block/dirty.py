@@ -3,10 +3,11 @@
 QEMU's ``BdrvDirtyBitmap`` (``block/dirty-bitmap.c``) reduced to what a mirror needs: a
 node keeps a list of bitmaps (:attr:`BlockNode.dirty_bitmaps
 <blockd.block.node.BlockNode.dirty_bitmaps>`), and every write or discard that completes
-on the node marks the granules it touched in each of them, whoever sent it. A job that
-keeps a copy in step (active commit) takes the dirty runs one after the other
-(:meth:`DirtyBitmap.next_dirty`), clears a run before it copies it and counts what is
-left (:attr:`DirtyBitmap.dirty_bytes`).
+on the node marks the granules it touched in each *recording* one, whoever sent it. A
+bitmap that does not record is marked by its owner only (the active commit's, which its
+``mirror_top`` filter marks, as QEMU's does). A job that keeps a copy in step takes the
+dirty runs one after the other (:meth:`DirtyBitmap.next_dirty`), clears a run before it
+copies it and counts what is left (:attr:`DirtyBitmap.dirty_bytes`).
 
 Pure: one ``bytearray`` with a byte per granule; no I/O, no trio.
 """
@@ -23,18 +24,20 @@ class DirtyBitmap:
         granularity: bytes per granule, a power of two (QEMU: the target's cluster
             size, at least 4 KiB and at most 64 MiB).
         length: the node's length; granules cover it, the last one may be partial.
+        recording: every completed write on the node marks it (else only its owner).
 
     Raises:
         ValueError: a granularity that is not a power of two, or a negative length.
     """
 
-    def __init__(self, granularity: int, length: int) -> None:
+    def __init__(self, granularity: int, length: int, *, recording: bool = True) -> None:
         if granularity <= 0 or granularity & (granularity - 1):
             raise ValueError(f"granularity {granularity} is not a power of two")
         if length < 0:
             raise ValueError(f"length {length} is negative")
         self.granularity = granularity
         self.length = length
+        self.recording = recording
         self._bits = bytearray(-(-length // granularity))
         self._count = 0
 
@@ -90,3 +93,13 @@ class DirtyBitmap:
 
     def __bool__(self) -> bool:
         return self._count > 0
+
+    def info(self) -> dict[str, object]:
+        """QAPI ``BlockDirtyInfo`` of this (unnamed, not persistent) bitmap."""
+        return {
+            "count": self.dirty_bytes,
+            "granularity": self.granularity,
+            "recording": self.recording,
+            "busy": False,
+            "persistent": False,
+        }

@@ -84,8 +84,8 @@ class BlockNode:
             it do not count as overridden.
         perm, shared: the node's cumulative permissions, as the graph last computed
             them from all its parents and users.
-        dirty_bitmaps: bitmaps that every completed write or discard on this node marks
-            (an active commit's record of what changed since it copied).
+        dirty_bitmaps: the node's dirty bitmaps: every completed write or discard on
+            it marks those that record (:mod:`blockd.block.dirty`).
     """
 
     name: str
@@ -253,9 +253,10 @@ class BlockNode:
         self._mark_dirty(offset, len(view))
 
     def _mark_dirty(self, offset: int, length: int) -> None:
-        """QEMU ``bdrv_set_dirty``: a write that completed marks every bitmap."""
+        """QEMU ``bdrv_set_dirty``: a write that completed marks every recording bitmap."""
         for bitmap in self.dirty_bitmaps:
-            bitmap.set(offset, length)
+            if bitmap.recording:
+                bitmap.set(offset, length)
 
     async def copy_in(self, offset: int, extents: Sequence[Extent]) -> None:
         """Store the host ``extents`` at ``offset`` (see :meth:`Driver.copy_in`).

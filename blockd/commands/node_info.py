@@ -105,6 +105,8 @@ def block_device_info(node: BlockNode, *, flat: bool) -> dict[str, Any]:
             ],
         }
     )
+    if node.dirty_bitmaps:  # a job's (an active commit's filter has one)
+        info["dirty-bitmaps"] = [bitmap.info() for bitmap in node.dirty_bitmaps]
     return info
 
 

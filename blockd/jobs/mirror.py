@@ -5,7 +5,7 @@ background copy mode):
 
 * A *source* node is kept in step with a *target*. A ``mirror_top`` filter above the
   source takes over its parents (:mod:`blockd.block.drivers.job_filters`); every write
-  that completes on the source marks its dirty bitmap (:mod:`blockd.block.dirty`).
+  that passes it marks the job's dirty bitmap (:mod:`blockd.block.dirty`).
 * Run (:meth:`MirrorJob.run`): first the bitmap is filled with what the target lacks
   (:meth:`MirrorJob.initial_dirty`; for a commit, every range some layer above the base
   stores). Then dirty runs of up to :data:`MIRROR_IO_BYTES` are taken one after the
@@ -111,19 +111,26 @@ class MirrorJob(CommitFilterJob):
     # -- set-up pieces ---------------------------------------------------------------
 
     def create_bitmap(self, undo: UndoStack) -> DirtyBitmap:
-        """The source's dirty bitmap, at the target's default granularity."""
-        source = self.plan.top
+        """The job's dirty bitmap, at the target's default granularity: the filter's,
+        not recording; the filter marks the writes that pass it (QEMU's)."""
+        filt = self.filter_node
+        assert filt is not None
         cluster = self.plan.base.driver.image_info().get("cluster-size")
-        bitmap = DirtyBitmap(default_granularity(cluster), source.length())
-        source.dirty_bitmaps.append(bitmap)
+        bitmap = DirtyBitmap(default_granularity(cluster), filt.length(), recording=False)
+        filt.dirty_bitmaps.append(bitmap)
+        self.mirror_filter.bitmap = bitmap
         self.bitmap = bitmap
         undo.push(self.release_bitmap, "creating the dirty bitmap")
         return bitmap
 
     def release_bitmap(self) -> None:
         bitmap, self.bitmap = self.bitmap, None
-        if bitmap is not None and any(b is bitmap for b in self.plan.top.dirty_bitmaps):
-            self.plan.top.dirty_bitmaps.remove(bitmap)
+        filt = self.filter_node
+        if bitmap is None or filt is None:
+            return
+        self.mirror_filter.bitmap = None
+        if any(b is bitmap for b in filt.dirty_bitmaps):
+            filt.dirty_bitmaps.remove(bitmap)
 
     @property
     def mirror_filter(self) -> MirrorTopDriver:

@@ -394,7 +394,8 @@ class StreamJob(Job):
         fmt: str | None = None
         if image is not None:
             name = self.backing_file if self.backing_file is not None else image.filename
-            fmt = recorded_format(image, self.backing_mask_protocol)  # §4, prepare 3
+            # docs/qemu-behaviour/block-stream.md §4, prepare step 3
+            fmt = recorded_format(image, self.backing_mask_protocol)
         try:
             await self.graph.set_child(top, "backing", base)
         except Exception as exc:

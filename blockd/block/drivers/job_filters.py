@@ -9,8 +9,8 @@ filename, as QEMU's ``block/commit.c`` and ``block/mirror.c`` filters are:
   shares all, so that its parents keep consistent reads while the job writes into the
   base beneath them. Only reads pass: nothing above a non-active commit writes.
 * ``mirror_top`` (an active commit, a mirror of the top into its base): reads and
-  writes pass to the top. Writes need nothing from the filter to be mirrored: they mark
-  the top's dirty bitmap when they complete (:mod:`blockd.block.dirty`). The filter
+  writes pass to the top, and each write that passed marks the job's dirty bitmap (the
+  filter's own, not recording: :mod:`blockd.block.dirty`), so the job copies it. The filter
   forwards its parents' permissions without ``consistent read`` and shares ``write``;
   once the job :meth:`~MirrorTopDriver.stop` s it, it takes nothing, so the job can move
   the filter's parents onto the base.
@@ -23,6 +23,7 @@ from typing import Any, ClassVar
 
 import trio
 
+from blockd.block.dirty import DirtyBitmap
 from blockd.block.driver import BlockStatus, Driver
 from blockd.block.node import BlockNode
 from blockd.errors import RequestError
@@ -91,6 +92,8 @@ class MirrorTopDriver(_JobFilter):
         self._idle.set()
         self._open = trio.Event()
         self._open.set()
+        #: the job's record of what was written through the filter
+        self.bitmap: DirtyBitmap | None = None
 
     async def _passing(self) -> None:
         if not self._open.is_set():
@@ -109,6 +112,7 @@ class MirrorTopDriver(_JobFilter):
         try:
             await self._child.write(offset, data)
         finally:
+            self._mark(offset, len(memoryview(data).cast("B")))
             self._passed()
 
     async def discard(self, offset: int, length: int) -> None:
@@ -116,7 +120,14 @@ class MirrorTopDriver(_JobFilter):
         try:
             await self._child.discard(offset, length)
         finally:
+            self._mark(offset, length)
             self._passed()
+
+    def _mark(self, offset: int, length: int) -> None:
+        """The job's bitmap is the filter's, and not recording: the filter marks every
+        write that passed, failed ones too (part of it may have reached the top)."""
+        if self.bitmap is not None:
+            self.bitmap.set(offset, length)
 
     async def drain_begin(self) -> None:
         """Hold new writes back and wait for those in flight to finish."""
