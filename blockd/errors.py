@@ -53,10 +53,6 @@ class QMPError(BlockdError):
         super().__init__(desc)
         self.desc = desc
 
-    def to_qmp(self) -> dict[str, str]:
-        """The ``error`` member of a QMP error reply."""
-        return {"class": self.error_class, "desc": self.desc}
-
 
 class RequestError(QMPError):
     """The client asked for something invalid; nothing was changed."""

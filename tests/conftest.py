@@ -24,22 +24,32 @@ deterministic and fast:
    command (not ``python -m pytest``, which puts the working directory first on
    ``sys.path``); every Python this suite starts runs in safe-path mode
    (``PYTHONSAFEPATH``, set below), so ``python -m blockd`` started from the checkout
-   still runs the installed package. CI installs the wheel and ``tests/test_installed.py``
-   fails if ``blockd`` comes from anywhere else.
+   still runs the installed package. Test modules are imported in importlib mode and
+   only ``tests/`` goes on ``sys.path`` (for the kit, ``pyproject.toml``); the top of the
+   repository only ever goes last, after ``site-packages`` (:func:`kit.repo.load_package`).
+   CI installs the wheel and ``tests/test_installed.py`` fails if ``blockd`` comes from
+   anywhere else.
+10. **Helpers live in the kit** (``tests/kit``, one module per family) and fixtures in the
+    ``conftest.py`` files, built on it; a test module imports neither a ``conftest.py``
+    nor another test module.
 """
 
 from __future__ import annotations
 
-import asyncio
 import os
 import shutil
 import tempfile
-import warnings
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
+import trio
 from hypothesis import settings
+from kit.daemons import Harness
+from kit.qmp import close_legacy_loop
+
+from blockd.block.graph import Graph
+from blockd.daemon import Daemon
 
 os.environ["PYTHONSAFEPATH"] = "1"  # rule 9
 
@@ -57,21 +67,37 @@ def sock_dir() -> Iterator[Path]:
         shutil.rmtree(path, ignore_errors=True)
 
 
+@pytest.fixture
+async def graph() -> AsyncIterator[Graph]:
+    """An empty graph; every node still open at the end is closed."""
+    g = Graph()
+    try:
+        yield g
+    finally:
+        await g.close_all()
+
+
+@pytest.fixture
+async def harness() -> AsyncIterator[Harness]:
+    """A daemon with its job nursery running, driven through its handlers
+    (:class:`kit.daemons.Harness`); shut down (jobs cancelled, images closed) at the end of
+    the test, and every event it sent checked against ``schema/events``."""
+    daemon = Daemon()
+    async with trio.open_nursery() as nursery:
+        await nursery.start(daemon.run)
+        h = Harness(daemon)
+        try:
+            yield h
+        finally:
+            daemon.request_shutdown()
+    # Every event the test saw matches its schema file.
+    for event in h.events:
+        daemon.schema.validate_event(event["event"], event.get("data", {}))
+
+
 @pytest.fixture(autouse=True)
 def _close_default_asyncio_loop() -> Iterator[None]:
-    """Close the thread's default asyncio loop after each test.
-
-    ``qemu.qmp``'s synchronous client (``qemu.qmp.legacy``, also used by the examples)
-    leaves the thread's default event loop open; garbage-collected later, it would raise
-    an unclosed-loop ``ResourceWarning`` inside whatever test runs then.
-    """
+    """Close the thread's default asyncio loop after each test (:func:`kit.qmp.close_legacy_loop`:
+    ``qemu.qmp``'s synchronous client, also used by the examples, leaves it open)."""
     yield
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)
-        try:
-            loop = asyncio.get_event_loop_policy().get_event_loop()
-        except RuntimeError:  # set to None already (asyncio.run does that)
-            return
-    if not loop.is_running():
-        loop.close()
-        asyncio.set_event_loop(None)
+    close_legacy_loop()

@@ -3,31 +3,24 @@
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import signal
 import socket
 import stat
 import subprocess
-import sys
 import time
 from pathlib import Path
-from typing import Any
 
 import pytest
+from kit import daemons
+from kit.chains import base_and_top
+from kit.cli import BLOCKD, run_blockd
+from kit.qemu import check, compare, image_info
+from kit.qmp import SyncClient
 
 from blockd import __version__
 from blockd.cli import parse_args
 from blockd.config import BlockdevSpec, ChardevSpec, CliError, MonitorSpec
-
-BLOCKD = [sys.executable, "-m", "blockd"]
-
-
-def run_blockd(*args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [*BLOCKD, *args], capture_output=True, text=True, timeout=timeout, check=False
-    )
-
 
 # --- parsing ------------------------------------------------------------------------------
 
@@ -157,15 +150,7 @@ def test_option_errors_exit_1(argv: list[str], stderr: str) -> None:
 
 def start(sock_dir: Path, *args: str) -> subprocess.Popen[str]:
     """Start the daemon and wait for its pidfile (``sock_dir/pid``)."""
-    proc = subprocess.Popen(
-        [*BLOCKD, *args], stdin=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
-    )
-    deadline = time.monotonic() + TIMEOUT
-    while not (sock_dir / "pid").exists():
-        assert proc.poll() is None, proc.communicate()[1]
-        assert time.monotonic() < deadline, "no pidfile"
-        time.sleep(0.01)
-    return proc
+    return daemons.start([*BLOCKD, *args], ready=sock_dir / "pid")
 
 
 def qmp_quit(path: Path) -> bytes:
@@ -205,10 +190,7 @@ def test_pidfile_lifecycle_and_clean_exit(sock_dir: Path, stop: signal.Signals |
         assert proc.stderr is not None and proc.stderr.read() == ""
         assert not sock.exists() and not pid.exists()
     finally:
-        proc.kill()
-        proc.wait()
-        if proc.stderr:
-            proc.stderr.close()
+        daemons.stop(proc)
 
 
 def test_stale_socket_and_pidfile_of_a_killed_daemon(sock_dir: Path) -> None:
@@ -226,10 +208,7 @@ def test_stale_socket_and_pidfile_of_a_killed_daemon(sock_dir: Path) -> None:
         proc.terminate()
         assert proc.wait(timeout=TIMEOUT) == 0
     finally:
-        proc.kill()
-        proc.wait()
-        if proc.stderr:
-            proc.stderr.close()
+        daemons.stop(proc)
 
 
 def test_failed_start_leaves_nothing_behind(sock_dir: Path) -> None:
@@ -269,51 +248,8 @@ def test_daemonize(sock_dir: Path) -> None:
         os.kill(int(pid.read_text()), signal.SIGTERM)
 
 
-class SyncQMP:
-    """A blocking line-based QMP client for subprocess tests."""
-
-    def __init__(self, path: Path) -> None:
-        self.sock = socket.socket(socket.AF_UNIX)
-        self.sock.settimeout(TIMEOUT)
-        self.sock.connect(str(path))
-        self.file = self.sock.makefile("rb")
-        self.greeting = self.recv()
-        self.execute("qmp_capabilities")
-
-    def recv(self) -> dict[str, Any]:
-        line = self.file.readline()
-        assert line.endswith(b"\r\n"), line
-        value = json.loads(line)
-        assert isinstance(value, dict)
-        return value
-
-    def execute(self, command: str, arguments: dict[str, Any] | None = None) -> Any:
-        self.sock.sendall(json.dumps({"execute": command, "arguments": arguments or {}}).encode())
-        while "event" in (reply := self.recv()):
-            pass
-        assert "return" in reply, reply
-        return reply["return"]
-
-    def close(self) -> None:
-        self.file.close()
-        self.sock.close()
-
-
-def make_chain(directory: Path, size: str = "64M") -> tuple[Path, Path]:
-    base, top = directory / "base.qcow2", directory / "top.qcow2"
-    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(base), size], check=True)
-    subprocess.run(
-        ["qemu-io", "-c", f"write -P 0x5a 0 {size}", str(base)], check=True, capture_output=True
-    )
-    subprocess.run(
-        ["qemu-img", "create", "-q", "-f", "qcow2", "-b", str(base), "-F", "qcow2", str(top)],
-        check=True,
-    )
-    return base, top
-
-
 def test_sigterm_cancels_a_running_job_and_closes_images(sock_dir: Path, tmp_path: Path) -> None:
-    base, top = make_chain(tmp_path)
+    base, top = base_and_top(tmp_path)
     sock, pid = sock_dir / "s", sock_dir / "pid"
     proc = start(
         sock_dir,
@@ -325,7 +261,7 @@ def test_sigterm_cancels_a_running_job_and_closes_images(sock_dir: Path, tmp_pat
         "--pidfile", str(pid),
     )  # fmt: skip
     try:
-        first, second = SyncQMP(sock), SyncQMP(sock_dir / "second")
+        first, second = SyncClient(sock), SyncClient(sock_dir / "second")
         args = {"job-id": "j0", "device": "top", "speed": 1 << 20}  # 64 s at this speed
         assert first.execute("block-stream", args) == {}
         # Both monitors saw the job start (events go to every negotiated monitor).
@@ -337,18 +273,12 @@ def test_sigterm_cancels_a_running_job_and_closes_images(sock_dir: Path, tmp_pat
         first.close()
         second.close()
     finally:
-        proc.kill()
-        proc.wait()
-        if proc.stderr:
-            proc.stderr.close()
+        daemons.stop(proc)
     assert not sock.exists() and not pid.exists()
     # The images were closed cleanly: consistent, unlocked, the chain intact.
-    subprocess.run(["qemu-img", "check", "-q", str(top)], check=True, timeout=TIMEOUT)
-    info = subprocess.run(
-        ["qemu-img", "info", "--output=json", str(top)], capture_output=True, check=True
-    )
-    assert json.loads(info.stdout)["backing-filename"] == str(base)
-    subprocess.run(["qemu-img", "compare", "-q", str(top), str(base)], check=True)
+    check(top, force_share=False)
+    assert image_info(top, force_share=False)["backing-filename"] == str(base)
+    compare(top, base, force_share=False)
 
 
 def test_blockdev_errors_at_start_up(sock_dir: Path, tmp_path: Path) -> None:
@@ -376,25 +306,17 @@ def test_inherited_listening_fd(sock_dir: Path) -> None:
     listener.bind(str(path))
     listener.listen(8)
     fd = listener.fileno()
-    proc = subprocess.Popen(
-        [*BLOCKD, "--chardev", f"socket,id=c,fd={fd},server=on", "--monitor", "c",
-         "--pidfile", str(sock_dir / "pid")],
-        pass_fds=[fd], stdin=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
+    argv = [*BLOCKD, "--chardev", f"socket,id=c,fd={fd},server=on", "--monitor", "c",
+            "--pidfile", str(sock_dir / "pid")]  # fmt: skip
+    proc = daemons.start(argv, ready=None, pass_fds=[fd])
     listener.close()  # the daemon has its own copy
     try:
-        deadline = time.monotonic() + TIMEOUT
-        while not (sock_dir / "pid").exists():
-            assert proc.poll() is None and time.monotonic() < deadline
-            time.sleep(0.01)
-        qmp = SyncQMP(path)
+        daemons.wait_for_file(proc, sock_dir / "pid")
+        qmp = SyncClient(path)
         assert qmp.execute("query-version")["package"] == f"blockd {__version__}"
         qmp.close()
         proc.terminate()
         assert proc.wait(timeout=TIMEOUT) == 0
         assert path.exists()  # not ours to remove: whoever bound it owns it
     finally:
-        proc.kill()
-        proc.wait()
-        if proc.stderr:
-            proc.stderr.close()
+        daemons.stop(proc)

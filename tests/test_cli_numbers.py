@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from reference import QEMU10_LIB, QSD10
+from kit.qemu import QEMU10_LIB, QSD10
 
 pytestmark = pytest.mark.skipif(not QSD10.exists(), reason="QEMU 10 qemu-storage-daemon missing")
 

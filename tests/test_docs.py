@@ -11,8 +11,8 @@ import re
 from pathlib import Path
 
 import pytest
+from kit.repo import ROOT
 
-ROOT = Path(__file__).resolve().parent.parent
 SOURCES = [
     *sorted((ROOT / "blockd").rglob("*.py")),
     *sorted((ROOT / "tests").rglob("*.py")),

@@ -16,11 +16,11 @@ from importlib import metadata
 from pathlib import Path
 
 import pytest
+from kit.repo import ROOT
 
 import blockd
 from blockd.qmp.schema import shipped
 
-ROOT = Path(__file__).resolve().parent.parent
 STRICT = os.environ.get("BLOCKD_TEST_INSTALLED") == "1"
 
 

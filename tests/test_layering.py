@@ -12,8 +12,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from kit.repo import SOURCE
 
-PACKAGE = Path(__file__).resolve().parent.parent / "blockd"
+PACKAGE = SOURCE
 
 
 def _module_name(path: Path) -> str:

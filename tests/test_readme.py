@@ -4,9 +4,9 @@ the set-up commands are the ones CI runs."""
 from __future__ import annotations
 
 import re
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+from kit.repo import ROOT
+
 README = (ROOT / "README.md").read_text()
 
 

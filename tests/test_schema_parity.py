@@ -5,15 +5,15 @@ from __future__ import annotations
 
 import inspect
 import json
-from pathlib import Path
 from typing import Any
 
 import pytest
+from kit.repo import SCHEMA
 
 from blockd.commands.control import CORE_COMMANDS
 from blockd.commands.registry import load_all
 
-SCHEMA_DIR = Path(__file__).resolve().parent.parent / "schema"
+SCHEMA_DIR = SCHEMA
 COMMAND_FILES = {path.stem: path for path in (SCHEMA_DIR / "commands").glob("*.json")}
 HANDLERS = load_all()
 

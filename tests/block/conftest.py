@@ -1,54 +1,39 @@
-"""Fixtures of the block-layer tests: a graph, and images made by the real ``qemu-img``.
+"""Fixtures of the block-layer tests: images made by the real ``qemu-img`` (the ``graph``
+fixture is the suite's, ``tests/conftest.py``).
 
-Every image lives in ``tmp_path``; the helpers in ``blocktools`` run the Debian tools with
-a timeout and fail the test on a non-zero exit unless ``check=False``.
+Every image lives in ``tmp_path``; the kit's wrappers (:mod:`kit.qemu`) run the Debian
+tools with a timeout and fail the test on a non-zero exit unless ``check=False``.
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from blocktools import qemu_img
-
-from blockd.block.graph import Graph
-
-
-@pytest.fixture
-async def graph() -> AsyncIterator[Graph]:
-    """An empty graph; every node still open at the end is closed."""
-    g = Graph()
-    try:
-        yield g
-    finally:
-        await g.close_all()
+from kit.chains import mixed_chain
+from kit.qemu import create
 
 
 @pytest.fixture
 def make_image(tmp_path: Path) -> Callable[..., Path]:
-    """``make_image(name, size, fmt="qcow2", backing=None, backing_fmt=None, *opts)``."""
+    """``make_image(name, size, fmt="qcow2", backing=None, backing_fmt=None, *opts)``:
+    :func:`kit.qemu.create` of ``tmp_path/name``."""
 
     def make(
         name: str,
-        size: str | int = "1M",
+        size: str | int | None = "1M",
         fmt: str = "qcow2",
         backing: str | None = None,
         backing_fmt: str | None = None,
         *options: str,
     ) -> Path:
-        path = tmp_path / name
-        args: list[str | Path] = ["create", "-q", "-f", fmt]
-        if backing is not None:
-            args += ["-b", backing]
-            if backing_fmt is not None:
-                args += ["-F", backing_fmt]
-        for option in options:
-            args += ["-o", option]
-        args.append(path)
-        if backing is None or size is not None:
-            args.append(str(size))
-        qemu_img(*args)
-        return path
+        return create(tmp_path / name, size, backing, backing_fmt, fmt, *options)
 
     return make
+
+
+@pytest.fixture
+def chain(tmp_path: Path) -> dict[str, Path]:
+    """:func:`kit.chains.mixed_chain` in ``tmp_path``: base.raw <- mid.qcow2 <- top.qcow2."""
+    return mixed_chain(tmp_path)

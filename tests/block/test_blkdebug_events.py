@@ -15,14 +15,13 @@ import errno
 import json
 import os
 import shutil
-import subprocess
 from pathlib import Path
 from typing import Any
 
 import pytest
 import trio
-from blocktools import qemu_img, qemu_io
-from reference import QEMU10_BIN, QEMU10_IO
+from kit.chains import BLKDEBUG_030_CONF, Layer, build, file_ref, qcow2
+from kit.qemu import QEMU10_BIN, QEMU10_IO, check_report, qemu_img, qemu_io, run_tool
 
 from blockd.block.drivers.blkdebug import InjectRule, RuleEngine, SetStateRule
 from blockd.block.graph import Graph
@@ -39,24 +38,18 @@ Op = tuple[str, int, int]
 
 def make_chain(tmp_path: Path) -> Path:
     """base (1 MiB of 0x01) <- top (64 KiB of 0x02 at 512 KiB), both 2 MiB qcow2."""
-    base = tmp_path / "base.qcow2"
-    top = tmp_path / "top.qcow2"
-    qemu_img("create", "-q", "-f", "qcow2", base, "2M")
-    qemu_io("-f", "qcow2", "-c", "write -P 1 0 1M", base)
-    qemu_img("create", "-q", "-f", "qcow2", "-b", base.name, "-F", "qcow2", top)
-    qemu_io("-f", "qcow2", "-c", "write -P 2 512k 64k", top)
-    return top
+    return build(
+        tmp_path,
+        Layer("base.qcow2", "2M", ["write -P 1 0 1M"]),
+        Layer("top.qcow2", writes=["write -P 2 512k 64k"]),
+    )[-1]
 
 
 def options(top: Path, rules: dict[str, Any]) -> dict[str, Any]:
     return {
         "driver": "qcow2",
         "node-name": "top",
-        "file": {
-            "driver": "blkdebug",
-            **rules,
-            "image": {"driver": "file", "filename": str(top)},
-        },
+        "file": {"driver": "blkdebug", **rules, "image": file_ref(top)},
     }
 
 
@@ -69,7 +62,7 @@ def qemu_results(top: Path, rules: dict[str, Any], ops: list[Op]) -> list[str]:
             f"{op} -P 3 {offset} {length}" if op == "write" else f"{op} {offset} {length}",
         ]
     args.append("json:" + json.dumps(options(top, rules)))
-    out = subprocess.run(args, capture_output=True, text=True, timeout=30, check=False)
+    out = run_tool(*args, check=False)
     results = []
     for line in (out.stdout + out.stderr).splitlines():
         if " failed: " in line:
@@ -158,8 +151,7 @@ async def test_same_failures_as_qemu_10(tmp_path: Path, name: str) -> None:
     assert mine == theirs
     assert "ok" in theirs and any(r != "ok" for r in theirs)  # the rule set is a real test
     for top in (q_top, b_top):
-        check = qemu_img("check", "--output=json", top, check=False)
-        assert json.loads(check.stdout).get("corruptions", 0) == 0
+        assert check_report(top).get("corruptions", 0) == 0
     # the data each side left behind is the same (a failed write changed nothing visible)
     assert qemu_img("compare", "-q", q_top, b_top, check=False).returncode == 0
 
@@ -178,25 +170,13 @@ async def test_iotest_030_backing_fails_second_chunk_once(tmp_path: Path) -> Non
     backing = tmp_path / "backing.img"
     qemu_img("create", "-q", "-f", "raw", backing, "2M")
     config = tmp_path / "blkdebug.conf"
-    config.write_text(
-        '[inject-error]\nevent = "read_aio"\nerrno = "5"\nsector = "1024"\nstate = "1"\n'
-        'once = "on"\nimmediately = "off"\n\n'
-        '[set-state]\nevent = "read_aio"\nstate = "1"\nnew_state = "2"\n\n'
-        '[set-state]\nevent = "read_aio"\nstate = "2"\nnew_state = "1"\n'
-    )
+    config.write_text(BLKDEBUG_030_CONF)
     top = tmp_path / "test.qcow2"
     qemu_img("create", "-q", "-f", "qcow2", "-F", "raw", "-b", f"blkdebug:{config}:{backing}", top)
     graph = new_graph()
     graph.allow_header_json = True  # the daemon's --allow-header-json
     try:
-        node = await graph.open_node(
-            {
-                "driver": "qcow2",
-                "node-name": "top",
-                "file": {"driver": "file", "filename": str(top)},
-            },
-            top_level=True,
-        )
+        node = await graph.open_node(qcow2(top), top_level=True)
         outcome = []
         for _ in range(2):
             for chunk in range(4):
@@ -219,9 +199,8 @@ async def test_failed_write_leaks_nothing(tmp_path: Path) -> None:
         top, rules, [("write", 1024 * KIB, 128 * KIB), ("write", 1536 * KIB, 4 * KIB)]
     )
     assert results == ["No space left on device", "ok"]
-    check = qemu_img("check", "--output=json", top, check=False)
-    report = json.loads(check.stdout)
-    assert check.returncode == 0, report
+    report = check_report(top)
+    assert report["exit"] == 0, report
     assert report.get("leaks", 0) == 0 and report.get("corruptions", 0) == 0
     assert await blockd_results(top, {}, [("write", 1024 * KIB, 128 * KIB)]) == ["ok"]
     assert qemu_img("check", top, check=False).returncode == 0

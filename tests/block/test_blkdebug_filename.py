@@ -9,10 +9,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from blocktools import file_ref, qemu_img
-from test_graph_qsd_compare import QSD, compare
+from kit.chains import file_ref
+from kit.compare import compare_with_qsd
+from kit.qemu import QSD_10, qemu_img
 
-pytestmark = pytest.mark.skipif(QSD is None, reason="QEMU 10.0 qemu-storage-daemon missing")
+pytestmark = pytest.mark.skipif(QSD_10 is None, reason="QEMU 10.0 qemu-storage-daemon missing")
 
 
 async def test_rule_lists_flattened_as_qsd(sock_dir: Path, tmp_path: Path) -> None:
@@ -71,4 +72,4 @@ async def test_rule_lists_flattened_as_qsd(sock_dir: Path, tmp_path: Path) -> No
     )
     commands.append(("query-named-block-nodes", {"flat": True}))
     commands.append(("query-named-block-nodes", {}))
-    await compare(sock_dir, commands)
+    await compare_with_qsd(sock_dir, commands)

@@ -4,22 +4,17 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import trio
-from blocktools import (
-    file_ref,
-    image_info,
-    qemu_img,
-    qemu_io,
-    run_qmp,
-    schema_errors,
-    write_pattern,
-)
+from kit.chains import file_ref
+from kit.cli import BLOCKD
+from kit.daemons import replies
+from kit.qemu import image_info, qemu_img, qemu_io
+from kit.schema import schema_errors
 
 from blockd.commands.registry import load_all
 from blockd.daemon import Daemon
@@ -41,21 +36,6 @@ async def daemon() -> AsyncIterator[Daemon]:
         yield d
     finally:
         await d.graph.close_all()
-
-
-@pytest.fixture
-def chain(tmp_path: Path) -> dict[str, Path]:
-    base = tmp_path / "base.raw"
-    qemu_img("create", "-q", "-f", "raw", base, "2M")
-    write_pattern(base, "raw", 0, 65536, 1)
-    mid = tmp_path / "mid.qcow2"
-    qemu_img("create", "-q", "-f", "qcow2", "-b", "base.raw", "-F", "raw", mid)
-    write_pattern(mid, "qcow2", 65536, 65536, 2)
-    top = tmp_path / "top.qcow2"
-    qemu_img(
-        "create", "-q", "-f", "qcow2", "-o", "cluster_size=4096", "-b", str(mid), "-F", "qcow2", top
-    )
-    return {"base": base, "mid": mid, "top": top}
 
 
 def top_options(chain: dict[str, Path], **extra: Any) -> dict[str, Any]:
@@ -229,10 +209,8 @@ async def test_through_the_socket(sock_dir: Path, chain: dict[str, Path]) -> Non
         ("query-named-block-nodes", {"flat": True}),
         ("blockdev-del", {"node-name": "top"}),
     ]
-    replies = await trio.to_thread.run_sync(
-        lambda: run_qmp([sys.executable, "-m", "blockd"], sock_dir, commands, [chain["top"]])
-    )
-    errors = [reply["error"]["desc"] for reply in replies[:7]]
+    answers = await trio.to_thread.run_sync(replies, BLOCKD, sock_dir, commands, [chain["top"]])
+    errors = [reply["error"]["desc"] for reply in answers[:7]]
     assert errors == [
         "Parameter 'backing' is unexpected",
         "Invalid parameter type for 'backing', expected: BlockdevRefOrNull",
@@ -242,9 +220,9 @@ async def test_through_the_socket(sock_dir: Path, chain: dict[str, Path]) -> Non
         "Invalid parameter type for 'flat', expected: boolean",
         "Parameter 'locking' does not accept value 'maybe'",
     ]
-    assert replies[7] == {"return": {}}
-    nodes = replies[8]["return"]
+    assert answers[7] == {"return": {}}
+    nodes = answers[8]["return"]
     assert [n["drv"] for n in nodes] == ["raw", "file", "qcow2", "file", "qcow2", "file"]
     assert all(not schema_errors("types/BlockDeviceInfo.json", n) for n in nodes)
-    assert replies[9] == {"return": {}}
-    assert replies[10] == {"return": [[]]}  # no lock byte left on the image after del
+    assert answers[9] == {"return": {}}
+    assert answers[10] == {"return": [[]]}  # no lock byte left on the image after del

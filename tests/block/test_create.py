@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
-from qcow2_util import assert_clean, close, open_qcow2, read_all, run
+from kit.chains import close, open_qcow2, read_all
+from kit.qemu import assert_clean, qemu_img, qemu_img_json
 
 from blockd.block.qcow2.create import create_qcow2, create_raw
 
@@ -33,14 +33,14 @@ def qemu_create(path: Path, case: dict[str, object]) -> None:
         f"cluster_size={case.get('cluster_size', 65536)},compat={case.get('compat', '1.1')},"
         f"refcount_bits={case.get('refcount_bits', 16)}"
     )
-    args: list[str | Path] = ["qemu-img", "create", "-q", "-f", "qcow2", "-o", opts]
+    args: list[str | Path] = ["create", "-q", "-f", "qcow2", "-o", opts]
     if case.get("backing_file"):
         args += ["-b", str(case["backing_file"]), "-F", str(case["backing_fmt"])]
-    run(*args, path, str(case["size"]))
+    qemu_img(*args, path, str(case["size"]))
 
 
 def normalized_info(path: Path) -> dict[str, object]:
-    got: dict[str, object] = json.loads(run("qemu-img", "info", "--output=json", path))
+    got: dict[str, object] = qemu_img_json("info", path)
     for key in ("filename", "full-backing-filename", "actual-size"):
         got.pop(key, None)
     return got
@@ -78,7 +78,7 @@ def test_create_raw(tmp_path: Path) -> None:
     path = tmp_path / "disk.raw"
     create_raw(path, 1000)
     assert path.stat().st_size == 1024
-    got = json.loads(run("qemu-img", "info", "--output=json", path))
+    got = qemu_img_json("info", path)
     assert got["format"] == "raw"
     assert got["virtual-size"] == 1024
 

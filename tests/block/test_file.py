@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import trio
-from blocktools import file_ref
+from kit.chains import file_ref
 
 from blockd.block.driver import Status
 from blockd.block.drivers.file import FileDriver

@@ -5,10 +5,10 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
-from typing import Any
 
 import pytest
-from blocktools import file_ref, qemu_img, qemu_io, write_pattern
+from kit.chains import Layer, build, file_ref, qcow2
+from kit.qemu import qemu_img, qemu_io, write
 
 from blockd.block.graph import Graph
 from blockd.block.host.locking import Perm
@@ -19,26 +19,17 @@ from blockd.errors import QMPError, RequestError
 GENERATED = re.compile(r"#block\d+\d\d\Z")
 
 
-def qcow2(path: Path, name: str | None = "top", **options: Any) -> dict[str, Any]:
-    opts: dict[str, Any] = {"driver": "qcow2", "file": file_ref(path), **options}
-    if name is not None:
-        opts["node-name"] = name
-    return opts
-
-
 @pytest.fixture
 def chain(tmp_path: Path) -> dict[str, Path]:
-    """base.raw <- mid.qcow2 (format recorded) <- top.qcow2, relative backing names."""
-    base = tmp_path / "base.raw"
-    qemu_img("create", "-q", "-f", "raw", base, "1M")
-    write_pattern(base, "raw", 0, 65536, 0x11)
-    qemu_img("create", "-q", "-f", "qcow2", "-b", "base.raw", "-F", "raw", tmp_path / "mid.qcow2")
-    write_pattern(tmp_path / "mid.qcow2", "qcow2", 65536, 65536, 0x22)
-    qemu_img(
-        "create", "-q", "-f", "qcow2", "-b", "mid.qcow2", "-F", "qcow2", tmp_path / "top.qcow2"
+    """base.raw <- mid.qcow2 (format recorded) <- top.qcow2, relative backing names (this
+    module's own, over the folder's: other data)."""
+    base, mid, top = build(
+        tmp_path,
+        Layer("base.raw", "1M", ["write -P 0x11 0 65536"]),
+        Layer("mid.qcow2", writes=["write -P 0x22 65536 65536"]),
+        Layer("top.qcow2", writes=["write -P 0x33 131072 65536"]),
     )
-    write_pattern(tmp_path / "top.qcow2", "qcow2", 131072, 65536, 0x33)
-    return {"base": base, "mid": tmp_path / "mid.qcow2", "top": tmp_path / "top.qcow2"}
+    return {"base": base, "mid": mid, "top": top}
 
 
 async def test_backing_chain_from_headers(graph: Graph, chain: dict[str, Path]) -> None:
@@ -78,7 +69,7 @@ async def test_backing_null_and_by_name(graph: Graph, chain: dict[str, Path]) ->
 async def test_backing_format_probed_when_not_recorded(graph: Graph, tmp_path: Path) -> None:
     base = tmp_path / "b.qcow2"
     qemu_img("create", "-q", "-f", "qcow2", base, "1M")
-    write_pattern(base, "qcow2", 0, 512, 0x44)
+    write(base, 0, 512, 0x44)
     top = tmp_path / "t.qcow2"
     create_qcow2(top, 1024 * 1024, backing_file="b.qcow2")  # no recorded format
     node = await graph.open_node(qcow2(top), top_level=True)
@@ -288,7 +279,7 @@ async def test_filter_insert_and_remove(graph: Graph, chain: dict[str, Path]) ->
 async def test_json_backing_name_from_header(graph: Graph, tmp_path: Path) -> None:
     base = tmp_path / "base.raw"
     qemu_img("create", "-q", "-f", "raw", base, "1M")
-    write_pattern(base, "raw", 4096, 4096, 0x66)
+    write(base, 4096, 4096, 0x66, fmt="raw")
     name = json.dumps(
         {
             "driver": "raw",

@@ -17,9 +17,11 @@ from pathlib import Path
 from typing import Any, Final
 
 import trio
-from blocktools import held_bytes, qemu_img
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from kit.chains import Layer, build
+from kit.host import held_bytes
+from kit.qemu import qemu_img
 
 from blockd.block import permissions
 from blockd.block.graph import Graph
@@ -190,9 +192,7 @@ async def job_step_on(
 
 
 def make_images(work: Path) -> None:
-    qemu_img("create", "-q", "-f", "raw", work / "base.raw", "1M")
-    qemu_img("create", "-q", "-f", "qcow2", "-b", "base.raw", "-F", "raw", work / "mid.qcow2")
-    qemu_img("create", "-q", "-f", "qcow2", "-b", "mid.qcow2", "-F", "qcow2", work / "top.qcow2")
+    build(work, Layer("base.raw", "1M"), Layer("mid.qcow2"), Layer("top.qcow2"))
 
 
 def run_case(steps: list[tuple[str, Any]]) -> None:

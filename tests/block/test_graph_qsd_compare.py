@@ -8,107 +8,29 @@ Generated ``#block`` names are compared by position, ``children`` (QEMU 10.1) is
 
 from __future__ import annotations
 
-import json
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 import trio
-from blocktools import Reply, file_ref, qemu_img, run_qmp, write_pattern
-from reference import QSD_10 as QSD
+from kit.chains import Layer, build, file_ref
+from kit.cli import BLOCKD
+from kit.compare import (
+    blockd_replies,
+    compare_with_qsd,
+    differences,
+    normalize_nodes,
+    qsd_replies,
+)
+from kit.daemons import replies
+from kit.qemu import QSD_10, qemu_img, write
 
-from blockd.commands.registry import load_all
-from blockd.daemon import Daemon
-from blockd.errors import QMPError
-
-pytestmark = pytest.mark.skipif(QSD is None, reason="QEMU 10.0 qemu-storage-daemon missing")
-COMMANDS = load_all()
-
-
-def run_qsd(sock_dir: Path, commands: list[tuple[str, dict[str, Any]]]) -> list[Reply]:
-    """Start qemu-storage-daemon, run ``commands`` over QMP, stop it; the replies."""
-    assert QSD is not None
-    return run_qmp([QSD], sock_dir, commands)
-
-
-async def run_blockd(commands: list[tuple[str, dict[str, Any]]]) -> list[Reply]:
-    d = Daemon()
-    replies: list[Reply] = []
-    try:
-        for name, arguments in commands:
-            try:
-                replies.append({"return": await COMMANDS[name].call(d, arguments)})
-            except QMPError as exc:
-                replies.append({"error": exc.to_qmp()})
-    finally:
-        await d.graph.close_all()
-    return replies
-
-
-def normalize(reply: Reply) -> Any:
-    """Rename generated nodes by their position and drop what QEMU 10.0 lacks."""
-    value = reply.get("return", reply.get("error"))
-    if not isinstance(value, list) or not all(isinstance(n, dict) for n in value):
-        return value
-    names = {
-        n["node-name"]: f"#gen{i}" for i, n in enumerate(value) if n["node-name"].startswith("#")
-    }
-    text = json.dumps(value)
-    for old, new in names.items():
-        text = text.replace(f'"{old}"', f'"{new}"')
-    nodes = json.loads(text)
-    for node in nodes:
-        node.pop("children", None)
-    return nodes
-
-
-def differences(mine: Any, qemu: Any, where: str = "") -> list[str]:
-    """Paths where the two JSON values differ, with both values."""
-    if isinstance(mine, dict) and isinstance(qemu, dict):
-        return [
-            diff
-            for key in sorted(set(mine) | set(qemu))
-            for diff in differences(
-                mine.get(key, "<absent>"), qemu.get(key, "<absent>"), f"{where}.{key}"
-            )
-        ]
-    if isinstance(mine, list) and isinstance(qemu, list) and len(mine) == len(qemu):
-        return [
-            d
-            for i, (a, b) in enumerate(zip(mine, qemu, strict=True))
-            for d in differences(a, b, f"{where}[{i}]")
-        ]
-    return [] if mine == qemu else [f"{where}: blockd {mine!r} != qemu {qemu!r}"]
-
-
-async def compare(sock_dir: Path, commands: list[tuple[str, dict[str, Any]]]) -> None:
-    theirs = await trio.to_thread.run_sync(run_qsd, sock_dir, commands)
-    ours = await run_blockd(commands)
-    for (name, arguments), qemu, mine in zip(commands, theirs, ours, strict=True):
-        found = differences(normalize(mine), normalize(qemu))
-        print(name, arguments, *found, sep="\n  ")  # shown when the test fails
-        assert not found, (name, arguments)
-
-
-@pytest.fixture
-def chain(tmp_path: Path) -> dict[str, Path]:
-    base = tmp_path / "base.raw"
-    qemu_img("create", "-q", "-f", "raw", base, "2M")
-    write_pattern(base, "raw", 0, 65536, 1)
-    mid = tmp_path / "mid.qcow2"
-    qemu_img("create", "-q", "-f", "qcow2", "-b", "base.raw", "-F", "raw", mid)
-    write_pattern(mid, "qcow2", 65536, 65536, 2)
-    top = tmp_path / "top.qcow2"
-    qemu_img(
-        "create", "-q", "-f", "qcow2", "-o", "cluster_size=4096", "-b", str(mid), "-F", "qcow2", top
-    )
-    return {"base": base, "mid": mid, "top": top}
+pytestmark = pytest.mark.skipif(QSD_10 is None, reason="QEMU 10.0 qemu-storage-daemon missing")
 
 
 async def test_chain_from_headers(sock_dir: Path, chain: dict[str, Path]) -> None:
     add = {"driver": "qcow2", "node-name": "top", "file": file_ref(chain["top"])}
-    await compare(
+    await compare_with_qsd(
         sock_dir,
         [
             ("blockdev-add", add),
@@ -122,7 +44,7 @@ async def test_chain_from_headers(sock_dir: Path, chain: dict[str, Path]) -> Non
 
 
 async def test_named_nodes_and_null_backing(sock_dir: Path, chain: dict[str, Path]) -> None:
-    await compare(
+    await compare_with_qsd(
         sock_dir,
         [
             ("blockdev-add", {"driver": "file", "node-name": "bf", "filename": str(chain["base"])}),
@@ -160,7 +82,7 @@ async def test_named_nodes_and_null_backing(sock_dir: Path, chain: dict[str, Pat
 
 async def test_error_texts(sock_dir: Path, chain: dict[str, Path], tmp_path: Path) -> None:
     raw = {"driver": "raw", "file": file_ref(chain["base"])}
-    await compare(
+    await compare_with_qsd(
         sock_dir,
         [
             ("blockdev-add", {"driver": "file", "filename": str(chain["base"])}),
@@ -247,20 +169,11 @@ async def test_over_the_socket_with_schema_errors_and_locks(
         ("query-named-block-nodes", {"flat": True}),
     ]
     files = [chain["top"], chain["mid"], chain["base"]]
-    theirs = await trio.to_thread.run_sync(run_qsd_locks, sock_dir, commands, files)
-    ours = await trio.to_thread.run_sync(
-        lambda: run_qmp([sys.executable, "-m", "blockd"], sock_dir, commands, files)
-    )
+    theirs = await trio.to_thread.run_sync(qsd_replies, sock_dir, commands, files)
+    ours = await trio.to_thread.run_sync(replies, BLOCKD, sock_dir, commands, files)
     assert theirs[-1]["return"] == [[100, 101, 103, 201, 203], [100, 201, 203], []]
     for qemu, mine in zip(theirs, ours, strict=True):
-        assert not differences(normalize(mine), normalize(qemu))
-
-
-def run_qsd_locks(
-    sock_dir: Path, commands: list[tuple[str, dict[str, Any]]], files: list[Path]
-) -> list[Reply]:
-    assert QSD is not None
-    return run_qmp([QSD], sock_dir, commands, files)
+        assert not differences(normalize_nodes(mine), normalize_nodes(qemu))
 
 
 async def test_filters_windows_and_options(sock_dir: Path, chain: dict[str, Path]) -> None:
@@ -299,7 +212,7 @@ async def test_filters_windows_and_options(sock_dir: Path, chain: dict[str, Path
         ("blockdev-del", {"node-name": "top"}),
         ("query-named-block-nodes", {}),
     ]
-    await compare(sock_dir, commands)
+    await compare_with_qsd(sock_dir, commands)
 
 
 async def test_image_variants(sock_dir: Path, tmp_path: Path) -> None:
@@ -312,7 +225,7 @@ async def test_image_variants(sock_dir: Path, tmp_path: Path) -> None:
     commands: list[tuple[str, dict[str, Any]]] = []
     for name, options in variants.items():
         qemu_img("create", "-q", "-f", "qcow2", *options, tmp_path / name, "3M")
-        write_pattern(tmp_path / name, "qcow2", 4096, 8192, 7)
+        write(tmp_path / name, 4096, 8192, 7)
         node = name.split(".")[0]
         commands.append(
             (
@@ -321,7 +234,7 @@ async def test_image_variants(sock_dir: Path, tmp_path: Path) -> None:
             )
         )
     commands.append(("query-named-block-nodes", {}))
-    await compare(sock_dir, commands)
+    await compare_with_qsd(sock_dir, commands)
 
 
 async def test_cache_and_flags(sock_dir: Path, chain: dict[str, Path]) -> None:
@@ -350,42 +263,39 @@ async def test_cache_and_flags(sock_dir: Path, chain: dict[str, Path]) -> None:
         ("query-named-block-nodes", {}),
     ]
     files = [chain["top"], chain["base"]]
-    theirs = await trio.to_thread.run_sync(run_qsd_locks, sock_dir, commands, files)
-    ours = await run_blockd(commands)
+    theirs = await trio.to_thread.run_sync(qsd_replies, sock_dir, commands, files)
+    ours = await blockd_replies(commands)
     for qemu, mine in zip(theirs, ours, strict=False):
-        found = differences(normalize(mine), normalize(qemu))
+        found = differences(normalize_nodes(mine), normalize_nodes(qemu))
         print(*found, sep="\n  ")
         assert not found
 
 
 async def test_lock_bytes_during_a_stream(sock_dir: Path, tmp_path: Path) -> None:
     """While a throttled stream runs, every image holds what QEMU's holds."""
-    base = tmp_path / "base.raw"
-    qemu_img("create", "-q", "-f", "raw", base, "4M")
-    write_pattern(base, "raw", 0, 4 << 20, 1)
-    qemu_img("create", "-q", "-f", "qcow2", "-b", "base.raw", "-F", "raw", tmp_path / "mid.qcow2")
-    qemu_img(
-        "create", "-q", "-f", "qcow2", "-b", "mid.qcow2", "-F", "qcow2", tmp_path / "top.qcow2"
+    base, mid, top = build(
+        tmp_path,
+        Layer("base.raw", "4M", [f"write -P 1 0 {4 << 20}"]),
+        Layer("mid.qcow2"),
+        Layer("top.qcow2"),
     )
     commands: list[tuple[str, dict[str, Any]]] = [
         (
             "blockdev-add",
-            {"driver": "qcow2", "node-name": "top", "file": file_ref(tmp_path / "top.qcow2")},
+            {"driver": "qcow2", "node-name": "top", "file": file_ref(top)},
         ),
         ("block-stream", {"job-id": "j", "device": "top", "speed": 1}),
     ]
-    files = [tmp_path / "top.qcow2", tmp_path / "mid.qcow2", base]
-    theirs = await trio.to_thread.run_sync(run_qsd_locks, sock_dir, commands, files)
-    ours = await trio.to_thread.run_sync(
-        lambda: run_qmp([sys.executable, "-m", "blockd"], sock_dir, commands, files)
-    )
+    files = [top, mid, base]
+    theirs = await trio.to_thread.run_sync(qsd_replies, sock_dir, commands, files)
+    ours = await trio.to_thread.run_sync(replies, BLOCKD, sock_dir, commands, files)
     assert theirs[-1]["return"][0] == [100, 101, 102, 103, 201, 203]
     assert ours == theirs
 
 
 async def test_two_users_of_one_image(sock_dir: Path, chain: dict[str, Path]) -> None:
     mid = file_ref(chain["mid"])
-    await compare(
+    await compare_with_qsd(
         sock_dir,
         [
             ("blockdev-add", {"driver": "qcow2", "node-name": "a", "file": mid, "backing": None}),

@@ -10,10 +10,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from blocktools import file_ref, qemu_img
-from test_graph_qsd_compare import QSD, compare
+from kit.chains import file_ref
+from kit.compare import compare_with_qsd
+from kit.qemu import QSD_10, qemu_img
 
-pytestmark = pytest.mark.skipif(QSD is None, reason="QEMU 10.0 qemu-storage-daemon missing")
+pytestmark = pytest.mark.skipif(QSD_10 is None, reason="QEMU 10.0 qemu-storage-daemon missing")
 
 
 def case(tmp_path: Path, name: str) -> list[tuple[str, dict[str, Any]]]:
@@ -64,4 +65,4 @@ async def test_like_qsd(sock_dir: Path, tmp_path: Path, name: str) -> None:
     qemu_img("create", "-q", "-f", "qcow2", base, "1M")
     qemu_img("create", "-q", "-f", "qcow2", "-b", base.name, "-F", "qcow2", tmp_path / "top.qcow2")
     qemu_img("create", "-q", "-f", "qcow2", tmp_path / "lone.qcow2", "1M")
-    await compare(sock_dir, case(tmp_path, name))
+    await compare_with_qsd(sock_dir, case(tmp_path, name))

@@ -6,11 +6,12 @@ import os
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 import trio
-from blocktools import file_ref, held_bytes, qemu_img, qemu_io
+from kit.chains import qcow2
+from kit.host import held_bytes
+from kit.qemu import qemu_img, qemu_io
 
 from blockd.block.graph import Graph
 from blockd.block.host.locking import PERM_ALL, FileLocks, LockError, Perm
@@ -18,10 +19,6 @@ from blockd.errors import HostError
 
 WRITE_LOCK = 'Failed to get "write" lock'
 SHARED_WRITE_LOCK = 'Failed to get shared "write" lock'
-
-
-def qcow2(path: Path, **options: Any) -> dict[str, Any]:
-    return {"driver": "qcow2", "node-name": "img", "file": file_ref(path), **options}
 
 
 @pytest.fixture
@@ -55,7 +52,7 @@ async def wait_for_lock(path: Path, byte: int) -> None:
 
 
 async def test_read_write_image_refuses_qemu_writers(graph: Graph, image: Path) -> None:
-    await graph.open_node(qcow2(image), top_level=True)
+    await graph.open_node(qcow2(image, "img"), top_level=True)
     assert held_bytes(image) == {100, 101, 103, 201, 203}  # what QEMU 10 holds
     result = qemu_io("-c", "write 0 512", image, check=False)
     assert result.returncode != 0 and WRITE_LOCK in result.stderr
@@ -68,7 +65,7 @@ async def test_read_write_image_refuses_qemu_writers(graph: Graph, image: Path) 
 
 
 async def test_read_only_image_lets_readers_in(graph: Graph, image: Path) -> None:
-    await graph.open_node(qcow2(image, **{"read-only": True}), top_level=True)
+    await graph.open_node(qcow2(image, "img", **{"read-only": True}), top_level=True)
     assert held_bytes(image) == {100, 201, 203}
     qemu_img("info", image)
     result = qemu_io("-c", "write 0 512", image, check=False)
@@ -76,7 +73,7 @@ async def test_read_only_image_lets_readers_in(graph: Graph, image: Path) -> Non
 
 
 async def test_locking_off(graph: Graph, image: Path) -> None:
-    options = qcow2(image)
+    options = qcow2(image, "img")
     options["file"]["locking"] = "off"
     await graph.open_node(options, top_level=True)
     assert held_bytes(image) == set()
@@ -87,21 +84,21 @@ async def test_image_held_by_qemu_io_is_refused(
 ) -> None:
     await wait_for_lock(image, 201)
     with pytest.raises(HostError) as info:
-        await graph.open_node(qcow2(image), top_level=True)
+        await graph.open_node(qcow2(image, "img"), top_level=True)
     assert info.value.desc == WRITE_LOCK
     with pytest.raises(HostError) as info:
-        await graph.open_node(qcow2(image, **{"read-only": True}), top_level=True)
+        await graph.open_node(qcow2(image, "img", **{"read-only": True}), top_level=True)
     assert info.value.desc == SHARED_WRITE_LOCK
     assert graph.nodes == {}
     node = await graph.open_node(
-        qcow2(image, **{"read-only": True, "force-share": True}), top_level=True
+        qcow2(image, "img", **{"read-only": True, "force-share": True}), top_level=True
     )
     assert node.read_only
     await graph.delete("img")
     assert qemu_io_holding.stdin is not None
     qemu_io_holding.stdin.close()
     qemu_io_holding.wait(timeout=10)
-    await graph.open_node(qcow2(image), top_level=True)  # free again
+    await graph.open_node(qcow2(image, "img"), top_level=True)  # free again
 
 
 def test_file_locks_conflicts_between_descriptors(tmp_path: Path) -> None:

@@ -7,13 +7,13 @@ Chains are made with qemu-img/qemu-io; every image blockd wrote is judged with
 from __future__ import annotations
 
 import errno
-import json
 import os
 from pathlib import Path
 from typing import Any
 
 import pytest
-from qcow2_util import assert_clean, close, open_qcow2, qemu_io, read_all, run, to_raw
+from kit.chains import Layer, build, close, open_qcow2, read_all
+from kit.qemu import assert_clean, io_script, qemu_img, qemu_img_json, to_raw
 
 from blockd.block.driver import Extent, OffloadNotSupported, split_extents
 from blockd.block.graph import Graph
@@ -28,14 +28,13 @@ SIZE = 4 * MIB
 def chain(tmp_path: Path, *, cluster: str = "64k") -> tuple[Path, Path, Path]:
     """base (0x11 everywhere, a zero cluster at 3 MiB) <- mid (0x22 at 1-2 MiB) <- top
     (0x33 at its first 64 KiB)."""
-    base, mid, top = (tmp_path / f"{n}.qcow2" for n in ("base", "mid", "top"))
-    run("qemu-img", "create", "-q", "-f", "qcow2", "-o", f"cluster_size={cluster}", base, "4M")
-    qemu_io(base, f"write -P 0x11 0 {SIZE}", "write -z 3M 64k")
-    for upper, lower in ((mid, base), (top, mid)):
-        run("qemu-img", "create", "-q", "-f", "qcow2", "-o", f"cluster_size={cluster}",
-            "-b", lower, "-F", "qcow2", upper)  # fmt: skip
-    qemu_io(mid, "write -P 0x22 1M 1M")
-    qemu_io(top, "write -P 0x33 0 64k")
+    clusters = [f"cluster_size={cluster}"]
+    base, mid, top = build(
+        tmp_path,
+        Layer("base.qcow2", "4M", [f"write -P 0x11 0 {SIZE}", "write -z 3M 64k"], clusters),
+        Layer("mid.qcow2", None, ["write -P 0x22 1M 1M"], clusters, absolute=True),
+        Layer("top.qcow2", None, ["write -P 0x33 0 64k"], clusters, absolute=True),
+    )
     return base, mid, top
 
 
@@ -81,7 +80,7 @@ async def test_extents_follow_the_chain_down_to_host_files(tmp_path: Path) -> No
 async def test_zero_compressed_and_filtered_ranges_are_not_offloaded(tmp_path: Path) -> None:
     base, _, top = chain(tmp_path)
     packed = tmp_path / "packed.qcow2"
-    run("qemu-img", "convert", "-c", "-O", "qcow2", base, packed)
+    qemu_img("convert", "-c", "-O", "qcow2", base, packed)
     graph, _node, below = await opened(top)
     try:
         assert await map_all(below, 3 * MIB, 64 * KIB) is None  # zero cluster
@@ -125,7 +124,7 @@ async def test_qcow2_takes_extents_into_new_clusters(
     assert_clean(top)
     assert to_raw(top, tmp_path / "after.raw") == before
     # every byte with data is top's own now; only base's zero cluster still shows through
-    for entry in json.loads(run("qemu-img", "map", "--output=json", top)):
+    for entry in qemu_img_json("map", top):
         if entry["start"] == 3 * MIB:
             assert entry["depth"] == 2 and entry["zero"] and entry["length"] == 64 * KIB
         else:
@@ -152,16 +151,16 @@ async def test_the_last_partial_cluster_of_an_image(tmp_path: Path) -> None:
     base = tmp_path / "base.qcow2"
     top = tmp_path / "top.qcow2"
     size = MIB + 4 * KIB  # the last 64 KiB cluster is partly past the end
-    run("qemu-img", "create", "-q", "-f", "qcow2", base, str(size))
-    qemu_io(base, f"write -P 0x5a 0 {size}")
-    run("qemu-img", "create", "-q", "-f", "qcow2", "-b", base, "-F", "qcow2", top)
+    qemu_img("create", "-q", "-f", "qcow2", base, str(size))
+    io_script(base, f"write -P 0x5a 0 {size}")
+    qemu_img("create", "-q", "-f", "qcow2", "-b", base, "-F", "qcow2", top)
     graph, node, below = await opened(top)
     try:
         assert await copy_range(below, MIB, 4 * KIB, node)
     finally:
         await graph.close_all()
     assert_clean(top)
-    run("qemu-img", "compare", "-f", "qcow2", "-F", "qcow2", top, base)
+    qemu_img("compare", "-f", "qcow2", "-F", "qcow2", top, base)
 
 
 async def test_file_copy_falls_back_to_a_buffer_when_the_kernel_refuses(

@@ -8,7 +8,8 @@ import struct
 from pathlib import Path
 
 import pytest
-from qcow2_util import assert_clean, close, info, open_qcow2, qemu_io, run
+from kit.chains import close, open_qcow2
+from kit.qemu import assert_clean, image_info, io_script, qemu_img
 
 from blockd.block.qcow2 import format as fmt
 from blockd.block.qcow2.create import create_qcow2
@@ -31,19 +32,19 @@ async def test_set_change_clear(tmp_path: Path, compat: str) -> None:
     create_qcow2(path, 1 << 20, compat=compat)
 
     await change(path, "base.qcow2", "qcow2")
-    got = info(path)
+    got = image_info(path)
     assert got["backing-filename"] == "base.qcow2"
     assert got["backing-filename-format"] == "qcow2"
     assert got["full-backing-filename"] == str(tmp_path / "base.qcow2")
     assert_clean(path)
 
     await change(path, "a/much/longer/name/../../../../other.raw", "raw")
-    got = info(path)
+    got = image_info(path)
     assert got["backing-filename"] == "a/much/longer/name/../../../../other.raw"
     assert got["backing-filename-format"] == "raw"
 
     await change(path, "base.qcow2", None)
-    got = info(path)
+    got = image_info(path)
     assert got["backing-filename"] == "base.qcow2"
     assert "backing-filename-format" not in got
 
@@ -54,13 +55,13 @@ async def test_set_change_clear(tmp_path: Path, compat: str) -> None:
         await close(node)
 
     await change(path, None, None)
-    got = info(path)
+    got = image_info(path)
     assert "backing-filename" not in got
     assert "backing-filename-format" not in got
     assert_clean(path)
     # the header matches what qemu-img writes for the same settings
     ref = tmp_path / "ref.qcow2"
-    run("qemu-img", "create", "-q", "-f", "qcow2", "-o", f"compat={compat}", ref, "1M")
+    qemu_img("create", "-q", "-f", "qcow2", "-o", f"compat={compat}", ref, "1M")
     assert path.read_bytes()[:4096] == ref.read_bytes()[:4096]
 
 
@@ -71,7 +72,7 @@ async def test_change_after_qemu_rebase_matches(tmp_path: Path) -> None:
     create_qcow2(ours, 1 << 20)
     create_qcow2(theirs, 1 << 20)
     await change(ours, "base.qcow2", "qcow2")
-    run("qemu-img", "rebase", "-u", "-b", "base.qcow2", "-F", "qcow2", theirs)
+    qemu_img("rebase", "-u", "-b", "base.qcow2", "-F", "qcow2", theirs)
     assert ours.read_bytes() == theirs.read_bytes()
 
 
@@ -102,7 +103,7 @@ async def test_name_does_not_fit_first_cluster(tmp_path: Path) -> None:
         await node.driver.change_backing_file("y" * 300, "qcow2")
     finally:
         await close(node)
-    assert info(path)["backing-filename"] == "y" * 300
+    assert image_info(path)["backing-filename"] == "y" * 300
     assert path.read_bytes()[512:] == before[512:]
 
 
@@ -205,15 +206,21 @@ async def test_dirty_read_only_opens(tmp_path: Path) -> None:
     assert path.read_bytes() == bytes(data)
 
 
-async def test_in_place_write_into_metadata_refused(tmp_path: Path) -> None:
-    """An L2 entry (COPIED) that points at the L1 table: the write is refused."""
-    path = tmp_path / "evil.qcow2"
+def written_cluster(path: Path) -> tuple[bytearray, fmt.Header, int]:
+    """A 1 MiB image at ``path`` with its first cluster written: its bytes, its header and
+    the offset of its first L2 table (whose first entry maps that cluster)."""
     create_qcow2(path, 1 << 20)
-    qemu_io(path, "write -P 0x33 0 64k")
+    io_script(path, "write -P 0x33 0 64k")
     data = bytearray(path.read_bytes())
     header = fmt.parse_header(bytes(data[:512]))
     l2 = struct.unpack(">Q", data[header.l1_table_offset : header.l1_table_offset + 8])[0]
-    l2 &= fmt.OFFSET_MASK
+    return data, header, l2 & fmt.OFFSET_MASK
+
+
+async def test_in_place_write_into_metadata_refused(tmp_path: Path) -> None:
+    """An L2 entry (COPIED) that points at the L1 table: the write is refused."""
+    path = tmp_path / "evil.qcow2"
+    data, header, l2 = written_cluster(path)
     data[l2 : l2 + 8] = struct.pack(">Q", fmt.OFLAG_COPIED | header.l1_table_offset)
     path.write_bytes(bytes(data))
     node = await open_qcow2(path)
@@ -227,12 +234,7 @@ async def test_in_place_write_into_metadata_refused(tmp_path: Path) -> None:
 
 async def test_unaligned_data_cluster_refused(tmp_path: Path) -> None:
     path = tmp_path / "odd.qcow2"
-    create_qcow2(path, 1 << 20)
-    qemu_io(path, "write -P 0x33 0 64k")
-    data = bytearray(path.read_bytes())
-    header = fmt.parse_header(bytes(data[:512]))
-    l2 = struct.unpack(">Q", data[header.l1_table_offset : header.l1_table_offset + 8])[0]
-    l2 &= fmt.OFFSET_MASK
+    data, _header, l2 = written_cluster(path)
     entry = struct.unpack(">Q", data[l2 : l2 + 8])[0]
     data[l2 : l2 + 8] = struct.pack(">Q", entry + 512)
     path.write_bytes(bytes(data))

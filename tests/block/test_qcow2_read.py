@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import hashlib
 import importlib
-import json
 from pathlib import Path
 
 import pytest
 import trio
-from qcow2_util import assert_clean, close, open_qcow2, qemu_io, read_all, run, to_raw
+from kit.chains import close, open_qcow2, read_all
+from kit.qemu import assert_clean, io_script, qemu_img, qemu_img_json, to_raw
 
 from blockd.block.driver import Status
 from blockd.block.qcow2.create import create_qcow2
@@ -31,8 +31,8 @@ PATTERN_WRITES = [
 
 def make_patterned(path: Path, cluster_size: int, compat: str, size: str = "6M") -> None:
     opts = f"cluster_size={cluster_size},compat={compat}"
-    run("qemu-img", "create", "-q", "-f", "qcow2", "-o", opts, path, size)
-    qemu_io(path, *PATTERN_WRITES)
+    qemu_img("create", "-q", "-f", "qcow2", "-o", opts, path, size)
+    io_script(path, *PATTERN_WRITES)
 
 
 async def assert_reads_like_qemu(path: Path, tmp_path: Path) -> None:
@@ -64,19 +64,19 @@ async def test_read_patterned(tmp_path: Path, cluster_size: int, compat: str) ->
 async def test_read_compressed(tmp_path: Path, cluster_size: int) -> None:
     src = tmp_path / "src.qcow2"
     make_patterned(src, 65536, "1.1")
-    qemu_io(src, "write -P 0x66 5M 12345")
+    io_script(src, "write -P 0x66 5M 12345")
     path = tmp_path / "c.qcow2"
-    run("qemu-img", "convert", "-c", "-O", "qcow2", "-o", f"cluster_size={cluster_size}", src, path)
+    qemu_img("convert", "-c", "-O", "qcow2", "-o", f"cluster_size={cluster_size}", src, path)
     await assert_reads_like_qemu(path, tmp_path)
 
 
 async def test_read_with_snapshots(tmp_path: Path) -> None:
     path = tmp_path / "snap.qcow2"
     make_patterned(path, 65536, "1.1")
-    run("qemu-img", "snapshot", "-c", "s1", path)
-    qemu_io(path, "write -P 0x77 0 100000", "write -z 3145728 65536")
-    run("qemu-img", "snapshot", "-c", "s2", path)
-    qemu_io(path, "write -P 0x88 65536 65536")
+    qemu_img("snapshot", "-c", "s1", path)
+    io_script(path, "write -P 0x77 0 100000", "write -z 3145728 65536")
+    qemu_img("snapshot", "-c", "s2", path)
+    io_script(path, "write -P 0x88 65536 65536")
     await assert_reads_like_qemu(path, tmp_path)
 
 
@@ -84,14 +84,14 @@ async def test_read_chain_mixed_cluster_sizes(tmp_path: Path) -> None:
     base = tmp_path / "base.qcow2"
     mid = tmp_path / "mid.qcow2"
     top = tmp_path / "top.qcow2"
-    run("qemu-img", "create", "-q", "-f", "qcow2", "-o", "cluster_size=4096", base, "2M")
-    qemu_io(base, "write -P 0xa1 0 2M")
-    run("qemu-img", "create", "-q", "-f", "qcow2", "-o", "cluster_size=65536",
+    qemu_img("create", "-q", "-f", "qcow2", "-o", "cluster_size=4096", base, "2M")
+    io_script(base, "write -P 0xa1 0 2M")
+    qemu_img("create", "-q", "-f", "qcow2", "-o", "cluster_size=65536",
         "-b", "base.qcow2", "-F", "qcow2", mid, "4M")  # fmt: skip
-    qemu_io(mid, "write -P 0xb2 1M 1536", "write -z 1536k 8k", "write -P 0xb3 3M 100k")
-    run("qemu-img", "create", "-q", "-f", "qcow2", "-o", "cluster_size=512",
+    io_script(mid, "write -P 0xb2 1M 1536", "write -z 1536k 8k", "write -P 0xb3 3M 100k")
+    qemu_img("create", "-q", "-f", "qcow2", "-o", "cluster_size=512",
         "-b", str(mid), "-F", "qcow2", top, "5M")  # fmt: skip
-    qemu_io(top, "write -P 0xc4 4096 1000", "write -z 0 512", "write -P 0xc5 4607k 2k")
+    io_script(top, "write -P 0xc4 4096 1000", "write -z 0 512", "write -P 0xc5 4607k 2k")
     await assert_reads_like_qemu(top, tmp_path)
 
 
@@ -99,17 +99,17 @@ async def test_read_raw_backing_shorter(tmp_path: Path) -> None:
     base = tmp_path / "base.raw"
     base.write_bytes(b"\x5a" * 700_000)  # not even a multiple of the cluster size
     top = tmp_path / "top.qcow2"
-    run("qemu-img", "create", "-q", "-f", "qcow2", "-b", "base.raw", "-F", "raw", top, "2M")
-    qemu_io(top, "write -P 0x01 600000 1000")
+    qemu_img("create", "-q", "-f", "qcow2", "-b", "base.raw", "-F", "raw", top, "2M")
+    io_script(top, "write -P 0x01 600000 1000")
     await assert_reads_like_qemu(top, tmp_path)
 
 
 async def test_backing_null_reads_zeros(tmp_path: Path) -> None:
     base = tmp_path / "base.qcow2"
-    run("qemu-img", "create", "-q", "-f", "qcow2", base, "1M")
-    qemu_io(base, "write -P 0x42 0 1M")
+    qemu_img("create", "-q", "-f", "qcow2", base, "1M")
+    io_script(base, "write -P 0x42 0 1M")
     top = tmp_path / "top.qcow2"
-    run("qemu-img", "create", "-q", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2", top, "1M")
+    qemu_img("create", "-q", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2", top, "1M")
     node = await open_qcow2(top, read_only=True, backing=None)
     try:
         assert node.backing is None
@@ -122,13 +122,13 @@ async def test_backing_null_reads_zeros(tmp_path: Path) -> None:
 @pytest.mark.parametrize("cluster_size", [512, 65536])
 async def test_block_status_matches_qemu_img_map(tmp_path: Path, cluster_size: int) -> None:
     base = tmp_path / "base.qcow2"
-    run("qemu-img", "create", "-q", "-f", "qcow2", base, "6M")
-    qemu_io(base, "write -P 1 0 6M")
+    qemu_img("create", "-q", "-f", "qcow2", base, "6M")
+    io_script(base, "write -P 1 0 6M")
     top = tmp_path / "top.qcow2"
-    run("qemu-img", "create", "-q", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2",
+    qemu_img("create", "-q", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2",
         "-o", f"cluster_size={cluster_size}", top)  # fmt: skip
-    qemu_io(top, *PATTERN_WRITES)
-    entries = json.loads(run("qemu-img", "map", "--output=json", top))
+    io_script(top, *PATTERN_WRITES)
+    entries = qemu_img_json("map", top)
     node = await open_qcow2(top, read_only=True)
     try:
         for entry in entries:
@@ -153,8 +153,8 @@ async def test_zstd_compressed(tmp_path: Path) -> None:
     """zstd clusters read like qemu-img's when the zstandard package is installed; else
     the image is refused at open with a clear error and left untouched."""
     path = tmp_path / "z.qcow2"
-    run("qemu-img", "create", "-q", "-f", "qcow2", "-o", "compression_type=zstd", path, "4M")
-    qemu_io(path, "write -c -P 0x12 0 64k", "write -c -P 0x13 1M 64k", "write -P 0x14 2M 4k")
+    qemu_img("create", "-q", "-f", "qcow2", "-o", "compression_type=zstd", path, "4M")
+    io_script(path, "write -c -P 0x12 0 64k", "write -c -P 0x13 1M 64k", "write -P 0x14 2M 4k")
     try:
         importlib.import_module("zstandard")
     except ImportError:
@@ -181,7 +181,7 @@ async def test_block_status_skips_empty_tables(tmp_path: Path) -> None:
     """1 TiB, one cluster written in the middle: two status calls, no per-cluster walk."""
     path = tmp_path / "sparse.qcow2"
     create_qcow2(path, 1 << 40)
-    qemu_io(path, "write -P 9 512G 64k")
+    io_script(path, "write -P 9 512G 64k")
     node = await open_qcow2(path, read_only=True)
     try:
         with trio.fail_after(5):

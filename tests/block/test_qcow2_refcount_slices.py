@@ -18,7 +18,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from qcow2_util import assert_clean, close, open_qcow2, qemu_io, read_all, run, to_raw
+from kit.chains import close, open_qcow2, read_all
+from kit.qemu import assert_clean, io_script, qemu_img, to_raw
 
 from blockd.block.qcow2 import refcount as qcow2_refcount
 from blockd.block.qcow2.refcount import Refcounts, RefcountTable
@@ -79,12 +80,12 @@ async def run_variant(
     raw = tmp_path / f"{name}.raw"
     raw.write_bytes(ref)
     assert_clean(path)
-    run("qemu-img", "compare", "-f", "qcow2", "-F", "raw", path, raw)
+    qemu_img("compare", "-f", "qcow2", "-F", "raw", path, raw)
     image = path.read_bytes()
     if snapshot:
-        run("qemu-img", "snapshot", "-d", "s1", path)
+        qemu_img("snapshot", "-d", "s1", path)
         assert_clean(path)
-        run("qemu-img", "compare", "-f", "qcow2", "-F", "raw", path, raw)
+        qemu_img("compare", "-f", "qcow2", "-F", "raw", path, raw)
     return image
 
 
@@ -109,8 +110,8 @@ async def compare_variants(
         f"preallocation={'metadata' if preallocation else 'off'}",
     )  # fmt: skip
     if snapshot:
-        qemu_io(base, "write -P 0x11 0 256k")
-        run("qemu-img", "snapshot", "-c", "s1", base)
+        io_script(base, "write -P 0x11 0 256k")
+        qemu_img("snapshot", "-c", "s1", base)
     case: dict[str, Any] = {"cluster_size": cluster_size, "writes": writes, "snapshot": snapshot}
     sliced = await run_variant(
         base, tmp_path, monkeypatch, "sliced", slice_bytes=slice_bytes, **case
@@ -259,4 +260,4 @@ async def test_only_touched_slices_are_cached(
     finally:
         await close(node)
     assert_clean(path)
-    qemu_io(path, "read -P 0x5a 0 8M", "read -P 0 8M 56M")
+    io_script(path, "read -P 0x5a 0 8M", "read -P 0 8M 56M")

@@ -2,18 +2,17 @@
 
 from __future__ import annotations
 
-import json
 import random
 import tempfile
 from pathlib import Path
 from typing import Any
 
 import pytest
-import qcow2_util
 import trio
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from qcow2_util import TINY_CACHES, assert_clean, close, open_qcow2, qemu_io, read_all, run, to_raw
+from kit.chains import TINY_CACHES, close, graph_of, open_qcow2, read_all
+from kit.qemu import assert_clean, image_info, io_script, qemu_img, to_raw
 
 from blockd.block.qcow2.create import create_qcow2
 from blockd.errors import QMPError
@@ -77,7 +76,7 @@ async def apply(
 def judge(path: Path, ref: bytes, work: Path) -> None:
     raw = work / "ref.raw"
     raw.write_bytes(ref)
-    run("qemu-img", "compare", "-f", "qcow2", "-F", "raw", path, raw)
+    qemu_img("compare", "-f", "qcow2", "-F", "raw", path, raw)
     assert_clean(path)
 
 
@@ -92,19 +91,19 @@ def run_case(
         elif setup == "backing":
             base = work / "base.qcow2"
             create_qcow2(base, SIZE - 700_000, cluster_size=65536)
-            qemu_io(base, "write -P 0x5a 0 1M", "write -P 0x5b 1200k 1M")
+            io_script(base, "write -P 0x5a 0 1M", "write -P 0x5b 1200k 1M")
             create_qcow2(path, SIZE, cluster_size=cluster_size, backing_file="base.qcow2",
                          backing_fmt="qcow2")  # fmt: skip
-            qemu_io(path, "write -P 0x61 64k 64k", "write -z 1M 64k", "write -z 64k 32k")
+            io_script(path, "write -P 0x61 64k 64k", "write -z 1M 64k", "write -z 64k 32k")
         elif setup == "snapshot":
             create_qcow2(path, SIZE, cluster_size=cluster_size)
-            qemu_io(path, "write -P 0x71 0 2M", "write -z 2M 128k")
-            run("qemu-img", "snapshot", "-c", "s1", path)
-            qemu_io(path, "write -P 0x72 512k 64k")
+            io_script(path, "write -P 0x71 0 2M", "write -z 2M 128k")
+            qemu_img("snapshot", "-c", "s1", path)
+            io_script(path, "write -P 0x72 512k 64k")
         elif setup == "compressed":
             src = work / "src.raw"
             src.write_bytes(random.Random(7).randbytes(SIZE // 2) + b"\x33" * (SIZE - SIZE // 2))
-            run("qemu-img", "convert", "-c", "-f", "raw", "-O", "qcow2", "-o",
+            qemu_img("convert", "-c", "-f", "raw", "-O", "qcow2", "-o",
                 f"cluster_size={cluster_size}", src, path)  # fmt: skip
         ref = bytearray(to_raw(path, work / "before.raw"))
         snap_before = None
@@ -115,13 +114,13 @@ def run_case(
         if snap_before is not None:
             assert to_raw_snapshot(path, work / "snap2.raw") == snap_before
             # QEMU can still drop the snapshot: every refcount we left is exact
-            run("qemu-img", "snapshot", "-d", "s1", path)
+            qemu_img("snapshot", "-d", "s1", path)
             assert_clean(path)
-            run("qemu-img", "compare", "-f", "qcow2", "-F", "raw", path, work / "ref.raw")
+            qemu_img("compare", "-f", "qcow2", "-F", "raw", path, work / "ref.raw")
 
 
 def to_raw_snapshot(path: Path, out: Path) -> bytes:
-    run("qemu-img", "convert", "-l", "snapshot.name=s1", "-O", "raw", path, out)
+    qemu_img("convert", "-l", "snapshot.name=s1", "-O", "raw", path, out)
     return out.read_bytes()
 
 
@@ -192,9 +191,9 @@ async def test_refcount_table_grows(tmp_path: Path, refcount_bits: int) -> None:
     finally:
         await close(node)
     (tmp_path / "ref.raw").write_bytes(ref)
-    run("qemu-img", "compare", "-F", "raw", path, tmp_path / "ref.raw")
+    qemu_img("compare", "-F", "raw", path, tmp_path / "ref.raw")
     assert_clean(path)
-    info = run("qemu-img", "info", path)
+    info = qemu_img("info", path).stdout
     assert "virtual size: 16 MiB" in info
 
 
@@ -215,7 +214,7 @@ async def test_lazy_refcounts_image_written_eagerly(tmp_path: Path) -> None:
     """The lazy-refcounts compat bit allows, but does not require, stale refcounts:
     blockd keeps them exact and never sets the dirty bit."""
     path = tmp_path / "lazy.qcow2"
-    run("qemu-img", "create", "-q", "-f", "qcow2", "-o", "lazy_refcounts=on", path, "2M")
+    qemu_img("create", "-q", "-f", "qcow2", "-o", "lazy_refcounts=on", path, "2M")
     node = await open_qcow2(path)
     try:
         await node.write(4096, b"\x31" * 200_000)
@@ -223,7 +222,7 @@ async def test_lazy_refcounts_image_written_eagerly(tmp_path: Path) -> None:
     finally:
         await close(node)
     assert_clean(path)
-    got = json.loads(run("qemu-img", "info", "--output=json", path))
+    got = image_info(path, force_share=False)
     assert got["dirty-flag"] is False
 
 
@@ -250,7 +249,7 @@ async def test_reopen_read_write_and_back(tmp_path: Path) -> None:
     path = tmp_path / "top.qcow2"
     create_qcow2(path, 1 << 20)
     node = await open_qcow2(path, read_only=True)
-    graph = qcow2_util.node_graph[node]
+    graph = graph_of(node)
     try:
         await graph.reopen(node, read_only=False)
         await node.write(1000, b"\x42" * 70_000)
@@ -269,7 +268,7 @@ async def test_reopen_dirty_image_read_write_refused(tmp_path: Path) -> None:
     data[72:80] = (1).to_bytes(8, "big")
     path.write_bytes(bytes(data))
     node = await open_qcow2(path, read_only=True)
-    graph = qcow2_util.node_graph[node]
+    graph = graph_of(node)
     try:
         with pytest.raises(QMPError, match="dirty bit"):
             await graph.reopen(node, read_only=False)
@@ -286,7 +285,7 @@ async def test_large_unaligned_writes_over_backing(tmp_path: Path, cluster_size:
     size = 12 * 1024 * 1024
     base = tmp_path / "base.qcow2"
     create_qcow2(base, size)
-    qemu_io(base, "write -P 0x5c 0 12M")
+    io_script(base, "write -P 0x5c 0 12M")
     path = tmp_path / "top.qcow2"
     create_qcow2(path, size, cluster_size=cluster_size, backing_file="base.qcow2",
                  backing_fmt="qcow2")  # fmt: skip

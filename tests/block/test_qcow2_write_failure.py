@@ -6,15 +6,14 @@ Skipped where a tmpfs cannot be mounted (needs root)."""
 from __future__ import annotations
 
 import errno
-import json
-import os
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import trio
-from blocktools import qemu_img, qemu_io
-from tmpfs import small_tmpfs
+from kit.chains import qcow2
+from kit.host import fill, small_tmpfs
+from kit.qemu import check_report, qemu_img, qemu_io
 
 from blockd.block.graph import Graph
 
@@ -28,32 +27,16 @@ def small_fs(tmp_path: Path) -> Iterator[Path]:
         yield mount
 
 
-def check(path: Path) -> dict[str, int]:
-    out = qemu_img("check", "--output=json", path, check=False)
-    report: dict[str, int] = json.loads(out.stdout)
-    report["exit"] = out.returncode
-    return report
-
-
 @pytest.mark.parametrize("cluster", [4096, 65536])
 async def test_enospc_write_leaks_nothing(small_fs: Path, cluster: int) -> None:
     image = small_fs / "disk.qcow2"
     qemu_img("create", "-q", "-f", "qcow2", "-o", f"cluster_size={cluster}", image, "16M")
     qemu_io("-f", "qcow2", "-c", "write -P 7 0 64k", image)  # L2 table and refblock exist
-    st = os.statvfs(small_fs)
-    filler = small_fs / "filler"
-    filler.write_bytes(b"\xee" * (st.f_bavail * st.f_frsize - 256 * KIB))
+    filler = fill(small_fs, 256 * KIB)
     graph = Graph()
     try:
         with trio.fail_after(30):
-            node = await graph.open_node(
-                {
-                    "driver": "qcow2",
-                    "node-name": "disk",
-                    "file": {"driver": "file", "filename": str(image)},
-                },
-                top_level=True,
-            )
+            node = await graph.open_node(qcow2(image, "disk"), top_level=True)
             failures = []
             # within the first L2 table's span (2 MiB with 4 KiB clusters): this is
             # about data clusters; metadata that cannot be written fails the flush
@@ -66,7 +49,7 @@ async def test_enospc_write_leaks_nothing(small_fs: Path, cluster: int) -> None:
     finally:
         with trio.fail_after(30):
             await graph.close_all()
-    report = check(image)
+    report = check_report(image)
     assert report["exit"] == 0, report
     assert report.get("leaks", 0) == 0 and report.get("corruptions", 0) == 0
     # space back: the same writes now land, the image stays clean and reads back right.
@@ -76,18 +59,11 @@ async def test_enospc_write_leaks_nothing(small_fs: Path, cluster: int) -> None:
     graph = Graph()
     try:
         with trio.fail_after(30):
-            node = await graph.open_node(
-                {
-                    "driver": "qcow2",
-                    "node-name": "disk",
-                    "file": {"driver": "file", "filename": str(image)},
-                },
-                top_level=True,
-            )
+            node = await graph.open_node(qcow2(image, "disk"), top_level=True)
             await node.write(256 * KIB, b"\x33" * (1792 * KIB))
     finally:
         with trio.fail_after(30):
             await graph.close_all()
-    assert check(image)["exit"] == 0
+    assert check_report(image)["exit"] == 0
     verify = qemu_io("-f", "qcow2", "-c", "read -P 0x33 256k 1792k", "-c", "read -P 7 0 64k", image)
     assert "verification failed" not in verify.stdout

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from blocktools import file_ref
+from kit.chains import file_ref
 
 from blockd.block.driver import Status
 from blockd.block.graph import Graph

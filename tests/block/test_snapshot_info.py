@@ -9,21 +9,22 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from blocktools import file_ref, qemu_img, write_pattern
-from test_graph_qsd_compare import QSD, compare, run_blockd
+from kit.chains import file_ref
+from kit.compare import blockd_replies, compare_with_qsd
+from kit.qemu import QSD_10, qemu_img, write
 
 from blockd.block.qcow2.snapshots import ShortTable, parse_table
 from blockd.errors import ImageError
 
-needs_qsd = pytest.mark.skipif(QSD is None, reason="QEMU 10.0 qemu-storage-daemon missing")
+needs_qsd = pytest.mark.skipif(QSD_10 is None, reason="QEMU 10.0 qemu-storage-daemon missing")
 
 
 def snapshotted(tmp_path: Path, name: str, *options: str) -> Path:
     path = tmp_path / name
     qemu_img("create", "-q", "-f", "qcow2", *options, path, "4M")
-    write_pattern(path, "qcow2", 0, 65536, 1)
+    write(path, 0, 65536, 1)
     qemu_img("snapshot", "-c", "first", path)
-    write_pattern(path, "qcow2", 32768, 65536, 2)
+    write(path, 32768, 65536, 2)
     qemu_img("snapshot", "-c", "second snapshot, with a longer name", path)
     qemu_img("snapshot", "-c", "ünïcode", path)
     return path
@@ -42,8 +43,8 @@ async def test_snapshots_as_qsd_reports_them(sock_dir: Path, tmp_path: Path) -> 
         for name, path in images.items()
     ]
     commands.append(("query-named-block-nodes", {"flat": True}))
-    await compare(sock_dir, commands)
-    [*_, reply] = await run_blockd(commands)
+    await compare_with_qsd(sock_dir, commands)
+    [*_, reply] = await blockd_replies(commands)
     listed = {n["node-name"]: n["image"].get("snapshots") for n in reply["return"]}
     assert [s["name"] for s in listed["v3"]] == [
         "first",
@@ -89,7 +90,7 @@ async def test_truncated_table_refused_at_open(tmp_path: Path) -> None:
         f.seek(60)
         f.write(struct.pack(">I", 60000))
     before = path.read_bytes()
-    [reply] = await run_blockd(
+    [reply] = await blockd_replies(
         [("blockdev-add", {"driver": "qcow2", "node-name": "c", "file": file_ref(path)})]
     )
     assert "error" in reply, reply

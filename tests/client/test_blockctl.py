@@ -7,24 +7,17 @@ import json
 import os
 import socket
 import subprocess
-import sys
 from pathlib import Path
-from typing import Any
 
 import pytest
+from kit.chains import Layer, build
+from kit.cli import TEST_DAEMON, Terminal, ctl_in_process, run_ctl
+from kit.daemons import Lab, require_commands
+from kit.qemu import check, compare, convert, image_info
 
-from blockd.client.lab import make_chain
-
-from .conftest import Lab, ctl_in_process
+from blockd.client.lab import make_chain, query_commands, running_daemon
 
 STREAM = ("blockdev-add", "block-stream", "query-block-jobs", "query-jobs", "job-dismiss")
-
-
-def ctl_no_daemon(*args: str) -> subprocess.CompletedProcess[str]:
-    """The real console script in its own process (as a script would run it: no COLUMNS)."""
-    env = {k: v for k, v in os.environ.items() if k not in ("COLUMNS", "LINES")}
-    return subprocess.run([sys.executable, "-m", "blockd.client.ctl", *args], capture_output=True,
-                          text=True, timeout=60, check=False, env=env)  # fmt: skip
 
 
 def assert_clean_error(proc: subprocess.CompletedProcess[str], code: int, text: str) -> None:
@@ -35,51 +28,17 @@ def assert_clean_error(proc: subprocess.CompletedProcess[str], code: int, text: 
     assert proc.stderr.count("\n") == 1
 
 
-def qemu_img_json(*args: str) -> Any:
-    out = subprocess.run(["qemu-img", *args, "--output=json"], capture_output=True, text=True,
-                         check=True, timeout=60).stdout  # fmt: skip
-    return json.loads(out)
-
-
-def add_chain(lab: Lab, size: str = "8M") -> list[Path]:
-    lab.require("blockdev-add")
-    paths = make_chain(lab.images, size)
-    proc = lab.ctl("add", "driver=qcow2", "node-name=top", "file.driver=file",
-                   f"file.filename={paths[0]}")  # fmt: skip
-    assert proc.returncode == 0, proc.stderr
-    assert proc.stdout == "added node top\n"
-    return paths
-
-
-def flattened(path: Path) -> Path:
-    raw = path.with_suffix(".raw")
-    subprocess.run(["qemu-img", "convert", "-U", "-O", "raw", str(path), str(raw)], check=True,
-                   timeout=60)  # fmt: skip
-    return raw
-
-
 def release(lab: Lab) -> None:
     """Close the chain in the daemon, so that the image files are complete on disk."""
     deleted = lab.ctl("del", "top")
     assert deleted.returncode == 0, deleted.stderr
 
 
-def check_clean(path: Path) -> None:
-    result = subprocess.run(["qemu-img", "check", str(path)], capture_output=True, text=True,
-                            timeout=60, check=False)  # fmt: skip
-    assert result.returncode == 0, result.stdout + result.stderr
-
-
-def same_data(a: Path, b: Path) -> bool:
-    return subprocess.run(["qemu-img", "compare", "-U", str(a), str(b)], capture_output=True,
-                          timeout=60, check=False).returncode == 0  # fmt: skip
-
-
 # --- no daemon ------------------------------------------------------------------------------
 
 
 def test_daemon_not_running(sock_dir: Path) -> None:
-    proc = ctl_no_daemon("-s", str(sock_dir / "qmp.sock"), "jobs")
+    proc = run_ctl("-s", str(sock_dir / "qmp.sock"), "jobs")
     assert_clean_error(proc, 3, "no such socket; is the daemon running?")
 
 
@@ -130,7 +89,7 @@ def test_version_and_help() -> None:
 
 def test_add_nodes_chain_del(lab: Lab) -> None:
     lab.require("query-named-block-nodes", "blockdev-del")
-    add_chain(lab)
+    lab.add_chain()
     chain = lab.ctl("chain")
     assert chain.returncode == 0, chain.stderr
     lines = chain.stdout.splitlines()
@@ -141,7 +100,7 @@ def test_add_nodes_chain_del(lab: Lab) -> None:
     assert len(lines) == 4
 
     # The real console script, in its own process, gives the same view.
-    assert ctl_no_daemon("-s", str(lab.socket), "chain").stdout == chain.stdout
+    assert run_ctl("-s", str(lab.socket), "chain").stdout == chain.stdout
     nodes = lab.ctl("nodes")
     assert nodes.returncode == 0
     assert sum("file: " in line for line in nodes.stdout.splitlines()) == 3  # protocol nodes
@@ -174,22 +133,22 @@ def test_add_json_and_errors(lab: Lab, tmp_path: Path) -> None:
 
 def test_stream_to_completion(lab: Lab) -> None:
     lab.require(*STREAM)
-    top = add_chain(lab)[0]
-    expected = flattened(top)
+    top = lab.add_chain()[0]
+    expected = convert(top, top.with_suffix(".raw"))
     proc = lab.ctl("stream", "top", "--job-id", "j0", "--speed", "16M")
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.startswith("✔ job j0 completed: 8 MiB streamed in "), proc.stdout
     assert lab.ctl("jobs").stdout == "no jobs\n"  # blockctl dismissed it
     release(lab)
-    info = qemu_img_json("info", str(top))
+    info = image_info(top, force_share=False)
     assert "backing-filename" not in info
-    assert same_data(expected, top)
-    check_clean(top)
+    compare(expected, top)
+    check(top, force_share=False)
 
 
 def test_stream_json_and_failure(lab: Lab) -> None:
     lab.require(*STREAM)
-    add_chain(lab, "1M")
+    lab.add_chain("1M")
     proc = lab.ctl("--json", "stream", "top", "--job-id", "j0")
     assert proc.returncode == 0, proc.stderr
     result = json.loads(proc.stdout)
@@ -201,8 +160,8 @@ def test_stream_json_and_failure(lab: Lab) -> None:
 
 def test_control_a_running_job(lab: Lab) -> None:
     lab.require(*STREAM, "job-pause", "job-resume", "block-job-set-speed")
-    top = add_chain(lab)[0]
-    expected = flattened(top)
+    top = lab.add_chain()[0]
+    expected = convert(top, top.with_suffix(".raw"))
     started = lab.ctl("stream", "top", "--job-id", "j0", "--speed", "256K", "--no-wait")
     assert started.returncode == 0 and "started job j0" in started.stdout
 
@@ -224,14 +183,14 @@ def test_control_a_running_job(lab: Lab) -> None:
     assert "completed" in waited.stdout or "no job 'j0'" in waited.stderr
     assert_clean_error(lab.ctl("speed", "j0", "1M"), 1, "Block job 'j0' not found")
     release(lab)
-    assert "backing-filename" not in qemu_img_json("info", str(top))
-    assert same_data(expected, top)
-    check_clean(top)
+    assert "backing-filename" not in image_info(top, force_share=False)
+    compare(expected, top)
+    check(top, force_share=False)
 
 
 def test_cancel_then_wait(lab: Lab) -> None:
     lab.require(*STREAM, "block-job-cancel")
-    top = add_chain(lab)[0]
+    top = lab.add_chain()[0]
     proc = lab.ctl("stream", "top", "--job-id", "j0", "--speed", "64K", "--no-wait",
                    "--keep-result")  # fmt: skip
     assert proc.returncode == 0
@@ -240,23 +199,21 @@ def test_cancel_then_wait(lab: Lab) -> None:
     assert waited.returncode == 1
     assert "✘ job j0 was cancelled at " in waited.stdout
     assert lab.ctl("jobs").stdout == "no jobs\n"
-    expected = flattened(top)
+    expected = convert(top, top.with_suffix(".raw"))
     release(lab)
-    assert qemu_img_json("info", str(top))["backing-filename"] == "mid.qcow2"
-    assert same_data(expected, top)  # what was copied is the same data
-    check_clean(top)
+    assert image_info(top, force_share=False)["backing-filename"] == "mid.qcow2"
+    compare(expected, top)  # what was copied is the same data
+    check(top, force_share=False)
 
 
 def test_wait_keeps_result_for_failed_job(lab: Lab) -> None:
     """A job that failed is reported from query-jobs' error, and kept with --keep."""
     lab.require(*STREAM)
-    base, top = lab.images / "base.raw", lab.images / "top.qcow2"
-    for argv in (
-        ["qemu-img", "create", "-q", "-f", "raw", str(base), "1M"],
-        ["qemu-io", "-f", "raw", "-c", "write -P 0x11 0 1M", str(base)],
-        ["qemu-img", "create", "-q", "-f", "qcow2", "-b", str(base), "-F", "raw", str(top)],
-    ):
-        subprocess.run(argv, check=True, capture_output=True, timeout=60)
+    base, top = build(
+        lab.images,
+        Layer("base.raw", "1M", ["write -P 0x11 0 1M"]),
+        Layer("top.qcow2", absolute=True),
+    )
     # The backing image is read through blkdebug, which fails any read covering 512 KiB
     # (sector 1024), as iotest 030 does: the stream must fail there with EIO.
     # (Two nodes: QEMU 7.2 refuses an inline backing object with a blkdebug file.)
@@ -279,15 +236,15 @@ def test_wait_keeps_result_for_failed_job(lab: Lab) -> None:
     assert lab.ctl("jobs").stdout == "no jobs\n"
     release(lab)
     assert lab.ctl("del", "base").returncode == 0
-    assert qemu_img_json("info", str(top))["backing-filename"] == str(base)
-    check_clean(top)
+    assert image_info(top, force_share=False)["backing-filename"] == str(base)
+    check(top, force_share=False)
 
 
 def test_stream_to_base_node_with_backing_file(lab: Lab) -> None:
     """A partial pull: mid's data goes into top, base stays below with the name we give."""
     lab.require(*STREAM)
-    top, _, _ = add_chain(lab)
-    expected = flattened(top)
+    top, _, _ = lab.add_chain()
+    expected = convert(top, top.with_suffix(".raw"))
     [chain] = json.loads(lab.ctl("--json", "chain", "top").stdout)
     base_node = chain[2]
     proc = lab.ctl("stream", "top", "--job-id", "pull", "--base-node", base_node,
@@ -296,23 +253,16 @@ def test_stream_to_base_node_with_backing_file(lab: Lab) -> None:
     [after] = json.loads(lab.ctl("--json", "chain", "top").stdout)
     assert after == ["top", base_node]
     release(lab)
-    info = qemu_img_json("info", str(top))
+    info = image_info(top, force_share=False)
     assert (info["backing-filename"], info["backing-filename-format"]) == ("base.qcow2", "qcow2")
-    assert same_data(expected, top)
-    check_clean(top)
+    compare(expected, top)
+    check(top, force_share=False)
 
 
 def test_daemon_dies_while_following(sock_dir: Path, tmp_path: Path) -> None:
     """blockctl following a job reports a lost daemon in one line, exit status 3."""
-    from blockd.client.lab import query_commands, running_daemon
-
-    from .conftest import PROGRAM
-    from .test_progress import Terminal
-
-    with running_daemon(sock_dir, PROGRAM) as daemon:
-        missing = set(STREAM) - query_commands(daemon.socket)
-        if missing:
-            pytest.skip(f"the daemon does not implement {', '.join(sorted(missing))} yet")
+    with running_daemon(sock_dir, TEST_DAEMON) as daemon:
+        require_commands(query_commands(daemon.socket), *STREAM)
         top = make_chain(tmp_path, "8M")[0]
         sock = str(daemon.socket)
         added = ctl_in_process("-s", sock, "add", "driver=qcow2", "node-name=top",

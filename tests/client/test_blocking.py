@@ -11,11 +11,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from kit.daemons import Lab
 
 from blockd.client.blocking import connect_blocking
 from blockd.client.errors import CommandError, ConnectError
-
-from .conftest import Lab
 
 
 def expect_connect_error(path: Path, match: str, timeout: float = 5.0) -> None:

@@ -7,11 +7,11 @@ from pathlib import Path
 
 import pytest
 import trio
+from kit.chains import qcow2
+from kit.daemons import Lab
 
 from blockd.client.connection import CommandError, ConnectError, connect
 from blockd.client.lab import make_chain
-
-from .conftest import Lab
 
 IO = 20.0
 
@@ -92,8 +92,7 @@ async def test_events_before_reply(lab: Lab) -> None:
     top = make_chain(lab.images, "1M")[0]
     with trio.fail_after(IO):
         async with connect(str(lab.socket)) as qmp:
-            await qmp.execute("blockdev-add", {"driver": "qcow2", "node-name": "top",
-                              "file": {"driver": "file", "filename": str(top)}})  # fmt: skip
+            await qmp.execute("blockdev-add", qcow2(top))
             with qmp.listen("JOB_STATUS_CHANGE") as events:
                 await qmp.execute("block-stream", {"job-id": "j0", "device": "top",
                                                    "auto-dismiss": False})  # fmt: skip

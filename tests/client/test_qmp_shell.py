@@ -9,9 +9,8 @@ import json
 from pathlib import Path
 
 import pytest
+from kit.daemons import Lab
 from qemu.qmp.qmp_shell import QMPShell
-
-from .conftest import Lab
 
 
 def completions(shell: QMPShell, text: str) -> list[str]:

@@ -3,15 +3,14 @@
 
 from __future__ import annotations
 
-import subprocess
-
 import trio
+from kit.chains import qcow2
+from kit.daemons import Lab
+from kit.qemu import check, compare, convert, qemu_img
 
 from blockd.client.connection import connect
 from blockd.client.follow import JOB_EVENTS, Outcome, follow_job
 from blockd.client.lab import make_chain
-
-from .conftest import Lab
 
 IO = 30.0
 
@@ -21,13 +20,11 @@ async def test_reconnect_resyncs_from_query_jobs(lab: Lab) -> None:
                 "block-job-set-speed", "job-dismiss", "blockdev-del")  # fmt: skip
     top = make_chain(lab.images, "4M")[0]
     expected = lab.images / "expected.raw"
-    subprocess.run(["qemu-img", "convert", "-O", "raw", str(top), str(expected)], check=True,
-                   timeout=60)  # fmt: skip
+    convert(top, expected, force_share=False)
     with trio.fail_after(IO):
         # First client: start a throttled stream that keeps its result, then go away.
         async with connect(str(lab.socket), name="first") as qmp:
-            await qmp.execute("blockdev-add", {"driver": "qcow2", "node-name": "top",
-                              "file": {"driver": "file", "filename": str(top)}})  # fmt: skip
+            await qmp.execute("blockdev-add", qcow2(top))
             await qmp.execute("block-stream", {"job-id": "j0", "device": "top",
                               "speed": 512 * 1024, "auto-dismiss": False})  # fmt: skip
             [before] = await qmp.execute("query-block-jobs")
@@ -59,13 +56,9 @@ async def test_reconnect_resyncs_from_query_jobs(lab: Lab) -> None:
             assert await qmp.execute("query-jobs") == []
             await qmp.execute("blockdev-del", {"node-name": "top"})
 
-    info = subprocess.run(["qemu-img", "info", str(top)], capture_output=True, text=True,
-                          check=True, timeout=60)  # fmt: skip
-    assert "backing file:" not in info.stdout
-    compare = ["qemu-img", "compare", str(expected), str(top)]
-    assert subprocess.run(compare, capture_output=True, timeout=60).returncode == 0
-    check = ["qemu-img", "check", str(top)]
-    assert subprocess.run(check, capture_output=True, timeout=60).returncode == 0
+    assert "backing file:" not in qemu_img("info", top).stdout
+    compare(expected, top, force_share=False)
+    check(top, force_share=False)
 
 
 async def test_concluded_job_survives_disconnect(lab: Lab) -> None:
@@ -74,8 +67,7 @@ async def test_concluded_job_survives_disconnect(lab: Lab) -> None:
     top = make_chain(lab.images, "1M")[0]
     with trio.fail_after(IO):
         async with connect(str(lab.socket)) as qmp:
-            await qmp.execute("blockdev-add", {"driver": "qcow2", "node-name": "top",
-                              "file": {"driver": "file", "filename": str(top)}})  # fmt: skip
+            await qmp.execute("blockdev-add", qcow2(top))
             await qmp.execute("block-stream", {"job-id": "j0", "device": "top",
                                                "auto-dismiss": False})  # fmt: skip
         while True:

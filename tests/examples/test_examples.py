@@ -6,8 +6,9 @@ import ast
 import re
 
 import pytest
-
-from .conftest import EXAMPLES, require, run_example
+from kit.cli import run_example
+from kit.daemons import require_commands
+from kit.repo import EXAMPLES
 
 STREAM = {"blockdev-add", "blockdev-del", "block-stream", "query-jobs", "query-block-jobs",
           "job-dismiss", "query-named-block-nodes"}  # fmt: skip
@@ -29,7 +30,7 @@ def test_example_opens_with_what_it_shows(name: str) -> None:
 
 
 def test_stream_demo(daemon_commands: set[str]) -> None:
-    require(daemon_commands, *STREAM)
+    require_commands(daemon_commands, *STREAM)
     proc = run_example("stream_demo.py", "--size", "8M", "--speed", "16M")
     ok(proc)
     out = proc.stdout
@@ -42,7 +43,7 @@ def test_stream_demo(daemon_commands: set[str]) -> None:
 
 
 def test_libvirt_pull(daemon_commands: set[str]) -> None:
-    require(daemon_commands, *STREAM, "query-qmp-schema", "query-version")
+    require_commands(daemon_commands, *STREAM, "query-qmp-schema", "query-version")
     proc = run_example("libvirt_pull.py")
     ok(proc)
     out = proc.stdout
@@ -59,7 +60,7 @@ def test_libvirt_pull(daemon_commands: set[str]) -> None:
 
 
 def test_poll_pull(daemon_commands: set[str]) -> None:
-    require(daemon_commands, *STREAM, "block-job-cancel", "block-job-set-speed")
+    require_commands(daemon_commands, *STREAM, "block-job-cancel", "block-job-set-speed")
     proc = run_example("poll_pull.py")
     ok(proc)
     out = proc.stdout
@@ -80,7 +81,7 @@ def commands_typed(transcript: str) -> list[str]:
 def test_qmp_shell_session(daemon_commands: set[str]) -> None:
     """qmp-shell -p on a terminal: banner, tab completion from query-commands, pretty
     replies, an error, queued events; and the committed transcript is this session."""
-    require(daemon_commands, *STREAM, "query-commands", "block-job-set-speed")
+    require_commands(daemon_commands, *STREAM, "query-commands", "block-job-set-speed")
     proc = run_example("qmp_shell_session.py")
     ok(proc)
     out = proc.stdout

@@ -18,7 +18,7 @@ import sys
 import time
 from pathlib import Path
 
-from .conftest import EXAMPLES
+from kit.repo import EXAMPLES
 
 UNIT = EXAMPLES / "blockd.service"
 

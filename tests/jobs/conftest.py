@@ -1,4 +1,4 @@
-"""Fixtures for the job engine's tests (helpers in ``jobtools.py``)."""
+"""Fixtures for the job engine's tests (its fake job: :mod:`kit.fakes`)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,8 @@ from typing import Any
 
 import pytest
 import trio
-from jobtools import FakeJob, Recorder
+from kit.fakes import FakeJob
+from kit.qmp import Recorder
 
 from blockd.events import EventBus
 from blockd.jobs.manager import JobManager

@@ -13,7 +13,9 @@ from typing import Any
 
 import pytest
 import trio
-from jobtools import CHUNK, FakeJob, Recorder
+from kit.daemons import run_command
+from kit.fakes import CHUNK, FakeJob
+from kit.qmp import Recorder
 from trio.testing import MockClock
 
 from blockd.commands.registry import load_all
@@ -44,10 +46,8 @@ class Client:
         self.commands = load_all()
 
     async def __call__(self, name: str, **arguments: Any) -> Any:
-        self.d.schema.validate_arguments(name, arguments)
-        value = await self.commands[name].call(self.d, arguments)
+        value = await run_command(self.d, name, arguments, self.commands)
         self.rec.mark(f"reply {name}")
-        self.d.schema.validate_return(name, value)
         return value
 
     async def error(self, name: str, **arguments: Any) -> tuple[str, str]:

@@ -12,15 +12,13 @@ from typing import Any
 import pytest
 import trio
 import trio.testing
-from jobtools import CHUNK, FakeJob, Recorder
+from kit.fakes import CHUNK, FakeJob
+from kit.qmp import DONE, Recorder
 from trio.testing import MockClock
 
 from blockd.errors import RequestError
 from blockd.jobs.manager import JobManager
 
-DONE_DEFAULT = [
-    "JSC(waiting)", "JSC(pending)", "BLOCK_JOB_COMPLETED", "JSC(concluded)", "JSC(null)",
-]  # fmt: skip
 CANCELLED = ["JSC(aborting)", "BLOCK_JOB_CANCELLED", "JSC(concluded)", "JSC(null)"]
 
 
@@ -47,7 +45,7 @@ async def test_default_run(
     rec.mark("reply")
     assert job.status == "running"
     await job.wait_ended()
-    assert rec.names() == ["JSC(created)", "JSC(running)", "--reply", *DONE_DEFAULT]
+    assert rec.names() == ["JSC(created)", "JSC(running)", "--reply", *DONE]
     assert job.copied == [i * CHUNK for i in range(8)]
     assert job.calls == ["run", "prepare", "clean"]
     (done,) = rec.data("BLOCK_JOB_COMPLETED")
@@ -174,7 +172,7 @@ async def test_pause_and_resume_a_sleeping_job(
     assert (info["status"], info["paused"], info["busy"]) == ("running", False, True)
     await job.wait_ended()
     assert job.copied == [i * CHUNK for i in range(8)]
-    assert rec.names()[-5:] == DONE_DEFAULT
+    assert rec.names()[-5:] == DONE
 
 
 async def test_pause_a_busy_job(
@@ -305,7 +303,7 @@ async def test_on_error_stop_then_resume_retries(
     rec.mark("reply")
     assert job.io_status == "ok"
     await job.wait_ended()
-    assert rec.names() == ["JSC(running)", "--reply", *DONE_DEFAULT]
+    assert rec.names() == ["JSC(running)", "--reply", *DONE]
     (done,) = rec.data("BLOCK_JOB_COMPLETED")
     assert "error" not in done and done["offset"] == done["len"]
     assert job.copied == [i * CHUNK for i in range(8)]  # the failed chunk was retried
@@ -474,7 +472,7 @@ async def test_paused_before_start(
     job.resume()
     await job.wait_ended()
     assert rec.names() == ["JSC(created)", "JSC(running)", "JSC(paused)", "JSC(running)",
-                           *DONE_DEFAULT]  # fmt: skip
+                           *DONE]  # fmt: skip
 
 
 async def test_daemon_nursery_torn_down(autojump_clock: MockClock, rec: Recorder) -> None:

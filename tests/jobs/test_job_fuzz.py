@@ -12,7 +12,8 @@ import trio
 import trio.testing
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from jobtools import CHUNK, FakeJob, Recorder
+from kit.fakes import CHUNK, FakeJob
+from kit.qmp import Recorder
 
 from blockd.errors import RequestError
 from blockd.events import EventBus

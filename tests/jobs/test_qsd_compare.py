@@ -9,14 +9,15 @@ events are). Skipped when no qemu-storage-daemon binary is present.
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from qmptools import Monitor, transcript
-from reference import QSD10
+from kit.cli import BLOCKD
+from kit.daemons import transcript
+from kit.qemu import QSD10
+from kit.qmp import SyncClient
 
 # The transcripts are QEMU 10.0's (7.2 lacks block-job-change and wakes jobs differently).
 pytestmark = pytest.mark.skipif(not QSD10.exists(), reason="QEMU 10.0 qemu-storage-daemon missing")
@@ -35,7 +36,7 @@ def gone(jobs: list[dict[str, Any]]) -> bool:
     return not jobs
 
 
-def pause_resume_cancel(m: Monitor) -> None:
+def pause_resume_cancel(m: SyncClient) -> None:
     m.call("block-stream", **{"job-id": "job0", "device": "top", "speed": 1024})
     m.wait(sleeping_after_first_chunk)
     m.call("query-block-jobs")
@@ -55,7 +56,7 @@ def pause_resume_cancel(m: Monitor) -> None:
     m.call("block-job-set-speed", device="job0", speed=0)
 
 
-def cancel_sleeping(m: Monitor) -> None:
+def cancel_sleeping(m: SyncClient) -> None:
     m.call("block-stream", **{"job-id": "job0", "device": "top", "speed": 1024,
                               "auto-dismiss": False})  # fmt: skip
     m.wait(sleeping_after_first_chunk)
@@ -64,7 +65,7 @@ def cancel_sleeping(m: Monitor) -> None:
     m.call("block-job-dismiss", id="job0")
 
 
-def manual_finalize(m: Monitor) -> None:
+def manual_finalize(m: SyncClient) -> None:
     m.call("block-stream", **{"job-id": "job0", "device": "top", "auto-finalize": False,
                               "auto-dismiss": False})  # fmt: skip
     m.wait(status_is("pending"))
@@ -78,14 +79,14 @@ def manual_finalize(m: Monitor) -> None:
     m.call("query-jobs")
 
 
-def cancel_pending(m: Monitor) -> None:
+def cancel_pending(m: SyncClient) -> None:
     m.call("block-stream", **{"job-id": "job0", "device": "top", "auto-finalize": False})
     m.wait(status_is("pending"))
     m.call("job-cancel", id="job0")
     m.call("query-jobs")
 
 
-def set_speed_wakes(m: Monitor) -> None:
+def set_speed_wakes(m: SyncClient) -> None:
     m.call("block-stream", **{"job-id": "job0", "device": "top", "speed": 1024})
     m.wait(sleeping_after_first_chunk)
     m.call("block-job-set-speed", device="job0", speed=2048)
@@ -94,7 +95,7 @@ def set_speed_wakes(m: Monitor) -> None:
     m.wait(gone)
 
 
-def error_stop_resume(m: Monitor) -> None:
+def error_stop_resume(m: SyncClient) -> None:
     m.call("block-stream", **{"job-id": "job0", "device": "top", "on-error": "stop",
                               "auto-dismiss": False})  # fmt: skip
     m.wait(status_is("paused"))
@@ -105,7 +106,7 @@ def error_stop_resume(m: Monitor) -> None:
     m.call("query-block-jobs")
 
 
-def error_enospc_cancel(m: Monitor) -> None:
+def error_enospc_cancel(m: SyncClient) -> None:
     m.call("block-stream", **{"job-id": "job0", "device": "top", "on-error": "enospc",
                               "auto-dismiss": False})  # fmt: skip
     m.wait(status_is("paused"))
@@ -114,8 +115,8 @@ def error_enospc_cancel(m: Monitor) -> None:
     m.call("query-block-jobs")
 
 
-def error_then_conclude(on_error: str) -> Callable[[Monitor], None]:
-    def script(m: Monitor) -> None:
+def error_then_conclude(on_error: str) -> Callable[[SyncClient], None]:
+    def script(m: SyncClient) -> None:
         m.call("block-stream", **{"job-id": "job0", "device": "top", "on-error": on_error,
                                   "auto-dismiss": False})  # fmt: skip
         m.wait(status_is("concluded"))
@@ -127,7 +128,7 @@ def error_then_conclude(on_error: str) -> Callable[[Monitor], None]:
     return script
 
 
-def change(m: Monitor) -> None:
+def change(m: SyncClient) -> None:
     m.call("block-job-change", id="nope", type="stream")
     m.call("block-stream", **{"job-id": "job0", "device": "top", "speed": 1024,
                               "auto-finalize": False})  # fmt: skip
@@ -169,14 +170,14 @@ def where(tmp_path: Path) -> Iterator[Path]:
 def test_same_transcript_as_qemu(name: str, where: Path, sock_dir: Path) -> None:
     script, inject = SCENARIOS[name]
     qemu = transcript([QSD], where, sock_dir, script, inject)
-    ours = transcript([sys.executable, "-m", "blockd"], where, sock_dir, script, inject)
+    ours = transcript(BLOCKD, where, sock_dir, script, inject)
     assert len(qemu) > 4
     for number, (mine, theirs) in enumerate(zip(ours, qemu, strict=False)):
         assert mine == theirs, f"step {number}: blockd {mine} != qemu {theirs}"
     assert len(ours) == len(qemu), (ours[len(qemu) :], qemu[len(ours) :])
 
 
-def quit_with_jobs(m: Monitor) -> None:
+def quit_with_jobs(m: SyncClient) -> None:
     m.call("block-stream", **{"job-id": "job0", "device": "top", "speed": 1024})
     m.wait(sleeping_after_first_chunk)
     m.call("quit")
@@ -189,5 +190,5 @@ def test_quit_transcript(where: Path, sock_dir: Path) -> None:
         "JOB_STATUS_CHANGE", "JOB_STATUS_CHANGE", "JOB_STATUS_CHANGE",
         "BLOCK_JOB_CANCELLED", "JOB_STATUS_CHANGE", "JOB_STATUS_CHANGE", "quit",
     ]  # fmt: skip
-    ours = transcript([sys.executable, "-m", "blockd"], where, sock_dir, quit_with_jobs)
+    ours = transcript(BLOCKD, where, sock_dir, quit_with_jobs)
     assert ours == qemu

@@ -11,7 +11,10 @@ import time
 from pathlib import Path
 
 import pytest
-from qmptools import BLOCKD, QSD, Monitor, transcript
+from kit.cli import BLOCKD
+from kit.daemons import transcript
+from kit.qemu import QSD
+from kit.qmp import SyncClient
 
 SPEED = 4 * 1024 * 1024
 EXPECTED = 7 * 0.125
@@ -20,7 +23,7 @@ EXPECTED = 7 * 0.125
 def timed_stream(program: list[str], where: Path, sock_dir: Path) -> float:
     elapsed: list[float] = []
 
-    def script(m: Monitor) -> None:
+    def script(m: SyncClient) -> None:
         start = time.monotonic()
         m.call("block-stream", **{"job-id": "job0", "device": "top", "speed": SPEED})
         m.wait(lambda jobs: not jobs)

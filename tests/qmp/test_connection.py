@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+from kit.qmp import split
 
 from blockd.errors import DeviceNotActive, RequestError
 from blockd.events import make_event
@@ -20,8 +21,6 @@ from blockd.qmp.connection import NEED_DATA, NO_ID, Connection, Output, Request
 from blockd.qmp.framing import JSONStream, Message
 from blockd.qmp.messages import encode, version_info
 from blockd.qmp.schema import Schema
-
-from .helpers import split
 
 FILES: dict[str, dict[str, Any]] = {
     "commands": {

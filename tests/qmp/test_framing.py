@@ -14,23 +14,17 @@ from typing import Any
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from kit.qmp import feed, split
 
 from blockd.qmp import framing
 from blockd.qmp.framing import JSONStream, Message, ParseError
-
-from .helpers import feed, split
 
 
 def feed_slow(chunks: list[bytes]) -> list[Message | ParseError]:
     """Like :func:`feed` with the fast path disabled: the lexer path only."""
     stream = JSONStream()
     stream._try_fast = lambda: None  # type: ignore[method-assign]
-    items: list[Message | ParseError] = []
-    for chunk in chunks:
-        stream.feed(chunk)
-        while (item := stream.next()) is not None:
-            items.append(item)
-    return items
+    return feed(chunks, stream)
 
 
 def M(value: Any) -> Message:

@@ -26,15 +26,13 @@ from typing import Any
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
-from reference import QSD10
-from repo import load_package
+from kit.qemu import QSD10
+from kit.repo import load_package
+from kit.wire import NEGOTIATE, blockd_replies, qemu_replies
 
 from blockd.qmp.connection import NEED_DATA, UNECHOABLE_ID, Connection, Output, Request
 from blockd.qmp.messages import encode, version_info
 from blockd.qmp.schema import Schema
-
-from . import test_qemu_differential as differential
-from .test_qemu_differential import NEGOTIATE, blockd_replies, qemu_replies
 
 load_package("stress")
 from stress.fuzzkit import ODD_NUMBERS, strict_json  # noqa: E402
@@ -205,7 +203,6 @@ def test_integer_arguments_are_checked_against_their_type(
 
 # --- side by side with QEMU 10.0 ---------------------------------------------------------
 needs_qsd = pytest.mark.skipif(not QSD10.exists(), reason="QEMU 10 qemu-storage-daemon missing")
-qsd = differential.qsd  # a QEMU 10.0 monitor socket for the module (a fixture)
 
 # Commands QEMU has with unsigned members, declared as QEMU declares them, to compare the
 # texts of the unsigned checks (blockd's own schema has no unsigned member).

@@ -11,28 +11,25 @@ marker. Skipped when the QEMU 10 binaries are not installed.
 from __future__ import annotations
 
 import json
-import os
 import random
 import shutil
 import socket
 import string
 import subprocess
 import tempfile
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from reference import QSD10
+from kit.daemons import daemon, monitor_args
+from kit.qemu import QSD10
+from kit.wire import NEGOTIATE, NEGOTIATE_OOB, blockd_replies, qemu_replies
 
 from blockd.qmp.connection import NEED_DATA, Connection, Output, Request
 from blockd.qmp.messages import version_info
 from blockd.qmp.schema import Schema
 
-MARKER = b'{"execute": "query-version", "id": "SYNC"}'
-NEGOTIATE = b'{"execute": "qmp_capabilities"}'
-NEGOTIATE_OOB = b'{"execute": "qmp_capabilities", "arguments": {"enable": ["oob"]}}'
 
 pytestmark = pytest.mark.skipif(not QSD10.exists(), reason="QEMU 10 qemu-storage-daemon missing")
 
@@ -169,68 +166,6 @@ CASES: list[tuple[str, bytes, bytes]] = [
 ]
 
 
-def start_qsd(path: str, monitor: str = "chardev=m") -> subprocess.Popen[bytes]:
-    args = [str(QSD10), "--chardev", f"socket,id=m,path={path},server=on,wait=off"]
-    return subprocess.Popen(
-        [*args, "--monitor", monitor], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
-
-
-def wait_socket(proc: subprocess.Popen[bytes], path: str) -> None:
-    deadline = time.monotonic() + 10
-    while not os.path.exists(path):
-        assert proc.poll() is None and time.monotonic() < deadline, "QSD10 did not start"
-        time.sleep(0.02)
-
-
-@pytest.fixture(scope="module")
-def qsd() -> Iterator[str]:
-    directory = tempfile.mkdtemp(prefix="blockd-")  # short: a socket path has <= 107 bytes
-    path = os.path.join(directory, "m.sock")
-    proc = start_qsd(path)
-    try:
-        wait_socket(proc, path)
-        yield path
-    finally:
-        proc.terminate()
-        proc.wait(timeout=10)
-        shutil.rmtree(directory, ignore_errors=True)
-
-
-def qemu_replies(path: str, prelude: bytes, data: bytes) -> list[bytes]:
-    with socket.socket(socket.AF_UNIX) as sock:
-        sock.settimeout(5)
-        sock.connect(path)
-        reader = sock.makefile("rb")
-        reader.readline()  # greeting
-        if prelude:
-            sock.sendall(prelude)
-            reader.readline()
-        sock.sendall(data + MARKER)
-        replies = []
-        while (line := reader.readline()) and b'"SYNC"' not in line:
-            replies.append(line)
-        return replies
-
-
-def blockd_replies(schema: Schema, prelude: bytes, data: bytes) -> list[bytes]:
-    conn = Connection(schema, version=version_info())
-    replies: list[bytes] = []
-    for chunk in (prelude, data + MARKER):
-        conn.receive_data(chunk)
-        while (event := conn.next_event()) is not NEED_DATA:
-            if isinstance(event, Request):
-                assert event.id == "SYNC", f"{event} would run a command"
-                return replies
-            assert isinstance(event, Output)
-            if b'"SYNC"' in event.data:
-                return replies
-            replies.append(event.data)
-        if chunk is prelude and prelude:
-            replies.clear()
-    return replies
-
-
 @pytest.fixture(scope="module")
 def schema() -> Schema:
     return Schema.load()
@@ -346,27 +281,22 @@ def test_blockdev_add_variants_as_qemu(
 
 
 def test_pretty_output_as_qemu(sock_dir: Path, schema: Schema) -> None:
-    path = str(sock_dir / "p.sock")
-    proc = start_qsd(path, "chardev=m,pretty=on")
+    path = sock_dir / "p.sock"
     data = (
         b'{"execute": "qmp_capabilities", "id": [1, {"a": [], "b": {}}]}'
         b'{"execute": "query-jobs"}{"execute": "x"}{"foo": 1}'
     )
-    try:
-        wait_socket(proc, path)
-        with socket.socket(socket.AF_UNIX) as sock:
-            sock.settimeout(5)
-            sock.connect(path)
-            reader = sock.makefile("rb")
-            while reader.readline() != b"}\r\n":  # the pretty greeting
-                pass
-            sock.sendall(data)
-            expected = b""
-            while expected.count(b"\r\n}\r\n") < 4:
-                expected += reader.readline()
-    finally:
-        proc.terminate()
-        proc.wait(timeout=10)
+    argv = [str(QSD10), *monitor_args(path, "m", "pretty=on")]
+    with daemon(argv, ready=path, stderr=subprocess.DEVNULL), socket.socket(socket.AF_UNIX) as sock:
+        sock.settimeout(5)
+        sock.connect(str(path))
+        reader = sock.makefile("rb")
+        while reader.readline() != b"}\r\n":  # the pretty greeting
+            pass
+        sock.sendall(data)
+        expected = b""
+        while expected.count(b"\r\n}\r\n") < 4:
+            expected += reader.readline()
     conn = Connection(schema, version=version_info(), pretty=True)
     assert conn.greeting().startswith(b'{\r\n    "QMP": {\r\n        "version": {\r\n')
     conn.receive_data(data)

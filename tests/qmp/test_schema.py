@@ -8,12 +8,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from kit.schema import Oracle, metaschema_errors, probe
 
 from blockd.errors import RequestError
 from blockd.qmp.schema import Schema, SchemaError
-
-from .helpers import probe
-from .oracle import Oracle, metaschema_errors
 
 TYPES: dict[str, Any] = {
     "Driver": {"type": "string", "enum": ["file", "qcow2", "null-co"]},

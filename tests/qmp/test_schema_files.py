@@ -16,14 +16,11 @@ from typing import Any
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from kit.schema import Oracle, Values, metaschema_errors, probe, read_files
 
 import blockd.qmp
 from blockd.errors import RequestError
 from blockd.qmp.schema import Schema, shipped
-
-from .helpers import probe
-from .oracle import Oracle, metaschema_errors, read_files
-from .schema_values import Values
 
 FILES = read_files(shipped())
 VALUES = Values(FILES)

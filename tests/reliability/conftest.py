@@ -1,19 +1,20 @@
-"""Fixtures of the reliability tests: a blockd subprocess serving one socket.
+"""Fixtures of the reliability tests: a blockd subprocess serving one socket, and clients
+of it.
 
 The machinery shared with the long runs lives in the ``stress`` package at the repository
 root (``stress/fuzzkit.py`` ...), so the CI passes and the long scripts check the same
-things; this conftest loads it from there (:mod:`repo`).
+things; this conftest loads it from there (:func:`kit.repo.load_package`). The in-process
+``harness`` fixture is the suite's (``tests/conftest.py``).
 """
 
 from __future__ import annotations
 
-import sys
 import tempfile
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from repo import ROOT, load_package
+from kit.repo import load_package
 
 load_package("stress")
 
@@ -42,27 +43,3 @@ def connect() -> Iterator[Callable[[Path | str], FuzzClient]]:
     yield open_client
     for client in opened:
         client.close()
-
-
-# The stream tests' helpers (qemu-img wrappers and an in-process daemon harness).
-STREAM_TESTS = ROOT / "tests" / "stream"
-if str(STREAM_TESTS) not in sys.path:
-    sys.path.insert(0, str(STREAM_TESTS))
-
-import trio  # noqa: E402
-from streamtools import Harness  # noqa: E402
-
-from blockd.daemon import Daemon  # noqa: E402
-
-
-@pytest.fixture
-async def harness() -> AsyncIterator[Harness]:
-    """A daemon driven through its handlers (as tests/stream's fixture of that name)."""
-    d = Daemon()
-    async with trio.open_nursery() as nursery:
-        await nursery.start(d.run)
-        h = Harness(d)
-        try:
-            yield h
-        finally:
-            d.request_shutdown()

@@ -9,11 +9,12 @@ import hashlib
 import random
 import shutil
 import struct
-import subprocess
 from pathlib import Path
 
 import pytest
-from streamtools import KIB, Harness, check, create, write
+from kit.chains import qcow2
+from kit.daemons import Harness
+from kit.qemu import KIB, check, create, qemu_img, qemu_io, write
 
 from blockd.block.graph import Graph
 from blockd.errors import QMPError
@@ -123,8 +124,7 @@ def pristine(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def qemu_view(path: Path) -> bytes | None:
     """The guest view as QEMU reads it, or None when QEMU cannot read it."""
     out = path.with_suffix(".qemu.raw")
-    result = subprocess.run(["qemu-img", "convert", "-U", "-O", "raw", str(path), str(out)],
-                            capture_output=True, timeout=60)  # fmt: skip
+    result = qemu_img("convert", "-U", "-O", "raw", path, out, check=False)
     return out.read_bytes() if result.returncode == 0 else None
 
 
@@ -138,8 +138,7 @@ async def test_mutated_image_is_opened_or_refused(
     desc = mutate(top, seed)
     before = sha(top)
     graph = Graph()
-    options = {"driver": "qcow2", "node-name": "top",
-               "file": {"driver": "file", "filename": str(top)}}  # fmt: skip
+    options = qcow2(top, "top")  # fmt: skip
     try:
         node = await graph.open_node(options, top_level=True)
     except QMPError as exc:
@@ -182,8 +181,7 @@ async def test_stream_stops_at_a_corrupt_l2_table_mid_chain(
     hashes = {p: sha(p) for p in (base, mid)}
     top_header = top.read_bytes()[:CLUSTER]
     h = harness
-    await h.raw("blockdev-add", {"driver": "qcow2", "node-name": "top",
-                                 "file": {"driver": "file", "filename": str(top)}})  # fmt: skip
+    await h.add(qcow2(top, "top"))  # fmt: skip
     await h.cmd("block-stream", device="top", job_id="s")
     done = await h.wait_done("s")
     assert done["event"] == "BLOCK_JOB_COMPLETED" and done.get("error"), done
@@ -193,8 +191,7 @@ async def test_stream_stops_at_a_corrupt_l2_table_mid_chain(
     check(top)
     assert top.read_bytes()[:CLUSTER] == top_header  # still backed by mid
     # what top copied before the error is mid's data, not garbage
-    view = subprocess.run(["qemu-io", "-f", "qcow2", "-c", "read -P 0x22 256k 16k", str(top)],
-                          capture_output=True, text=True, timeout=60)  # fmt: skip
+    view = qemu_io("-f", "qcow2", "-c", "read -P 0x22 256k 16k", top, check=False)
     assert "read 16384/16384" in view.stdout, view.stdout + view.stderr
 
 
@@ -209,8 +206,7 @@ async def test_nul_byte_in_a_header_backing_name_is_refused(tmp_path: Path) -> N
     before = sha(top)
     graph = Graph()
     with pytest.raises(QMPError) as info:
-        await graph.open_node({"driver": "qcow2", "node-name": "top",
-                               "file": {"driver": "file", "filename": str(top)}},
+        await graph.open_node(qcow2(top, "top"),
                               top_level=True)  # fmt: skip
     assert "Invalid argument" in info.value.desc
     assert sha(top) == before

@@ -6,13 +6,14 @@ Skipped where a tmpfs cannot be mounted (needs root)."""
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from streamtools import KIB, MIB, Harness, compare, create, info, snapshot, write
-from tmpfs import small_tmpfs
+from kit.chains import qcow2
+from kit.daemons import Harness
+from kit.host import fill, small_tmpfs
+from kit.qemu import KIB, MIB, compare, create, image_info, snapshot, write
 
 from stress.killkit import check_image
 
@@ -21,13 +22,6 @@ from stress.killkit import check_image
 def small_fs(tmp_path: Path) -> Iterator[Path]:
     with small_tmpfs(tmp_path, "8m") as mount:
         yield mount
-
-
-def fill(fs: Path, leave: int) -> Path:
-    st = os.statvfs(fs)
-    filler = fs / "filler"
-    filler.write_bytes(b"\xee" * max(0, st.f_bavail * st.f_frsize - leave))
-    return filler
 
 
 def chain(tmp_path: Path, fs: Path, name: str) -> tuple[Path, Path]:
@@ -39,8 +33,7 @@ def chain(tmp_path: Path, fs: Path, name: str) -> tuple[Path, Path]:
 
 
 async def add(h: Harness, top: Path, name: str) -> None:
-    await h.raw("blockdev-add", {"driver": "qcow2", "node-name": name,
-                                 "file": {"driver": "file", "filename": str(top)}})  # fmt: skip
+    await h.add(qcow2(top, name))  # fmt: skip
 
 
 async def test_report_fails_cleanly_then_streams_again(
@@ -66,7 +59,7 @@ async def test_report_fails_cleanly_then_streams_again(
         done = await h.wait_done(f"k{i}")
         assert "error" not in done, done
         await h.cmd("blockdev-del", node_name=f"t{i}")
-        assert "backing-filename" not in info(top)
+        assert "backing-filename" not in image_info(top)
         assert check_image(top) is None
         compare(top, before)
 

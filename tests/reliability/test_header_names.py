@@ -5,10 +5,11 @@ image cannot pull an arbitrary host file into a chain. Plain paths still are."""
 from __future__ import annotations
 
 import json
-import subprocess
 from pathlib import Path
 
 import pytest
+from kit.chains import qcow2, raw
+from kit.qemu import qemu_img
 
 from blockd.block.graph import Graph
 from blockd.client.lab import running_daemon
@@ -20,11 +21,7 @@ SECRET = b"top secret host file\n" * 200
 
 def qcow2_with_backing(path: Path, backing: str) -> Path:
     # -u: do not open the backing file (qemu-img would follow json: itself)
-    subprocess.run(
-        ["qemu-img", "create", "-q", "-f", "qcow2", "-u", "-b", backing, "-F", "raw",
-         str(path), "1M"],
-        check=True, capture_output=True, timeout=30,
-    )  # fmt: skip
+    qemu_img("create", "-q", "-f", "qcow2", "-u", "-b", backing, "-F", "raw", path, "1M")
     return path
 
 
@@ -34,14 +31,8 @@ def secret(tmp_path: Path) -> Path:
     return path
 
 
-def opts(path: Path) -> dict[str, object]:
-    return {"driver": "qcow2", "node-name": "top", "file": {"driver": "file",
-            "filename": str(path)}}  # fmt: skip
-
-
 def json_name(target: Path) -> str:
-    return "json:" + json.dumps({"driver": "raw", "file": {"driver": "file",
-                                 "filename": str(target)}})  # fmt: skip
+    return "json:" + json.dumps(raw(target))
 
 
 @pytest.mark.parametrize(
@@ -56,7 +47,7 @@ async def test_header_json_and_protocol_names_are_refused(tmp_path: Path, name: 
     before = top.read_bytes()
     graph = Graph()
     with pytest.raises(RequestError) as info:
-        await graph.open_node(opts(top), top_level=True)
+        await graph.open_node(qcow2(top), top_level=True)
     assert info.value.desc.startswith("Could not open backing file: The backing file name '")
     assert "--allow-header-json" in info.value.desc
     assert graph.nodes == {}
@@ -69,7 +60,7 @@ async def test_plain_paths_are_followed(tmp_path: Path) -> None:
     for name in (str(target), "../secret.txt"):
         top = qcow2_with_backing(tmp_path / "sub" / "top.qcow2", name)
         graph = Graph()
-        node = await graph.open_node(opts(top), top_level=True)
+        node = await graph.open_node(qcow2(top), top_level=True)
         assert await node.pread(0, 512) == SECRET[:512]
         await graph.close_all()
 
@@ -78,10 +69,7 @@ async def test_explicit_backing_option_is_always_allowed(tmp_path: Path) -> None
     target = secret(tmp_path)
     top = qcow2_with_backing(tmp_path / "top.qcow2", json_name(target))
     graph = Graph()
-    node = await graph.open_node(
-        {**opts(top), "backing": {"driver": "raw", "file": {"driver": "file",
-                                                         "filename": str(target)}}},
-    top_level=True)  # fmt: skip
+    node = await graph.open_node(qcow2(top, backing=raw(target)), top_level=True)
     assert await node.pread(0, 64) == SECRET[:64]
     await graph.close_all()
 
@@ -94,7 +82,7 @@ def test_daemon_option_allow_header_json(tmp_path: Path, sock_dir: Path, allow: 
     with running_daemon(sock_dir, extra=extra) as daemon:
         client = FuzzClient(daemon.socket)
         try:
-            reply = client.call("blockdev-add", **opts(top))
+            reply = client.call("blockdev-add", **qcow2(top))
             if allow:
                 assert reply == {"return": {}}
                 nodes = client.call("query-named-block-nodes")["return"]

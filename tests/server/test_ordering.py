@@ -8,11 +8,10 @@ from typing import Any
 
 import pytest
 import trio
+from kit.daemons import Served
 
 from blockd.commands.registry import Command, load_all
 from blockd.daemon import Daemon
-
-from .conftest import Served
 
 
 @pytest.fixture

@@ -4,22 +4,22 @@ legacy sync API, qmp-shell, and socat (docs/clients.md §4)."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from kit.cli import BLOCKD
+from kit.daemons import BlockdProcess, start, start_blockd, stop
+from kit.qmp import IO_TIMEOUT, legacy_quit
+from kit.repo import EXAMPLES
 from qemu.qmp import ExecuteError, QMPClient
 from qemu.qmp.legacy import QEMUMonitorProtocol
 
 from blockd import QEMU_VERSION, __version__
 
-from .conftest import IO_TIMEOUT, DaemonProcess, start_daemon, stop_daemon
 
-
-def test_qmpclient_asyncio(daemon_process: DaemonProcess) -> None:
+def test_qmpclient_asyncio(daemon_process: BlockdProcess) -> None:
     async def session() -> None:
         qmp = QMPClient("blockd-test")
         await asyncio.wait_for(qmp.connect(str(daemon_process.sock)), IO_TIMEOUT)
@@ -52,22 +52,20 @@ def test_qmpclient_asyncio(daemon_process: DaemonProcess) -> None:
 
 
 def test_legacy_sync_client_and_quit(sock_dir: Path) -> None:
-    daemon = start_daemon(sock_dir)
+    daemon = start_blockd(sock_dir)
     try:
         qmp = QEMUMonitorProtocol(str(daemon.sock))
         greeting = qmp.connect(negotiate=True)
         assert greeting["QMP"]["version"]["package"] == f"blockd {__version__}"
         assert qmp.cmd_obj({"execute": "query-version"})["return"]["package"].startswith("blockd")
-        assert qmp.cmd_obj({"execute": "quit"}) == {"return": {}}
-        with contextlib.suppress(EOFError):  # qemu.qmp re-raises the server's EOF (QSD too)
-            qmp.close()
+        legacy_quit(qmp)  # (qemu.qmp re-raises the server's EOF, QSD's too)
         assert daemon.proc.wait(timeout=IO_TIMEOUT) == 0
         assert not daemon.sock.exists() and not daemon.pidfile.exists()
     finally:
-        stop_daemon(daemon)
+        stop(daemon.proc)
 
 
-def test_qmp_shell(daemon_process: DaemonProcess) -> None:
+def test_qmp_shell(daemon_process: BlockdProcess) -> None:
     shell = shutil.which("qmp-shell")
     assert shell is not None, "qmp-shell comes with qemu.qmp"
     result = subprocess.run(
@@ -85,8 +83,8 @@ def test_qmp_shell(daemon_process: DaemonProcess) -> None:
     assert "The command no-such-command has not been found" in result.stdout
 
 
-def test_socat_example(daemon_process: DaemonProcess) -> None:
-    script = Path(__file__).resolve().parents[2] / "examples" / "qmp-socat.sh"
+def test_socat_example(daemon_process: BlockdProcess) -> None:
+    script = EXAMPLES / "qmp-socat.sh"
     result = subprocess.run(
         [str(script), str(daemon_process.sock)],
         capture_output=True,
@@ -105,20 +103,15 @@ def test_iotests_style_client_mode_chardev(sock_dir: Path) -> None:
     path = sock_dir / "qmp-listen.sock"
     qmp = QEMUMonitorProtocol(str(path), server=True)
     pidfile = sock_dir / "iotests.pid"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "blockd", "--chardev", f"socket,id=qmp-sock,path={path}",
-         "--monitor", "qmp-sock", "--pidfile", str(pidfile)],
-        stdin=subprocess.DEVNULL,
-    )  # fmt: skip
+    argv = [*BLOCKD, "--chardev", f"socket,id=qmp-sock,path={path}", "--monitor", "qmp-sock",
+            "--pidfile", str(pidfile)]  # fmt: skip
+    proc = start(argv, ready=None, stdout=None, stderr=None)
     try:
         qmp.accept(IO_TIMEOUT)
         assert qmp.cmd_obj({"execute": "query-version"})["return"]["package"].startswith("blockd")
         assert int(pidfile.read_text()) == proc.pid  # iotests compare it with the child's pid
-        assert qmp.cmd_obj({"execute": "quit"}) == {"return": {}}
-        with contextlib.suppress(EOFError):
-            qmp.close()
+        legacy_quit(qmp)
         assert proc.wait(timeout=IO_TIMEOUT) == 0
         assert not pidfile.exists()
     finally:
-        proc.kill()
-        proc.wait()
+        stop(proc)

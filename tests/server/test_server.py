@@ -13,13 +13,13 @@ from typing import Any
 
 import pytest
 import trio
+from kit.daemons import Served
+from kit.qmp import IO_TIMEOUT, RawClient
 
 from blockd import QEMU_VERSION, __version__
 from blockd.commands.registry import load_all
 from blockd.daemon import Daemon
 from blockd.server import Endpoint, EndpointError, Server
-
-from .conftest import IO_TIMEOUT, RawClient, Served
 
 
 async def test_greeting_is_one_compact_crlf_line(served: Served) -> None:

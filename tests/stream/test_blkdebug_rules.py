@@ -6,6 +6,7 @@ from __future__ import annotations
 import errno
 
 import pytest
+from kit.chains import BLKDEBUG_030_CONF
 
 from blockd.block.drivers.blkdebug import (
     InjectRule,
@@ -20,31 +21,9 @@ from blockd.errors import RequestError
 
 KIB = 1024
 
-# The rules of iotest 030 TestEIO: fail the read covering sector 1024 once, in state 1,
-# while every read_aio flips the state 1 <-> 2.
-CONFIG_030 = """
-[inject-error]
-event = "read_aio"
-errno = "5"
-sector = "1024"
-state = "1"
-once = "on"
-immediately = "off"
-
-[set-state]
-event = "read_aio"
-state = "1"
-new_state = "2"
-
-[set-state]
-event = "read_aio"
-state = "2"
-new_state = "1"
-"""
-
 
 def test_config_of_iotest_030() -> None:
-    injects, set_states = parse_config(CONFIG_030)
+    injects, set_states = parse_config(BLKDEBUG_030_CONF)
     assert len(injects) == 1
     rule = injects[0]
     assert (rule.event, rule.state, rule.errno, rule.offset) == ("read_aio", 1, 5, 512 * KIB)
@@ -53,7 +32,7 @@ def test_config_of_iotest_030() -> None:
 
 
 def test_iotest_030_sequence_fails_second_chunk_once() -> None:
-    engine = RuleEngine(*parse_config(CONFIG_030))
+    engine = RuleEngine(*parse_config(BLKDEBUG_030_CONF))
     failures = []
     for offset in range(0, 2048 * KIB, 512 * KIB):
         engine.event("read_aio")

@@ -5,75 +5,29 @@ QEMU's meaning, and the base lookup by backing file name
 from __future__ import annotations
 
 import os
-from collections.abc import AsyncIterator
 from pathlib import Path
 
-import pytest
-from streamtools import KIB, MIB, create, tool, write
+from kit.chains import Layer, build, qcow2
+from kit.qemu import KIB, MIB
 
 from blockd.block import chain
 from blockd.block.graph import Graph
 from blockd.block.node import BlockNode
 
 
-@pytest.fixture
-async def graph() -> AsyncIterator[Graph]:
-    g = Graph()
-    try:
-        yield g
-    finally:
-        await g.close_all()
-
-
 def relative_chain(tmp: Path) -> Path:
     """base (1 MiB, data at 0) <- mid (zero cluster at 64K, data at 512K) <- top (2 MiB,
     data at 1 MiB); backing names are written relative ("base.qcow2")."""
-    base = create(tmp / "base.qcow2", 1 * MIB)
-    write(base, 0, 128 * KIB, 0x01)
-    tool(
-        "qemu-img",
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-b",
-        "base.qcow2",
-        "-F",
-        "qcow2",
-        tmp / "mid.qcow2",
-    )
-    tool(
-        "qemu-io",
-        "-f",
-        "qcow2",
-        "-c",
-        "write -z 64k 64k",
-        "-c",
-        "write -P 2 512k 64k",
-        tmp / "mid.qcow2",
-    )
-    tool(
-        "qemu-img",
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-b",
-        "mid.qcow2",
-        "-F",
-        "qcow2",
-        tmp / "top.qcow2",
-        "2M",
-    )
-    write(tmp / "top.qcow2", 1 * MIB, 64 * KIB, 0x03)
-    return tmp / "top.qcow2"
+    return build(
+        tmp,
+        Layer("base.qcow2", 1 * MIB, ["write -P 1 0 128k"]),
+        Layer("mid.qcow2", writes=["write -z 64k 64k", "write -P 2 512k 64k"]),
+        Layer("top.qcow2", "2M", ["write -P 3 1M 64k"]),
+    )[-1]
 
 
 async def open_top(graph: Graph, path: Path) -> BlockNode:
-    return await graph.open_node(
-        {"driver": "qcow2", "node-name": "top", "file": {"driver": "file", "filename": str(path)}},
-        top_level=True,
-    )
+    return await graph.open_node(qcow2(path), top_level=True)
 
 
 async def test_allocation_with_qemu_meaning(graph: Graph, tmp_path: Path) -> None:

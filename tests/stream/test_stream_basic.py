@@ -10,53 +10,37 @@ from __future__ import annotations
 from pathlib import Path
 
 import trio
-from streamtools import (
+from kit.chains import Layer, build, qcow2
+from kit.daemons import Harness
+from kit.qemu import (
     KIB,
     MIB,
-    Harness,
+    assert_streamed,
     check,
     compare,
     create,
-    info,
+    image_info,
     own_data,
+    qemu_io,
     snapshot,
-    tool,
     write,
 )
-
-DONE_EVENTS = [
-    "JSC(created)",
-    "JSC(running)",
-    "JSC(waiting)",
-    "JSC(pending)",
-    "BLOCK_JOB_COMPLETED",
-    "JSC(concluded)",
-    "JSC(null)",
-]
+from kit.qmp import COMPLETED_JOB
 
 
 def chain3(tmp: Path) -> tuple[Path, Path, Path]:
     """base.qcow2 (data at 0 and 1M) <- mid.qcow2 (data at 512K) <- top.qcow2 (at 1.5M)."""
-    base = create(tmp / "base.qcow2", 2 * MIB)
-    write(base, 0, 512 * KIB, 0x11)
-    write(base, 1024 * KIB, 256 * KIB, 0x12)
-    mid = create(tmp / "mid.qcow2", None, base)
-    write(mid, 512 * KIB, 512 * KIB, 0x22)
-    top = create(tmp / "top.qcow2", None, mid)
-    write(top, 1536 * KIB, 64 * KIB, 0x33)
+    base, mid, top = build(
+        tmp,
+        Layer("base.qcow2", 2 * MIB, ["write -P 0x11 0 512k", "write -P 0x12 1024k 256k"]),
+        Layer("mid.qcow2", writes=["write -P 0x22 512k 512k"], absolute=True),
+        Layer("top.qcow2", writes=["write -P 0x33 1536k 64k"], absolute=True),
+    )
     return base, mid, top
 
 
 async def add_top(h: Harness, top: Path, name: str = "top", **extra: object) -> None:
-    await h.raw(
-        "blockdev-add",
-        {
-            "driver": "qcow2",
-            "node-name": name,
-            "file": {"driver": "file", "filename": str(top)},
-            **extra,
-        },
-    )
+    await h.add(qcow2(top, name, **extra))
 
 
 async def finish(h: Harness, job_id: str) -> dict[str, object]:
@@ -67,6 +51,16 @@ async def finish(h: Harness, job_id: str) -> dict[str, object]:
     return done
 
 
+async def stream_top(h: Harness, top: Path, **arguments: object) -> dict[str, object]:
+    """Add ``top``, stream it as job ``j`` with ``arguments``, wait until it completed
+    (:func:`finish`) and delete the node; its completion."""
+    await add_top(h, top)
+    await h.cmd("block-stream", device="top", job_id="j", **arguments)
+    done = await finish(h, "j")
+    await h.cmd("blockdev-del", node_name="top")
+    return done
+
+
 async def test_full_stream(harness: Harness, tmp_path: Path) -> None:
     _base, _mid, top = chain3(tmp_path)
     before = snapshot(top, tmp_path / "before.qcow2")
@@ -74,12 +68,10 @@ async def test_full_stream(harness: Harness, tmp_path: Path) -> None:
     assert await harness.cmd("block-stream", device="top", job_id="job0") == {}
     done = await finish(harness, "job0")
     assert done["len"] == 2 * MIB and done["type"] == "stream" and done["speed"] == 0
-    assert harness.names() == DONE_EVENTS
+    assert harness.names() == COMPLETED_JOB
     assert await harness.cmd("query-block-jobs") == []
     await harness.cmd("blockdev-del", node_name="top")
-    compare(top, before)
-    check(top)
-    assert "backing-filename" not in info(top)
+    assert_streamed(top, before, None)
     # Everything the chain stored is now in the top; unallocated ranges stay so.
     assert own_data(top) == [(0, 1280 * KIB), (1536 * KIB, 64 * KIB)]
 
@@ -87,14 +79,8 @@ async def test_full_stream(harness: Harness, tmp_path: Path) -> None:
 async def test_stream_to_base_by_filename(harness: Harness, tmp_path: Path) -> None:
     base, _mid, top = chain3(tmp_path)
     before = snapshot(top, tmp_path / "before.qcow2")
-    await add_top(harness, top)
-    await harness.cmd("block-stream", device="top", job_id="j", base=str(base))
-    await finish(harness, "j")
-    await harness.cmd("blockdev-del", node_name="top")
-    compare(top, before)
-    check(top)
-    header = info(top)
-    assert header["backing-filename"] == str(base)
+    await stream_top(harness, top, base=str(base))
+    header = assert_streamed(top, before, base)
     assert header["backing-filename-format"] == "qcow2"
     # mid's data was copied, the base's was not.
     assert own_data(top) == [(512 * KIB, 512 * KIB), (1536 * KIB, 64 * KIB)]
@@ -103,19 +89,8 @@ async def test_stream_to_base_by_filename(harness: Harness, tmp_path: Path) -> N
 async def test_stream_to_base_node(harness: Harness, tmp_path: Path) -> None:
     base, mid, top = chain3(tmp_path)
     before = snapshot(top, tmp_path / "before.qcow2")
-    await harness.raw(
-        "blockdev-add",
-        {"driver": "qcow2", "node-name": "base", "file": {"driver": "file", "filename": str(base)}},
-    )
-    await harness.raw(
-        "blockdev-add",
-        {
-            "driver": "qcow2",
-            "node-name": "mid",
-            "backing": "base",
-            "file": {"driver": "file", "filename": str(mid)},
-        },
-    )
+    await harness.add(qcow2(base, "base"))
+    await harness.add(qcow2(mid, "mid", backing="base"))
     await add_top(harness, top, backing="mid")
     await harness.cmd("block-stream", device="top", job_id="j", base_node="base")
     await finish(harness, "j")
@@ -124,9 +99,7 @@ async def test_stream_to_base_node(harness: Harness, tmp_path: Path) -> None:
     assert by_name["top"]["backing_file"] == str(base)
     for name in ("top", "mid", "base"):
         await harness.cmd("blockdev-del", node_name=name)
-    compare(top, before)
-    check(top)
-    assert info(top)["backing-filename"] == str(base)
+    assert_streamed(top, before, base)
     assert own_data(top) == [(512 * KIB, 512 * KIB), (1536 * KIB, 64 * KIB)]
 
 
@@ -139,7 +112,7 @@ async def test_stream_with_backing_file_string(harness: Harness, tmp_path: Path)
     )
     await finish(harness, "j")
     await harness.cmd("blockdev-del", node_name="top")
-    header = info(top)
+    header = image_info(top)
     assert header["backing-filename"] == "base.qcow2"  # relative, as given
     assert header["backing-filename-format"] == "qcow2"
     compare(top, before)
@@ -149,18 +122,13 @@ async def test_stream_with_backing_file_string(harness: Harness, tmp_path: Path)
 async def test_stream_with_bottom(harness: Harness, tmp_path: Path) -> None:
     base, mid, top = chain3(tmp_path)
     before = snapshot(top, tmp_path / "before.qcow2")
-    await harness.raw(
-        "blockdev-add",
-        {"driver": "qcow2", "node-name": "mid", "file": {"driver": "file", "filename": str(mid)}},
-    )
+    await harness.add(qcow2(mid, "mid"))
     await add_top(harness, top, backing="mid")
     await harness.cmd("block-stream", device="top", job_id="j", bottom="mid")
     await finish(harness, "j")
     await harness.cmd("blockdev-del", node_name="top")
     await harness.cmd("blockdev-del", node_name="mid")
-    compare(top, before)
-    check(top)
-    assert info(top)["backing-filename"] == str(base)
+    assert_streamed(top, before, base)
     assert own_data(top) == [(512 * KIB, 512 * KIB), (1536 * KIB, 64 * KIB)]
 
 
@@ -172,29 +140,24 @@ async def test_stream_no_op(harness: Harness, tmp_path: Path) -> None:
     await harness.cmd("block-stream", device="top", job_id="j", base=str(mid))
     done = await finish(harness, "j")
     assert (done["len"], done["offset"]) == (0, 0)
-    assert harness.names() == DONE_EVENTS
+    assert harness.names() == COMPLETED_JOB
     await harness.cmd("blockdev-del", node_name="top")
     assert own_data(top) == before_map
-    assert info(top)["backing-filename"] == str(mid)
+    assert image_info(top)["backing-filename"] == str(mid)
     check(top)
 
 
 async def test_stream_partial_raw_base(harness: Harness, tmp_path: Path) -> None:
     """base = a raw image: only the qcow2 layers' data is copied (test_stream_partial)."""
-    base = create(tmp_path / "base.raw", 1 * MIB, fmt="raw")
-    write(base, 0, 1 * MIB, 0x44, fmt="raw")
-    mid = create(tmp_path / "mid.qcow2", None, base, "raw")
-    write(mid, 512 * KIB, 64 * KIB, 0x55)
-    top = create(tmp_path / "top.qcow2", None, mid)
+    base, mid, top = build(
+        tmp_path,
+        Layer("base.raw", 1 * MIB, ["write -P 0x44 0 1M"]),
+        Layer("mid.qcow2", writes=["write -P 0x55 512k 64k"], absolute=True),
+        Layer("top.qcow2", absolute=True),
+    )
     before = snapshot(top, tmp_path / "before.qcow2")
-    await add_top(harness, top)
-    await harness.cmd("block-stream", device="top", job_id="j", base=str(base))
-    await finish(harness, "j")
-    await harness.cmd("blockdev-del", node_name="top")
-    compare(top, before)
-    check(top)
-    header = info(top)
-    assert header["backing-filename"] == str(base)
+    await stream_top(harness, top, base=str(base))
+    header = assert_streamed(top, before, base)
     assert header["backing-filename-format"] == "raw"
     assert own_data(top) == own_data(mid)
 
@@ -205,14 +168,9 @@ async def test_smaller_backing_file(harness: Harness, tmp_path: Path) -> None:
     write(back, 0, 1 * MIB, 0x66)
     top = create(tmp_path / "top.qcow2", 2 * MIB, back)
     before = snapshot(top, tmp_path / "before.qcow2")
-    await add_top(harness, top)
-    await harness.cmd("block-stream", device="top", job_id="j")
-    done = await finish(harness, "j")
+    done = await stream_top(harness, top)
     assert done["len"] == 2 * MIB
-    await harness.cmd("blockdev-del", node_name="top")
-    compare(top, before)
-    check(top)
-    assert "backing-filename" not in info(top)
+    assert_streamed(top, before, None)
 
 
 async def test_default_job_id_is_device(harness: Harness, tmp_path: Path) -> None:
@@ -283,10 +241,7 @@ async def test_stream_intermediate(harness: Harness, tmp_path: Path) -> None:
     before = snapshot(top, tmp_path / "before.qcow2")
     before_mid = snapshot(mid, tmp_path / "before-mid.qcow2")
     h = harness
-    await h.raw(
-        "blockdev-add",
-        {"driver": "qcow2", "node-name": "mid", "file": {"driver": "file", "filename": str(mid)}},
-    )
+    await h.add(qcow2(mid, "mid"))
     await add_top(h, top, backing="mid")
     await h.cmd(
         "block-stream", device="mid", job_id="stream-mid", filter_node_name="f", auto_finalize=False
@@ -301,8 +256,8 @@ async def test_stream_intermediate(harness: Harness, tmp_path: Path) -> None:
     compare(top, before)
     compare(mid, before_mid)
     check(mid)
-    assert "backing-filename" not in info(mid)
-    assert info(top)["backing-filename"] == str(mid)
+    assert "backing-filename" not in image_info(mid)
+    assert image_info(top)["backing-filename"] == str(mid)
     assert own_data(mid) == [(0, 1280 * KIB)]
     assert base.exists()
 
@@ -359,7 +314,7 @@ async def test_prepare_failure_fails_the_job(harness: Harness, tmp_path: Path) -
     ]
     assert all(n.drv != "copy-on-read" for n in harness.d.graph.nodes.values())
     await harness.cmd("blockdev-del", node_name="top")
-    assert info(top)["backing-filename"] == str(mid)
+    assert image_info(top)["backing-filename"] == str(mid)
     compare(top, before)
     check(top)
 
@@ -374,9 +329,7 @@ async def test_device_is_a_filter(harness: Harness, tmp_path: Path) -> None:
     await finish(harness, "j")
     await harness.cmd("blockdev-del", node_name="dbg")
     await harness.cmd("blockdev-del", node_name="top")
-    compare(top, before)
-    check(top)
-    assert info(top)["backing-filename"] == str(base)
+    assert_streamed(top, before, base)
     assert own_data(top) == [(512 * KIB, 512 * KIB), (1536 * KIB, 64 * KIB)]
 
 
@@ -387,13 +340,10 @@ async def test_full_stream_keeps_zeros_sparse(harness: Harness, tmp_path: Path) 
     write(base, 0, 64 * KIB, 0x41, fmt="raw")
     write(base, 4 * MIB, 1 * MIB, 0x42, fmt="raw")
     mid = create(tmp_path / "mid.qcow2", None, base, "raw")
-    tool("qemu-io", "-f", "qcow2", "-c", "write -z 4M 512k", mid)  # shadows base data
+    qemu_io("-f", "qcow2", "-c", "write -z 4M 512k", mid)  # shadows base data
     top = create(tmp_path / "top.qcow2", None, mid)
     before = snapshot(top, tmp_path / "before.qcow2")
-    await add_top(harness, top)
-    await harness.cmd("block-stream", device="top", job_id="j")
-    await finish(harness, "j")
-    await harness.cmd("blockdev-del", node_name="top")
+    await stream_top(harness, top)
     compare(top, before)
     check(top)
     assert own_data(top) == [(0, 64 * KIB), (4608 * KIB, 512 * KIB)]
@@ -417,6 +367,6 @@ async def test_cancel_in_pending_keeps_the_chain(harness: Harness, tmp_path: Pat
     assert all(n.drv != "copy-on-read" for n in h.d.graph.nodes.values())
     assert all(not n.blockers and not n.users for n in h.d.graph.nodes.values())
     await h.cmd("blockdev-del", node_name="top")
-    assert info(top)["backing-filename"] == str(mid)  # prepare never ran
+    assert image_info(top)["backing-filename"] == str(mid)  # prepare never ran
     compare(top, before)
     check(top)

@@ -3,92 +3,45 @@ socket, real qcow2 chains, and qemu-img as the judge."""
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
-import subprocess
-import sys
-import time
-import warnings
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
+from kit.chains import Layer, build
+from kit.cli import BLOCKD
+from kit.daemons import daemon, monitor_args
+from kit.qemu import KIB, MIB, assert_streamed, check, image_info, own_data, snapshot
+from kit.qmp import COMPLETED_JOB, legacy_client, legacy_events_until, legacy_quit, short_names
 from qemu.qmp.legacy import QEMUMonitorProtocol
-from streamtools import KIB, MIB, check, compare, create, info, own_data, snapshot, write
 
 TIMEOUT = 30
-
-
-def close_legacy_loop() -> None:
-    """Close the thread's default asyncio loop that qemu.qmp's legacy client made, so it
-    is not garbage collected unclosed during some later test."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)
-        loop = asyncio.get_event_loop()
-    if not loop.is_running():
-        loop.close()
-        asyncio.set_event_loop(None)
 
 
 @pytest.fixture
 def blockd(sock_dir: Path, tmp_path: Path) -> Iterator[tuple[QEMUMonitorProtocol, Path]]:
     """A daemon with the chain base <- mid <- top opened as node ``top``; a connected
     qemu.qmp client."""
-    base = create(tmp_path / "base.qcow2", 4 * MIB)
-    write(base, 0, 1 * MIB, 0x11)
-    mid = create(tmp_path / "mid.qcow2", None, base)
-    write(mid, 1 * MIB, 1 * MIB, 0x22)
-    top = create(tmp_path / "top.qcow2", None, mid)
-    write(top, 3 * MIB, 64 * KIB, 0x33)
+    _base, _mid, top = build(
+        tmp_path,
+        Layer("base.qcow2", 4 * MIB, ["write -P 0x11 0 1M"]),
+        Layer("mid.qcow2", writes=["write -P 0x22 1M 1M"], absolute=True),
+        Layer("top.qcow2", writes=["write -P 0x33 3M 64k"], absolute=True),
+    )
     sock = sock_dir / "qmp"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "blockd",
-         "--blockdev", f"driver=qcow2,node-name=top,file.driver=file,file.filename={top}",
-         "--chardev", f"socket,id=m0,path={sock},server=on,wait=off",
-         "--monitor", "chardev=m0,mode=control",
-         "--pidfile", str(sock_dir / "pid")],
-        stdin=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
-    try:
-        deadline = time.monotonic() + TIMEOUT
-        while not (sock_dir / "pid").exists():
-            assert proc.poll() is None, proc.communicate()[1]
-            assert time.monotonic() < deadline
-            time.sleep(0.01)
-        qmp = QEMUMonitorProtocol(str(sock))
-        qmp.connect(negotiate=True)
-        try:
-            yield qmp, top
-        finally:
-            assert qmp.cmd_obj({"execute": "quit"}) == {"return": {}}
-            with contextlib.suppress(EOFError):  # qemu.qmp re-raises the server's EOF
-                qmp.close()
-            close_legacy_loop()
+    argv = [
+        *BLOCKD,
+        "--blockdev", f"driver=qcow2,node-name=top,file.driver=file,file.filename={top}",
+        *monitor_args(sock, "m0", "mode=control"),
+        "--pidfile", str(sock_dir / "pid"),
+    ]  # fmt: skip
+    with daemon(argv, ready=sock_dir / "pid") as proc:
+        with legacy_client(sock) as qmp:
+            try:
+                yield qmp, top
+            finally:
+                legacy_quit(qmp)
         assert proc.wait(timeout=TIMEOUT) == 0
-    finally:
-        proc.kill()
-        proc.wait()
-        if proc.stderr:
-            proc.stderr.close()
-
-
-def events_until(qmp: QEMUMonitorProtocol, name: str, status: str | None = None) -> list[Any]:
-    seen: list[Any] = []
-    while True:
-        event = qmp.pull_event(wait=TIMEOUT)
-        assert event is not None
-        seen.append(event)
-        data = event.get("data", {})
-        if event["event"] == name and (status is None or data.get("status") == status):
-            return seen
-
-
-def names(events: list[Any]) -> list[str]:
-    return [
-        f"JSC({e['data']['status']})" if e["event"] == "JOB_STATUS_CHANGE" else e["event"]
-        for e in events
-    ]
 
 
 def test_stream_over_the_socket(blockd: tuple[QEMUMonitorProtocol, Path], tmp_path: Path) -> None:
@@ -97,16 +50,8 @@ def test_stream_over_the_socket(blockd: tuple[QEMUMonitorProtocol, Path], tmp_pa
     mid = tmp_path / "mid.qcow2"
     base = tmp_path / "base.qcow2"
     assert qmp.cmd_raw("block-stream", {"device": "top", "base": str(base)}) == {"return": {}}
-    seen = events_until(qmp, "JOB_STATUS_CHANGE", "null")
-    assert names(seen) == [
-        "JSC(created)",
-        "JSC(running)",
-        "JSC(waiting)",
-        "JSC(pending)",
-        "BLOCK_JOB_COMPLETED",
-        "JSC(concluded)",
-        "JSC(null)",
-    ]
+    seen = legacy_events_until(qmp, "JOB_STATUS_CHANGE", "null")
+    assert short_names(seen) == COMPLETED_JOB
     completed = seen[4]["data"]
     assert completed == {
         "type": "stream",
@@ -119,9 +64,7 @@ def test_stream_over_the_socket(blockd: tuple[QEMUMonitorProtocol, Path], tmp_pa
     nodes = qmp.cmd_raw("query-named-block-nodes")["return"]
     assert [n["backing_file"] for n in nodes if n["node-name"] == "top"] == [str(base)]
     assert qmp.cmd_raw("blockdev-del", {"node-name": "top"}) == {"return": {}}
-    compare(top, before)
-    check(top)
-    assert info(top)["backing-filename"] == str(base)
+    assert_streamed(top, before, base)
     assert own_data(top) == [*own_data(mid), (3 * MIB, 64 * KIB)]
 
 
@@ -137,12 +80,12 @@ def test_errors_and_manual_finalize_over_the_socket(
     reply = qmp.cmd_raw("block-stream", {"device": "top", "job-id": "j", "speed": -1})
     assert reply["error"]["desc"] == "Parameter 'speed' expects a non-negative value"
     # created and null went out before the error reply.
-    assert names(qmp.get_events()) == ["JSC(created)", "JSC(null)"]
+    assert short_names(qmp.get_events()) == ["JSC(created)", "JSC(null)"]
     qmp.clear_events()
     args = {"device": "top", "job-id": "j", "auto-finalize": False, "auto-dismiss": False}
     assert qmp.cmd_raw("block-stream", args) == {"return": {}}
-    seen = events_until(qmp, "BLOCK_JOB_PENDING")
-    assert names(seen) == [
+    seen = legacy_events_until(qmp, "BLOCK_JOB_PENDING")
+    assert short_names(seen) == [
         "JSC(created)",
         "JSC(running)",
         "JSC(waiting)",
@@ -150,15 +93,15 @@ def test_errors_and_manual_finalize_over_the_socket(
         "BLOCK_JOB_PENDING",
     ]
     assert qmp.cmd_raw("job-finalize", {"id": "j"}) == {"return": {}}
-    assert names(qmp.get_events()) == ["BLOCK_JOB_COMPLETED", "JSC(concluded)"]
+    assert short_names(qmp.get_events()) == ["BLOCK_JOB_COMPLETED", "JSC(concluded)"]
     qmp.clear_events()
     [job] = qmp.cmd_raw("query-jobs")["return"]
     assert job["status"] == "concluded" and "error" not in job
     assert qmp.cmd_raw("job-dismiss", {"id": "j"}) == {"return": {}}
-    assert names(qmp.get_events()) == ["JSC(null)"]
+    assert short_names(qmp.get_events()) == ["JSC(null)"]
     assert qmp.cmd_raw("blockdev-del", {"node-name": "top"}) == {"return": {}}
     check(top)
-    assert "backing-filename" not in info(top)
+    assert "backing-filename" not in image_info(top)
 
 
 def test_job_survives_client_disconnect(
@@ -175,10 +118,8 @@ def test_job_survives_client_disconnect(
     [job] = qmp.cmd_raw("query-jobs")["return"]
     assert job["id"] == "j" and job["status"] in ("running", "paused")
     assert qmp.cmd_raw("block-job-set-speed", {"device": "j", "speed": 0}) == {"return": {}}
-    seen = events_until(qmp, "JOB_STATUS_CHANGE", "null")
+    seen = legacy_events_until(qmp, "JOB_STATUS_CHANGE", "null")
     completed = [e["data"] for e in seen if e["event"] == "BLOCK_JOB_COMPLETED"]
     assert completed and "error" not in completed[0]
     assert qmp.cmd_raw("blockdev-del", {"node-name": "top"}) == {"return": {}}
-    compare(top, before)
-    check(top)
-    assert "backing-filename" not in info(top)
+    assert_streamed(top, before, None)

@@ -11,33 +11,16 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from streamtools import KIB, MIB, Harness, check, compare, create, info, snapshot, write
+from kit.chains import BLKDEBUG_030_CONF, blkdebug_030, file_ref, qcow2
+from kit.daemons import Harness
+from kit.qemu import KIB, MIB, check, compare, create, image_info, snapshot, write
 
 LEN = 2 * MIB
 
 
 def blkdebug_backing(path: Path, code: int) -> dict[str, Any]:
-    return {
-        "driver": "raw",
-        "file": {
-            "driver": "blkdebug",
-            "image": {"driver": "file", "filename": str(path)},
-            "inject-error": [
-                {
-                    "event": "read_aio",
-                    "errno": code,
-                    "sector": 1024,
-                    "state": 1,
-                    "once": True,
-                    "immediately": False,
-                }
-            ],
-            "set-state": [
-                {"event": "read_aio", "state": 1, "new_state": 2},
-                {"event": "read_aio", "state": 2, "new_state": 1},
-            ],
-        },
-    }
+    dbg = {"driver": "blkdebug", "image": file_ref(path), **blkdebug_030(code, immediately=False)}
+    return {"driver": "raw", "file": dbg}
 
 
 async def setup(h: Harness, tmp: Path, code: int = errno.EIO) -> tuple[Path, Path]:
@@ -49,15 +32,7 @@ async def setup(h: Harness, tmp: Path, code: int = errno.EIO) -> tuple[Path, Pat
     # the backing node first, then referenced: QEMU refuses it inline under an image
     # whose header names a backing file (the header name collides with image.filename)
     await h.raw("blockdev-add", {"node-name": "bk", **blkdebug_backing(backing, code)})
-    await h.raw(
-        "blockdev-add",
-        {
-            "driver": "qcow2",
-            "node-name": "drive0",
-            "backing": "bk",
-            "file": {"driver": "file", "filename": str(top)},
-        },
-    )
+    await h.add(qcow2(top, "drive0", backing="bk"))
     return top, before
 
 
@@ -84,7 +59,7 @@ async def test_report(harness: Harness, tmp_path: Path) -> None:
     ]
     await harness.cmd("blockdev-del", node_name="drive0")
     check(top)
-    assert info(top)["backing-filename"].endswith("backing.img")  # chain untouched
+    assert image_info(top)["backing-filename"].endswith("backing.img")  # chain untouched
     compare(top, before)
 
 
@@ -112,7 +87,7 @@ async def test_ignore(harness: Harness, tmp_path: Path) -> None:
     assert "JSC(waiting)" not in harness.names()  # failed: prepare never ran
     await harness.cmd("blockdev-del", node_name="drive0")
     check(top)
-    assert info(top)["backing-filename"].endswith("backing.img")  # backing kept
+    assert image_info(top)["backing-filename"].endswith("backing.img")  # backing kept
     compare(top, before)
 
 
@@ -148,7 +123,7 @@ async def test_stop_and_resume(
     assert done["offset"] == done["len"] == LEN
     await h.cmd("blockdev-del", node_name="drive0")
     check(top)
-    assert "backing-filename" not in info(top)
+    assert "backing-filename" not in image_info(top)
     compare(top, before)
 
 
@@ -191,12 +166,7 @@ async def test_blkdebug_fails_a_plain_read(harness: Harness, tmp_path: Path) -> 
 async def test_report_with_config_file(harness: Harness, tmp_path: Path) -> None:
     """The same rules from an INI config file, as iotest 030 writes them."""
     config = tmp_path / "blkdebug.conf"
-    config.write_text(
-        '[inject-error]\nevent = "read_aio"\nerrno = "5"\nsector = "1024"\nstate = "1"\n'
-        'once = "on"\nimmediately = "off"\n\n'
-        '[set-state]\nevent = "read_aio"\nstate = "1"\nnew_state = "2"\n\n'
-        '[set-state]\nevent = "read_aio"\nstate = "2"\nnew_state = "1"\n'
-    )
+    config.write_text(BLKDEBUG_030_CONF)
     backing = create(tmp_path / "backing.img", LEN, fmt="raw")
     write(backing, 0, LEN, 0x5A, fmt="raw")
     top = create(tmp_path / "test.qcow2", None, backing, "raw")
@@ -210,10 +180,7 @@ async def test_report_with_config_file(harness: Harness, tmp_path: Path) -> None
         "driver": "raw", "node-name": "bk", "file": {
             "driver": "blkdebug", "config": str(config),
             "image": {"driver": "file", "filename": str(backing)}}})  # fmt: skip
-    await h.raw("blockdev-add", {
-        "driver": "qcow2", "node-name": "drive0", "backing": "bk",
-        "file": {"driver": "file", "filename": str(top)},
-    })  # fmt: skip
+    await h.add(qcow2(top, "drive0", backing="bk"))  # fmt: skip
     await h.cmd("block-stream", device="drive0")
     done = await h.wait_done("drive0")
     assert done["error"] == "Input/output error"

@@ -7,13 +7,14 @@ Needs permission to mount a tmpfs (root); skipped otherwise.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from streamtools import KIB, MIB, Harness, compare, create, info, snapshot, tool, write
-from tmpfs import small_tmpfs
+from kit.chains import qcow2
+from kit.daemons import Harness
+from kit.host import fill, small_tmpfs
+from kit.qemu import KIB, MIB, check, compare, create, image_info, snapshot, write
 
 
 @pytest.fixture
@@ -31,14 +32,9 @@ async def test_real_enospc_pauses_then_completes(
     write(top, 64 * KIB, 64 * KIB, 0x01)
     before = snapshot(top, tmp_path / "before.qcow2")
     # Leave about 1 MiB free: the 2 MiB of data cannot all be copied.
-    free = os.statvfs(small_fs).f_bavail * os.statvfs(small_fs).f_frsize
-    filler = small_fs / "filler"
-    filler.write_bytes(b"\xff" * (free - 1 * MIB))
+    filler = fill(small_fs, 1 * MIB, 0xFF)
     h = harness
-    await h.raw(
-        "blockdev-add",
-        {"driver": "qcow2", "node-name": "top", "file": {"driver": "file", "filename": str(top)}},
-    )
+    await h.add(qcow2(top, "top"))
     await h.cmd("block-stream", device="top", job_id="j", on_error="enospc")
     await h.wait_event("JOB_STATUS_CHANGE", status="paused")
     assert h.last("BLOCK_JOB_ERROR") == {"device": "j", "operation": "read", "action": "stop"}
@@ -54,7 +50,6 @@ async def test_real_enospc_pauses_then_completes(
     assert done["offset"] == done["len"] == 2 * MIB
     await h.cmd("blockdev-del", node_name="top")
     compare(top, before)
-    assert "backing-filename" not in info(top)
+    assert "backing-filename" not in image_info(top)
     # No corruption and no leak: the clusters of the copy that failed were freed.
-    result = tool("qemu-img", "check", "-U", top, check=False)
-    assert result.returncode == 0, result.stdout + result.stderr
+    check(top)

@@ -7,7 +7,9 @@ from pathlib import Path
 
 import pytest
 import trio
-from streamtools import KIB, MIB, Harness, check, create, info, write
+from kit.chains import qcow2
+from kit.daemons import Harness
+from kit.qemu import KIB, MIB, check, create, image_info, write
 
 from blockd.block.host.locking import Perm
 from blockd.block.node import NodeUser
@@ -33,11 +35,7 @@ async def chain(harness: Harness, tmp_path: Path) -> Harness:
     for index in range(4):
         path = create(tmp_path / f"img{index}.qcow2", 1 * MIB)
         write(path, index * 128 * KIB, 64 * KIB, 0x10 + index)
-        options: dict[str, object] = {
-            "driver": "qcow2",
-            "node-name": f"node{index}",
-            "file": {"driver": "file", "filename": str(path)},
-        }
+        options: dict[str, object] = qcow2(path, f"node{index}")
         options["backing"] = previous
         await harness.raw("blockdev-add", options)
         previous = f"node{index}"
@@ -147,19 +145,8 @@ async def test_read_only_top_with_read_only_file(harness: Harness, tmp_path: Pat
     mid = create(tmp_path / "mid.qcow2", None, base)
     top = create(tmp_path / "top.qcow2", None, mid)
     h = harness
-    await h.raw(
-        "blockdev-add",
-        {"driver": "qcow2", "node-name": "base", "file": {"driver": "file", "filename": str(base)}},
-    )
-    await h.raw(
-        "blockdev-add",
-        {
-            "driver": "qcow2",
-            "node-name": "mid",
-            "backing": "base",
-            "file": {"driver": "file", "filename": str(mid)},
-        },
-    )
+    await h.add(qcow2(base, "base"))
+    await h.add(qcow2(mid, "mid", backing="base"))
     await h.raw(
         "blockdev-add",
         {
@@ -182,15 +169,7 @@ async def test_read_only_top_is_reopened_and_restored(harness: Harness, tmp_path
     write(base, 0, 64 * KIB, 0x77)
     top = create(tmp_path / "top.qcow2", None, base)
     h = harness
-    await h.raw(
-        "blockdev-add",
-        {
-            "driver": "qcow2",
-            "node-name": "top",
-            "read-only": True,
-            "file": {"driver": "file", "filename": str(top)},
-        },
-    )
+    await h.add(qcow2(top, "top", **{"read-only": True}))
     await h.cmd("block-stream", device="top", job_id="j")
     done = await h.wait_done("j")
     assert "error" not in done
@@ -200,7 +179,7 @@ async def test_read_only_top_is_reopened_and_restored(harness: Harness, tmp_path
     assert nodes["top"]["ro"] is True
     await h.cmd("blockdev-del", node_name="top")
     check(top)
-    assert "backing-filename" not in info(top)
+    assert "backing-filename" not in image_info(top)
 
 
 async def test_concurrent_requests_on_one_chain(chain: Harness) -> None:
@@ -236,23 +215,8 @@ async def test_permission_conflict_fails_early(harness: Harness, tmp_path: Path)
     mid = create(tmp_path / "mid.qcow2", None, base)
     top = create(tmp_path / "top.qcow2", None, mid)
     h = harness
-    await h.raw(
-        "blockdev-add",
-        {
-            "driver": "qcow2",
-            "node-name": "fmt_base",
-            "file": {"driver": "file", "filename": str(mid)},
-        },
-    )
-    await h.raw(
-        "blockdev-add",
-        {
-            "driver": "qcow2",
-            "node-name": "top",
-            "backing": "fmt_base",
-            "file": {"driver": "file", "filename": str(top)},
-        },
-    )
+    await h.add(qcow2(mid, "fmt_base"))
+    await h.add(qcow2(top, "top", backing="fmt_base"))
     node = h.d.graph.find("fmt_base")
     assert node is not None
     writer = NodeUser("an unnamed block device", "root", Perm.CONSISTENT_READ | Perm.WRITE)

@@ -9,7 +9,9 @@ from pathlib import Path
 import pytest
 import trio
 import trio.testing
-from streamtools import KIB, MIB, Harness, check, compare, create, info, own_data, snapshot, write
+from kit.chains import Layer, build, qcow2
+from kit.daemons import Harness
+from kit.qemu import KIB, MIB, check, compare, create, image_info, own_data, snapshot, write
 
 from blockd.block.drivers.copy_on_read import CopyOnReadDriver
 from blockd.block.node import BlockNode
@@ -19,39 +21,24 @@ from blockd.block.node import BlockNode
 async def test_base_as_protocol_node(
     harness: Harness, tmp_path: Path, mask: bool | None, fmt: str
 ) -> None:
-    base = create(tmp_path / "base.raw", 1 * MIB, fmt="raw")
-    write(base, 0, 1 * MIB, 0x21, fmt="raw")
-    mid = create(tmp_path / "mid.qcow2", None, base, "raw")
-    write(mid, 256 * KIB, 64 * KIB, 0x22)
-    top = create(tmp_path / "top.qcow2", None, mid)
+    base, mid, top = build(
+        tmp_path,
+        Layer("base.raw", 1 * MIB, ["write -P 0x21 0 1M"]),
+        Layer("mid.qcow2", writes=["write -P 0x22 256k 64k"], absolute=True),
+        Layer("top.qcow2", absolute=True),
+    )
     before = snapshot(top, tmp_path / "before.qcow2")
     h = harness
     await h.raw("blockdev-add", {"driver": "file", "node-name": "base", "filename": str(base)})
-    await h.raw(
-        "blockdev-add",
-        {
-            "driver": "qcow2",
-            "node-name": "mid",
-            "backing": "base",
-            "file": {"driver": "file", "filename": str(mid)},
-        },
-    )
-    await h.raw(
-        "blockdev-add",
-        {
-            "driver": "qcow2",
-            "node-name": "top",
-            "backing": "mid",
-            "file": {"driver": "file", "filename": str(top)},
-        },
-    )
+    await h.add(qcow2(mid, "mid", backing="base"))
+    await h.add(qcow2(top, "top", backing="mid"))
     extra = {} if mask is None else {"backing_mask_protocol": mask}
     await h.cmd("block-stream", device="top", job_id="j", base_node="base", **extra)
     done = await h.wait_done("j")
     assert "error" not in done
     for name in ("top", "mid", "base"):
         await h.cmd("blockdev-del", node_name=name)
-    header = info(top)
+    header = image_info(top)
     assert header["backing-filename"] == str(base)
     assert header["backing-filename-format"] == fmt
     check(top)
@@ -68,19 +55,8 @@ async def test_copy_on_read_filter_alone(harness: Harness, tmp_path: Path) -> No
     write(mid, 512 * KIB, 64 * KIB, 0x32)
     top = create(tmp_path / "top.qcow2", None, mid)
     h = harness
-    await h.raw(
-        "blockdev-add",
-        {"driver": "qcow2", "node-name": "mid", "file": {"driver": "file", "filename": str(mid)}},
-    )
-    await h.raw(
-        "blockdev-add",
-        {
-            "driver": "qcow2",
-            "node-name": "top",
-            "backing": "mid",
-            "file": {"driver": "file", "filename": str(top)},
-        },
-    )
+    await h.add(qcow2(mid, "mid"))
+    await h.add(qcow2(top, "top", backing="mid"))
     assert (
         await h.error(
             "blockdev-add", driver="copy-on-read", node_name="bad", file="top", bottom="nowhere"
@@ -108,10 +84,7 @@ async def filter_over_top(h: Harness, tmp_path: Path) -> tuple[Path, BlockNode, 
     base = create(tmp_path / "base.qcow2", 1 * MIB)
     write(base, 0, 1 * MIB, 0x51)
     top = create(tmp_path / "top.qcow2", None, base)
-    await h.raw(
-        "blockdev-add",
-        {"driver": "qcow2", "node-name": "top", "file": {"driver": "file", "filename": str(top)}},
-    )
+    await h.add(qcow2(top, "top"))
     await h.raw("blockdev-add", {"driver": "copy-on-read", "node-name": "cor", "file": "top"})
     cor, top_node = h.d.graph.find("cor"), h.d.graph.find("top")
     assert cor is not None and top_node is not None

@@ -5,7 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from streamtools import KIB, MIB, Harness, check, compare, create, info, own_data, snapshot, write
+from kit.chains import qcow2, raw
+from kit.daemons import Harness
+from kit.qemu import KIB, MIB, check, compare, create, image_info, own_data, snapshot, write
 
 SIZE = 4 * MIB
 BUSY = "is busy: block device is in use by block job: stream"
@@ -23,24 +25,9 @@ async def chain9(harness: Harness, tmp_path: Path) -> tuple[Harness, list[Path]]
         if index % 2:
             write(path, (index // 2) * 1024 * KIB, 512 * KIB, 0x40 + index)
         paths.append(path)
-    await harness.raw(
-        "blockdev-add",
-        {
-            "driver": "raw",
-            "node-name": "node0",
-            "file": {"driver": "file", "filename": str(paths[0])},
-        },
-    )
+    await harness.add(raw(paths[0], "node0"))
     for index in range(1, 9):
-        await harness.raw(
-            "blockdev-add",
-            {
-                "driver": "qcow2",
-                "node-name": f"node{index}",
-                "backing": f"node{index - 1}",
-                "file": {"driver": "file", "filename": str(paths[index])},
-            },
-        )
+        await harness.add(qcow2(paths[index], f"node{index}", backing=f"node{index - 1}"))
     return harness, paths
 
 
@@ -77,7 +64,7 @@ async def test_stream_parallel(chain9: tuple[Harness, list[Path]], tmp_path: Pat
         check(paths[index])
         # Each image now also stores the data of the image that was below it.
         assert own_data(paths[index]) == expected[index]
-        assert info(paths[index])["backing-filename"] == str(paths[index - 2])
+        assert image_info(paths[index])["backing-filename"] == str(paths[index - 2])
 
 
 async def test_overlapping_streams_are_refused(
@@ -114,7 +101,7 @@ async def test_overlapping_streams_are_refused(
     assert "error" not in done
     await delete_all(h)
     compare(paths[8], before)
-    assert info(paths[4])["backing-filename"] == str(paths[1])
+    assert image_info(paths[4])["backing-filename"] == str(paths[1])
 
 
 async def test_cancel_keeps_chain(chain9: tuple[Harness, list[Path]], tmp_path: Path) -> None:
@@ -136,7 +123,7 @@ async def test_cancel_keeps_chain(chain9: tuple[Harness, list[Path]], tmp_path: 
     await delete_all(h)
     compare(paths[8], before)
     check(paths[8])
-    assert info(paths[8])["backing-filename"] == str(paths[7])
+    assert image_info(paths[8])["backing-filename"] == str(paths[7])
 
 
 async def test_set_speed(chain9: tuple[Harness, list[Path]]) -> None:

@@ -9,54 +9,43 @@ must be the same (paths normalised).
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import json
-import subprocess
-import sys
-import time
-import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import pytest
-from qemu.qmp.legacy import QEMUMonitorProtocol
-from reference import QSD_10 as QSD
-from streamtools import tool
+from kit.chains import Layer, blkdebug_030, blockdev_args, build, file_ref, qcow2
+from kit.cli import BLOCKD
+from kit.compare import flatten_json_names
+from kit.daemons import daemon, monitor_args
+from kit.qemu import QSD_10, image_info
+from kit.qmp import legacy_client, legacy_quit
 
-pytestmark = pytest.mark.skipif(QSD is None, reason="QEMU 10.0 qemu-storage-daemon missing")
-BLOCKD = [sys.executable, "-m", "blockd"]
+pytestmark = pytest.mark.skipif(QSD_10 is None, reason="QEMU 10.0 qemu-storage-daemon missing")
 TIMEOUT = 30
 
 
 def make_chain(d: Path) -> None:
     """base.raw (2 MiB of data) <- mid.qcow2 (64 KiB at 64K) <- top.qcow2."""
-    tool("qemu-img", "create", "-q", "-f", "raw", d / "base.raw", "2M")
-    tool("qemu-io", "-f", "raw", "-c", "write -P 1 0 2M", d / "base.raw")
-    tool("qemu-img", "create", "-q", "-f", "qcow2", "-b", "base.raw", "-F", "raw",
-         d / "mid.qcow2")  # fmt: skip
-    tool("qemu-io", "-f", "qcow2", "-c", "write -P 2 64k 64k", d / "mid.qcow2")
-    tool("qemu-img", "create", "-q", "-f", "qcow2", "-b", "mid.qcow2", "-F", "qcow2",
-         d / "top.qcow2")  # fmt: skip
+    build(
+        d,
+        Layer("base.raw", "2M", ["write -P 1 0 2M"]),
+        Layer("mid.qcow2", writes=["write -P 2 64k 64k"]),
+        Layer("top.qcow2"),
+    )
 
 
 def blockdevs(d: Path, errno_: int | None) -> list[dict[str, Any]]:
-    base: dict[str, Any] = {"driver": "file", "node-name": "base", "filename": str(d / "base.raw")}
+    base: dict[str, Any] = file_ref(d / "base.raw", **{"node-name": "base"})
     if errno_ is not None:  # iotest 030's rules: fail the read covering 512 KiB, once
-        base = {"driver": "raw", "node-name": "base", "file": {
-            "driver": "blkdebug", "image": {"driver": "file", "filename": str(d / "base.raw")},
-            "inject-error": [{"event": "read_aio", "errno": errno_, "sector": 1024,
-                              "state": 1, "once": True}],
-            "set-state": [{"event": "read_aio", "state": 1, "new_state": 2},
-                          {"event": "read_aio", "state": 2, "new_state": 1}]}}  # fmt: skip
+        dbg = {"driver": "blkdebug", "image": file_ref(d / "base.raw"), **blkdebug_030(errno_)}
+        base = {"driver": "raw", "node-name": "base", "file": dbg}
     return [
         base,
-        {"driver": "qcow2", "node-name": "mid", "backing": "base",
-         "file": {"driver": "file", "filename": str(d / "mid.qcow2")}},
-        {"driver": "qcow2", "node-name": "top", "backing": "mid",
-         "file": {"driver": "file", "filename": str(d / "top.qcow2")}},
-    ]  # fmt: skip
+        qcow2(d / "mid.qcow2", "mid", backing="base"),
+        qcow2(d / "top.qcow2", "top", backing="mid"),
+    ]
 
 
 def scenario(cmd: list[str], d: Path, sock_dir: Path, stream: dict[str, Any],
@@ -67,65 +56,42 @@ def scenario(cmd: list[str], d: Path, sock_dir: Path, stream: dict[str, Any],
     d.mkdir()
     make_chain(d)
     sock = sock_dir / f"{d.name}.sock"
-    args = [a for b in blockdevs(d, errno_) for a in ("--blockdev", json.dumps(b))]
-    proc = subprocess.Popen(
-        [*cmd, *args, "--chardev", f"socket,id=m0,path={sock},server=on,wait=off",
-         "--monitor", "chardev=m0"],
-        stdin=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
+    argv = [*cmd, *blockdev_args(blockdevs(d, errno_)), *monitor_args(sock, "m0")]
     seen: list[Any] = []
-    try:
-        deadline = time.monotonic() + TIMEOUT
-        while not sock.exists():
-            assert proc.poll() is None, proc.communicate()[1]
-            assert time.monotonic() < deadline
-            time.sleep(0.01)
-        qmp = QEMUMonitorProtocol(str(sock))
-        qmp.connect(negotiate=True)
-        refusals = [
-            qmp.cmd_raw("block-stream", {"device": "top", "job-id": "x", "base-node": "top"}),
-            qmp.cmd_raw("block-stream", {"device": "mid", "job-id": "x", "bottom": "top"}),
-            qmp.cmd_raw("block-stream", {"device": "top", "job-id": "x", "base": "nope"}),
-            qmp.cmd_raw("block-stream", {"device": "top", "job-id": "x", "backing-file": "y"}),
-        ]
-        seen.append(qmp.cmd_raw("block-stream", {"device": "top", "job-id": "j", **stream}))
-        for name, arguments in during:
-            # (only commands whose answers do not depend on how far the job got)
-            seen.append([name, qmp.cmd_raw(name, arguments)])
-        while True:
-            event = qmp.pull_event(wait=TIMEOUT)
-            assert event is not None
-            data = event.get("data", {})
-            seen.append([event["event"], data])
-            if data.get("status") == "paused":
-                [job] = qmp.cmd_raw("query-block-jobs")["return"]
-                seen.append({k: job[k] for k in ("offset", "len", "io-status", "paused")})
-                qmp.cmd_raw("block-job-resume", {"device": "j"})
-            if event["event"] == "BLOCK_JOB_PENDING":
-                seen.append(["job-finalize", qmp.cmd_raw("job-finalize", {"id": "j"})])
-            if data.get("status") == "concluded" and stream.get("auto-dismiss") is False:
-                seen.append(["query-jobs", qmp.cmd_raw("query-jobs")])
-                seen.append(["job-dismiss", qmp.cmd_raw("job-dismiss", {"id": "j"})])
-            if data.get("status") == "null":
-                break
-        nodes = qmp.cmd_raw("query-named-block-nodes", {"flat": True})["return"]
-        top = next(n for n in nodes if n["node-name"] == "top")
-        seen.append({"backing_file": top.get("backing_file")})
-        assert qmp.cmd_raw("quit") == {"return": {}}
-        with contextlib.suppress(EOFError):
-            qmp.close()
+    with daemon(argv, ready=sock) as proc:
+        with legacy_client(sock) as qmp:
+            refusals = [
+                qmp.cmd_raw("block-stream", {"device": "top", "job-id": "x", "base-node": "top"}),
+                qmp.cmd_raw("block-stream", {"device": "mid", "job-id": "x", "bottom": "top"}),
+                qmp.cmd_raw("block-stream", {"device": "top", "job-id": "x", "base": "nope"}),
+                qmp.cmd_raw("block-stream", {"device": "top", "job-id": "x", "backing-file": "y"}),
+            ]
+            seen.append(qmp.cmd_raw("block-stream", {"device": "top", "job-id": "j", **stream}))
+            for name, arguments in during:
+                # (only commands whose answers do not depend on how far the job got)
+                seen.append([name, qmp.cmd_raw(name, arguments)])
+            while True:
+                event = qmp.pull_event(wait=TIMEOUT)
+                assert event is not None
+                data = event.get("data", {})
+                seen.append([event["event"], data])
+                if data.get("status") == "paused":
+                    [job] = qmp.cmd_raw("query-block-jobs")["return"]
+                    seen.append({k: job[k] for k in ("offset", "len", "io-status", "paused")})
+                    qmp.cmd_raw("block-job-resume", {"device": "j"})
+                if event["event"] == "BLOCK_JOB_PENDING":
+                    seen.append(["job-finalize", qmp.cmd_raw("job-finalize", {"id": "j"})])
+                if data.get("status") == "concluded" and stream.get("auto-dismiss") is False:
+                    seen.append(["query-jobs", qmp.cmd_raw("query-jobs")])
+                    seen.append(["job-dismiss", qmp.cmd_raw("job-dismiss", {"id": "j"})])
+                if data.get("status") == "null":
+                    break
+            nodes = qmp.cmd_raw("query-named-block-nodes", {"flat": True})["return"]
+            top = next(n for n in nodes if n["node-name"] == "top")
+            seen.append({"backing_file": top.get("backing_file")})
+            legacy_quit(qmp)
         assert proc.wait(timeout=TIMEOUT) == 0
-    finally:
-        proc.kill()
-        proc.wait()
-        if proc.stderr:
-            proc.stderr.close()
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", DeprecationWarning)
-            loop = asyncio.get_event_loop()
-        loop.close()
-        asyncio.set_event_loop(None)
-    info = json.loads(tool("qemu-img", "info", "--output=json", d / "top.qcow2").stdout)
+    info = image_info(d / "top.qcow2", force_share=False)
     header = (info.get("backing-filename"), info.get("backing-filename-format"))
     text = json.dumps({"refusals": refusals, "seen": seen, "header": header})
     return dict(json.loads(text.replace(str(d), "<dir>")))
@@ -144,14 +110,14 @@ def scenario(cmd: list[str], d: Path, sock_dir: Path, stream: dict[str, Any],
 def test_same_as_qemu(
     tmp_path: Path, sock_dir: Path, stream: dict[str, Any], errno_: int | None
 ) -> None:
-    assert QSD is not None
-    qemu = scenario([QSD], tmp_path / "qemu", sock_dir, stream, errno_)
+    assert QSD_10 is not None
+    qemu = scenario([QSD_10], tmp_path / "qemu", sock_dir, stream, errno_)
     ours = scenario(BLOCKD, tmp_path / "blockd", sock_dir, stream, errno_)
     for key in ("refusals", "header"):
         assert ours[key] == qemu[key], key
     # Events (all but timestamps, in order) and the final query; json: filenames are
     # compared as flattened option sets (QEMU writes dotted keys in hash order).
-    assert normalize(ours["seen"]) == normalize(qemu["seen"])
+    assert flatten_json_names(ours["seen"]) == flatten_json_names(qemu["seen"])
 
 
 BUSY_CHECKS = [
@@ -168,40 +134,17 @@ BUSY_CHECKS = [
 
 def test_busy_nodes_same_as_qemu(tmp_path: Path, sock_dir: Path) -> None:
     """A throttled stream holds its nodes: the same refusals as QEMU, then it finishes."""
-    assert QSD is not None
+    assert QSD_10 is not None
     stream = {"base-node": "base", "filter-node-name": "sf", "speed": 1024}
-    qemu = scenario([QSD], tmp_path / "qemu", sock_dir, stream, None, BUSY_CHECKS)
+    qemu = scenario([QSD_10], tmp_path / "qemu", sock_dir, stream, None, BUSY_CHECKS)
     ours = scenario(BLOCKD, tmp_path / "blockd", sock_dir, stream, None, BUSY_CHECKS)
-    assert normalize(ours) == normalize(qemu)
+    assert flatten_json_names(ours) == flatten_json_names(qemu)
 
 
 def test_manual_finalize_same_as_qemu(tmp_path: Path, sock_dir: Path) -> None:
-    assert QSD is not None
+    assert QSD_10 is not None
     stream = {"auto-finalize": False, "auto-dismiss": False, "speed": 1024}
     during = [("block-job-set-speed", {"device": "j", "speed": 0})]
-    qemu = scenario([QSD], tmp_path / "qemu", sock_dir, stream, None, during)
+    qemu = scenario([QSD_10], tmp_path / "qemu", sock_dir, stream, None, during)
     ours = scenario(BLOCKD, tmp_path / "blockd", sock_dir, stream, None, during)
-    assert normalize(ours) == normalize(qemu)
-
-
-def flatten(value: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(value, dict):
-        items: list[tuple[str, Any]] = list(value.items())
-    elif isinstance(value, list):
-        items = [(str(i), v) for i, v in enumerate(value)]
-    else:
-        return {prefix: value}
-    flat: dict[str, Any] = {}
-    for key, item in items:
-        flat.update(flatten(item, f"{prefix}.{key}" if prefix else key))
-    return flat
-
-
-def normalize(value: Any) -> Any:
-    if isinstance(value, str) and value.startswith("json:"):
-        return {"json": flatten(json.loads(value[5:]))}
-    if isinstance(value, dict):
-        return {key: normalize(item) for key, item in value.items()}
-    if isinstance(value, list):
-        return [normalize(item) for item in value]
-    return value
+    assert flatten_json_names(ours) == flatten_json_names(qemu)

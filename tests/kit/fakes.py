@@ -1,8 +1,8 @@
-"""Helpers for the job engine's tests: an event recorder and a fake copying job.
+"""Fakes for the unit tests of the job engine: :class:`FakeJob`.
 
-``FakeJob`` is a fake for unit tests of the engine only: it "copies" chunks of a pretend
-image in memory, with optional simulated I/O time and injected ``OSError``s at chosen
-offsets. The stream job is tested on real images elsewhere (tests/stream).
+It "copies" chunks of a pretend image in memory, with optional simulated I/O time and
+injected ``OSError``s at chosen offsets; it serves the engine's unit tests only. The stream
+job is tested on real images elsewhere (tests/stream).
 """
 
 from __future__ import annotations
@@ -11,43 +11,10 @@ from typing import Any, ClassVar
 
 import trio
 
-from blockd.events import EventBus
 from blockd.jobs.job import Job
 from blockd.jobs.manager import JobManager
 
 CHUNK = 512 * 1024
-
-
-class Recorder:
-    """Collects ``(event, data)`` pairs from a bus, plus markers the test inserts."""
-
-    def __init__(self, bus: EventBus) -> None:
-        self.items: list[tuple[str, Any]] = []
-        self.bus = bus
-        bus.subscribe(lambda ev: self.items.append((ev["event"], ev.get("data"))))
-
-    def mark(self, label: str) -> None:
-        """Insert a marker (e.g. a command's reply) into the sequence."""
-        self.items.append(("--", label))
-
-    def names(self, job_id: str | None = None) -> list[str]:
-        """Compact view: ``JSC(status)``, event names, ``--label`` markers."""
-        out = []
-        for name, data in self.items:
-            if name == "--":
-                out.append(f"--{data}")
-            elif name == "JOB_STATUS_CHANGE":
-                if job_id is None or data["id"] == job_id:
-                    out.append(f"JSC({data['status']})")
-            elif job_id is None or job_id in (data.get("device"), data.get("id")):
-                out.append(name)
-        return out
-
-    def data(self, name: str) -> list[dict[str, Any]]:
-        return [d for n, d in self.items if n == name]
-
-    def clear(self) -> None:
-        self.items.clear()
 
 
 class FakeJob(Job):

@@ -6,15 +6,13 @@ speed."""
 
 from __future__ import annotations
 
-import json
 import shutil
-import subprocess
 import tempfile
 from pathlib import Path
-from typing import Any
 
 import pytest
-from repo import ROOT, load_package
+from kit.qemu import qemu_img, qemu_img_json
+from kit.repo import ROOT, load_package
 
 load_package("benchmarks")  # not an installed package
 
@@ -30,20 +28,15 @@ from benchmarks.daemons import (  # noqa: E402
 from benchmarks.qmp_client import QMPError  # noqa: E402
 
 SIZE = 4 * MiB
-
-
-def qemu_img_json(*args: str) -> Any:
-    out = subprocess.run(
-        ["qemu-img", *args, "--output=json"], capture_output=True, text=True, timeout=60, check=True
-    )
-    return json.loads(out.stdout)
+#: two daemons that never run: for the report's tests
+SPECS = [DaemonSpec("reference", "ref", ("x",)), DaemonSpec("blockd", "blockd", ("y",))]
 
 
 def allocated(image: Path) -> list[tuple[int, int]]:
     """(start, length) of the data extents of ``image``'s own layer."""
     return [
         (e["start"], e["length"])
-        for e in qemu_img_json("map", "-f", "qcow2", str(image))
+        for e in qemu_img_json("map", "-f", "qcow2", image)
         if e["data"] and e["depth"] == 0
     ]
 
@@ -55,7 +48,7 @@ def test_chain_layout(tmp_path: Path, method: str) -> None:
     assert [i["filename"] for i in info] == [str(chain.top), str(chain.mid), str(chain.base)]
     assert {i["virtual-size"] for i in info} == {SIZE}
     for image in chain.files():
-        subprocess.run(["qemu-img", "check", "-q", str(image)], timeout=60, check=True)
+        qemu_img("check", "-q", image)
     base_map = qemu_img_json("map", "-f", "qcow2", str(chain.base))
     assert all(e["data"] and not e["zero"] for e in base_map)  # every cluster written
     assert sum(n for _, n in allocated(chain.mid)) == SIZE // 2  # half, in 1 MiB extents
@@ -70,14 +63,14 @@ def test_chain_is_reproducible_and_clonable(tmp_path: Path) -> None:
     a = build_chain(tmp_path / "a", SIZE, seed=5)
     b = build_chain(tmp_path / "b", SIZE, seed=5)
     assert allocated(a.mid) == allocated(b.mid)
-    cmp = ["qemu-img", "compare", "-q", "-f", "qcow2", "-F", "qcow2"]
-    subprocess.run([*cmp, str(a.top), str(b.top)], timeout=60, check=True)
+    cmp = ["compare", "-q", "-f", "qcow2", "-F", "qcow2"]
+    qemu_img(*cmp, a.top, b.top)
     clone = clone_chain(a, tmp_path / "clone")
     info = qemu_img_json("info", "--backing-chain", "-f", "qcow2", str(clone.top))
     assert [i["filename"] for i in info] == [str(clone.top), str(clone.mid), str(clone.base)]
-    subprocess.run([*cmp, str(clone.top), str(a.top)], timeout=60, check=True)
+    qemu_img(*cmp, clone.top, a.top)
     fresh = a.fresh_top(tmp_path / "fresh.qcow2")
-    subprocess.run([*cmp, str(fresh), str(a.top)], timeout=60, check=True)
+    qemu_img(*cmp, fresh, a.top)
 
 
 def test_build_chain_rejects_bad_sizes(tmp_path: Path) -> None:
@@ -142,7 +135,6 @@ def test_measured_runs_on_a_tiny_chain(qsd: DaemonSpec, tmp_path: Path) -> None:
 
 def test_unavailable_blockd_gets_no_numbers(tmp_path: Path) -> None:
     plan = run.make_plan(run.parse_args(["--quick"]))
-    specs = [DaemonSpec("reference", "ref", ("x",)), DaemonSpec("blockd", "blockd", ("y",))]
     ref_run = {"virtual_mibps": 1000.0, "copied_mibps": 900.0, "seconds": 0.1}
     out = {
         "full": {
@@ -151,18 +143,17 @@ def test_unavailable_blockd_gets_no_numbers(tmp_path: Path) -> None:
         }
     }
     tests = [run.Test("full", 1, run.STREAM_CMDS)]
-    lines, table = report.render(plan, report.rows_for(plan, tests), out, specs)
+    lines, table = report.render(plan, report.rows_for(plan, tests), out, SPECS)
     assert table[0]["reference"] == 1000.0 and table[0]["blockd"] is None
     assert table[0]["ratio"] is None
     assert any("lacks block-stream" in ln for ln in lines)
-    line = report.summary(plan, out, specs)
+    line = report.summary(plan, out, SPECS)
     assert line.startswith("summary: stream n/a,")
     assert "unavailable: lacks block-stream" in line and "stream 1000 MiB/s" in line
 
 
 def test_concurrent_rows_show_the_durable_ceiling_and_the_bound(tmp_path: Path) -> None:
     plan = run.make_plan(run.parse_args(["--quick"]))
-    specs = [DaemonSpec("reference", "ref", ("x",)), DaemonSpec("blockd", "blockd", ("y",))]
 
     def conc(mibps: float) -> dict[str, float]:
         return {"aggregate_virtual_mibps": mibps, "seconds": 1024 / mibps}
@@ -175,7 +166,7 @@ def test_concurrent_rows_show_the_durable_ceiling_and_the_bound(tmp_path: Path) 
         "durable": {"host": run.Outcome(runs=[{"virtual_mibps": 1650.0}])},
     }
     tests = [run.Test("concurrent", 5, run.STREAM_CMDS), run.Test("durable", 5)]
-    lines, _ = report.render(plan, report.rows_for(plan, tests), out, specs)
+    lines, _ = report.render(plan, report.rows_for(plan, tests), out, SPECS)
     fig5 = [ln.split() for ln in lines if ln.startswith("5 ")]
     ceiling = next(f for f in fig5 if "(ceiling):" in f)
     assert ceiling[-2:] == ["1650", "(host)"]
@@ -183,7 +174,7 @@ def test_concurrent_rows_show_the_durable_ceiling_and_the_bound(tmp_path: Path) 
     assert share[-2:] == ["0.67", "0.88"]  # medians 1100 and 1450 against 1650
     bound = next(f for f in fig5 if "durable" in f and "reach" in f)
     assert bound[-1] == "1.50x"  # 1650 / 1100: what a stream durable at completion can reach
-    assert "16x 1.32x (durable bound 1.50x)," in report.summary(plan, out, specs)
+    assert "16x 1.32x (durable bound 1.50x)," in report.summary(plan, out, SPECS)
 
 
 def limiter_staircase(window: float, phase: float, burst: float) -> list[tuple[float, float]]:
@@ -211,8 +202,6 @@ def test_rate_estimator_error_on_an_ideal_limiter(window: float, bound: float) -
 
 
 # -- figure 8: start-up -----------------------------------------------------------------------
-
-SPECS = [DaemonSpec("reference", "ref", ("x",)), DaemonSpec("blockd", "blockd", ("y",))]
 
 
 def importtime_line(self_us: int, cumulative: int, level: int, name: str) -> str:
@@ -338,12 +327,18 @@ def floor_rec(scale: int) -> dict[str, float]:
     return rec
 
 
-def test_startup_rows_targets_floor_and_summary() -> None:
+def figure_8() -> tuple[run.Plan, list[run.Test]]:
+    """A quick plan of figure 8 and its two tests, for the report's tests."""
     plan = run.make_plan(run.parse_args(["--quick", "--figures", "8"]))
     tests = [
         run.Test("startup", 8, startup.STARTUP_CMDS),
         run.Test("startup_floor", 8, only="blockd"),
     ]
+    return plan, tests
+
+
+def test_startup_rows_targets_floor_and_summary() -> None:
+    plan, tests = figure_8()
     out = {
         "startup": {
             "reference": run.Outcome(runs=[startup_rec(0.007), startup_rec(0.009)]),
@@ -368,11 +363,7 @@ def test_startup_rows_targets_floor_and_summary() -> None:
 
 
 def test_unavailable_startup_gets_no_numbers() -> None:
-    plan = run.make_plan(run.parse_args(["--quick", "--figures", "8"]))
-    tests = [
-        run.Test("startup", 8, startup.STARTUP_CMDS),
-        run.Test("startup_floor", 8, only="blockd"),
-    ]
+    plan, tests = figure_8()
     out = {
         "startup": {
             "reference": run.Outcome(runs=[startup_rec(0.007)]),

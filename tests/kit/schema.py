@@ -1,22 +1,145 @@
-"""Hypothesis strategies for values of the types in ``schema/``, read from the files alone.
+"""The files of ``schema/`` judged from outside blockd: jsonschema as the oracle for
+blockd's own validator, hypothesis values made from the files alone, and libvirt's
+schema probe.
 
-:class:`Values` walks the raw JSON Schema files (not blockd's model of them), so what it
-makes is independent of the validator under test. With ``faults`` it plants mistakes at
-random places: a value of the wrong JSON type, an enum value or union tag that does not
-exist, an integer out of its range (int64 or its ``x-qmp-int``), a float or a bool
+The oracle: blockd validates with a walk of its own (``blockd.qmp.validate``); the files in
+``schema/`` stay standard draft 2020-12 JSON Schema, and here jsonschema judges them as such:
+the metaschema check of every file (:func:`metaschema_errors`), and what a value of a
+command, event or return type must be (:class:`Oracle`, :func:`schema_errors`). Two
+readings of the README are spelled out for jsonschema: ``"integer"`` is a JSON integer
+(never ``1.0`` or ``true``: jsonschema's own ``integer`` takes ``1.0``, QEMU does not), and
+its range, int64 or the one its ``x-qmp-int`` names, is a ``minimum``/``maximum`` pair. An
+unsigned 64-bit type's range starts at -2^63, as QEMU wraps negative int64 values.
+
+The values: :class:`Values` walks the raw JSON Schema files (not blockd's model of them),
+so what it makes is independent of the validator under test. With ``faults`` it plants
+mistakes at random places: a value of the wrong JSON type, an enum value or union tag that
+does not exist, an integer out of its range (int64 or its ``x-qmp-int``), a float or a bool
 for an integer, a required member left out, an unknown or another variant's member added.
 Inline ``blockdev-add`` options nest up to ``max_depth`` objects deep.
+
+The probe: :func:`probe` resolves a libvirt-style query path in a ``query-qmp-schema``
+answer (docs/clients.md §2.2).
 """
 
 from __future__ import annotations
 
+import functools
+import json
 import posixpath
 from collections.abc import Mapping
+from importlib.resources.abc import Traversable
 from typing import Any, Final
 
+import jsonschema
+import referencing
+import referencing.jsonschema
 from hypothesis import strategies as st
+from jsonschema import Draft202012Validator
 
-from .oracle import INT_RANGES
+from kit.repo import SCHEMA
+
+#: The URI the schema directory is mounted at inside the registry.
+BASE_URI: Final = "https://blockd.invalid/schema/"
+KINDS: Final = ("commands", "events", "types")
+#: the ranges of the ``x-qmp-int`` types (``int64`` for a plain integer), derived from the widths here
+#: (not read from ``blockd.qmp.validate``: the oracle stays independent of what it judges)
+INT_RANGES: Final = {
+    "int64": (-(1 << 63), (1 << 63) - 1),
+    "uint64": (-(1 << 63), (1 << 64) - 1),
+    "size": (-(1 << 63), (1 << 64) - 1),
+    **{f"int{bits}": (-(1 << (bits - 1)), (1 << (bits - 1)) - 1) for bits in (8, 16, 32)},
+    **{f"uint{bits}": (0, (1 << bits) - 1) for bits in (8, 16, 32)},
+}
+Files = Mapping[str, Mapping[str, Any]]
+
+
+def read_files(directory: Traversable) -> dict[str, dict[str, Any]]:
+    """The parsed ``<kind>/<name>.json`` files under ``directory``."""
+    files: dict[str, dict[str, Any]] = {}
+    for kind in KINDS:
+        files[kind] = {}
+        for entry in (directory / kind).iterdir():
+            if entry.name.endswith(".json"):
+                files[kind][entry.name.removesuffix(".json")] = json.loads(entry.read_text())
+    return files
+
+
+def metaschema_errors(files: Files) -> list[str]:
+    """``<kind>/<name>.json: <message>`` for every file that is no draft 2020-12 schema."""
+    errors = []
+    for kind, table in files.items():
+        for name, contents in sorted(table.items()):
+            try:
+                Draft202012Validator.check_schema(contents)
+            except jsonschema.SchemaError as exc:
+                errors.append(f"{kind}/{name}.json: {exc.message}")
+    return errors
+
+
+def _is_integer(checker: Any, instance: object) -> bool:
+    return type(instance) is int
+
+
+Validator: Final = jsonschema.validators.extend(
+    Draft202012Validator,
+    type_checker=Draft202012Validator.TYPE_CHECKER.redefine("integer", _is_integer),
+)
+
+
+def spelled_out(node: Any) -> Any:
+    """A copy of ``node`` with each integer's range also written as ``minimum``/``maximum``."""
+    if isinstance(node, list):
+        return [spelled_out(item) for item in node]
+    if not isinstance(node, dict):
+        return node
+    copy = {key: spelled_out(value) for key, value in node.items()}
+    if node.get("type") == "integer":
+        copy["minimum"], copy["maximum"] = INT_RANGES[node.get("x-qmp-int", "int64")]
+    return copy
+
+
+class Oracle:
+    """What jsonschema accepts for the files ``files`` (kind -> name -> contents)."""
+
+    def __init__(self, files: Files) -> None:
+        resources = [
+            (
+                f"{BASE_URI}{kind}/{name}.json",
+                referencing.jsonschema.DRAFT202012.create_resource(spelled_out(contents)),
+            )
+            for kind, table in files.items()
+            for name, contents in table.items()
+        ]
+        self.registry: referencing.Registry[Any] = referencing.Registry().with_resources(resources)
+        self._validators: dict[str, Any] = {}
+
+    def validator(self, kind: str, name: str, pointer: str = "") -> Any:
+        """The validator of ``<kind>/<name>.json`` (or of the JSON pointer in it)."""
+        uri = f"{BASE_URI}{kind}/{name}.json" + (f"#{pointer}" if pointer else "")
+        if uri not in self._validators:
+            self._validators[uri] = Validator({"$ref": uri}, registry=self.registry)
+        return self._validators[uri]
+
+    def accepts(self, kind: str, name: str, instance: Any) -> bool:
+        """Whether ``instance`` is valid for the file ``<kind>/<name>.json``."""
+        return bool(self.validator(kind, name).is_valid(instance))
+
+
+def schema_errors(relative: str, instance: Any) -> list[str]:
+    """Messages of ``instance`` failing ``schema/<relative>`` (``"commands/x.json"``) of
+    the checked-out schema, as the :class:`Oracle` judges it."""
+    kind, _, name = relative.removesuffix(".json").partition("/")
+    validator = _checkout_oracle().validator(kind, name)
+    return [error.message for error in validator.iter_errors(instance)]
+
+
+@functools.cache
+def _checkout_oracle() -> Oracle:
+    return Oracle(read_files(SCHEMA))
+
+
+# --- values --------------------------------------------------------------------------------
 
 _STRINGS: Final = st.sampled_from(["", "x", "node0", "file", "qcow2", "report", "\u00e9"])
 _JUNK: Final = [None, True, False, 0, -1, 1.0, 1.5, "", "nope", [], [1], {}, {"x": 1},
@@ -190,3 +313,44 @@ def _collect_names(node: Any, out: set[str]) -> None:
     elif isinstance(node, list):
         for item in node:
             _collect_names(item, out)
+
+
+# --- the probe -------------------------------------------------------------------
+
+
+def probe(schema: list[dict[str, Any]], query: str) -> bool:
+    """Whether a libvirt-style query path resolves in a ``query-qmp-schema`` answer.
+
+    The language of libvirt's ``virQEMUQAPISchemaPathExists`` (docs/clients.md §2.2): the
+    first component names a command or event; then ``arg-type``/``ret-type`` follow that member;
+    a plain component names an object member (``*name``: it must be optional, i.e. have a
+    ``default``), ``+case`` selects a union variant, ``^value`` tests an enum value and
+    ``$feature`` a feature. Arrays are looked through to their element type.
+    """
+    entities = {entity["name"]: entity for entity in schema}
+    parts = query.split("/")
+    current = entities.get(parts[0])
+    for part in parts[1:]:
+        while current is not None and current["meta-type"] == "array":
+            current = entities.get(current["element-type"])
+        if current is None:
+            return False
+        if part in ("arg-type", "ret-type"):
+            current = entities.get(current.get(part, ""))
+        elif part.startswith("$"):
+            return part[1:] in current.get("features", [])
+        elif part.startswith("^"):
+            return current["meta-type"] == "enum" and part[1:] in current["values"]
+        elif part.startswith("+"):
+            variants = {v["case"]: v["type"] for v in current.get("variants", [])}
+            current = entities.get(variants.get(part[1:], ""))
+        else:
+            optional = part.startswith("*")
+            name = part.lstrip("*")
+            members = {m["name"]: m for m in current.get("members", []) if "name" in m}
+            if current["meta-type"] != "object" or name not in members:
+                return False
+            if optional and "default" not in members[name]:
+                return False
+            current = entities.get(members[name]["type"])
+    return current is not None
