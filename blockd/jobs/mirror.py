@@ -231,12 +231,8 @@ class MirrorJob(CommitFilterJob):
                 await self.plan.base.flush()
             except OSError as exc:
                 mirror.drain_end()
-                action = await self.handle_io_error(
-                    exc, IoOperationType.WRITE, ignored_fails=False
-                )
-                if action == "report":
-                    return True
-                return False
+                action = await self.handle_io_error(exc, IoOperationType.WRITE, ignored_fails=False)
+                return action == "report"  # report: the run ends (failed)
             return True
         mirror.drain_end()
         return False

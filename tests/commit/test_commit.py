@@ -13,17 +13,19 @@ from typing import Any
 
 import pytest
 import trio
-from stream.streamtools import (
+from kit.chains import file_ref
+from kit.chains import qcow2 as qcow2_node
+from kit.daemons import Harness
+from kit.qemu import (
     KIB,
     MIB,
-    Harness,
     check,
     compare,
     create,
-    info,
+    image_info,
     own_data,
+    qemu_io,
     snapshot,
-    tool,
     write,
 )
 
@@ -48,19 +50,14 @@ def chain3(tmp: Path) -> tuple[Path, Path, Path]:
     write(base, 1024 * KIB, 256 * KIB, 0x12)
     mid = create(tmp / "mid.qcow2", None, base)
     write(mid, 512 * KIB, 512 * KIB, 0x22)
-    tool("qemu-io", "-f", "qcow2", "-c", f"write -z {1024 * KIB} {64 * KIB}", mid)
+    qemu_io("-f", "qcow2", "-c", f"write -z {1024 * KIB} {64 * KIB}", mid)
     top = create(tmp / "top.qcow2", None, mid)
     write(top, 1536 * KIB, 64 * KIB, 0x33)
     return base, mid, top
 
 
 def qcow2(name: str, path: Path, **extra: Any) -> dict[str, Any]:
-    return {
-        "driver": "qcow2",
-        "node-name": name,
-        "file": {"driver": "file", "filename": str(path)},
-        **extra,
-    }
+    return qcow2_node(path, name, **extra)
 
 
 async def add_chain(h: Harness, base: Path, mid: Path, top: Path, **top_extra: Any) -> None:
@@ -99,7 +96,7 @@ async def test_non_active_commit_folds_mid_into_base(harness: Harness, tmp_path:
     compare(top, expected)
     for image in (base, mid, top):
         check(image)
-    header = info(top)
+    header = image_info(top)
     assert header["backing-filename"] == str(base)
     assert header["backing-filename-format"] == "qcow2"
     # the zero cluster of mid now shadows base's data in base itself
@@ -115,9 +112,7 @@ async def test_backing_file_and_mask_protocol(harness: Harness, tmp_path: Path) 
     write(mid, 0, 64 * KIB, 0x22)
     top = create(tmp_path / "top.qcow2", None, mid)
     expected = snapshot(top, tmp_path / "expected.qcow2")
-    await harness.raw(
-        "blockdev-add", {"driver": "file", "node-name": "base", "filename": str(base)}
-    )
+    await harness.raw("blockdev-add", file_ref(base, **{"node-name": "base"}))
     await harness.raw("blockdev-add", qcow2("mid", mid, backing="base"))
     await harness.raw("blockdev-add", qcow2("top", top, backing="mid"))
     await harness.cmd(
@@ -133,7 +128,7 @@ async def test_backing_file_and_mask_protocol(harness: Harness, tmp_path: Path) 
     await harness.cmd("quit")
     compare(top, expected)
     check(top)
-    header = info(top)
+    header = image_info(top)
     assert (header["backing-filename"], header["backing-filename-format"]) == ("base.raw", "raw")
 
 
@@ -190,7 +185,7 @@ async def test_cancel_leaves_the_chain_as_it_was(harness: Harness, tmp_path: Pat
     assert [n for n in harness.d.graph.nodes.values() if n.drv == "commit_top"] == []
     await harness.cmd("quit")
     compare(top, expected)
-    assert info(top)["backing-filename"] == str(mid)
+    assert image_info(top)["backing-filename"] == str(mid)
     for image in (base, mid, top):
         check(image)
 
@@ -302,8 +297,8 @@ async def test_active_commit_keeps_up_with_writes(harness: Harness, tmp_path: Pa
     await harness.cmd("blockdev-del", node_name="top")
     await harness.cmd("quit")
     check(base)
-    assert "backing-filename" not in info(base)
-    assert info(top)["backing-filename"] == str(mid)
+    assert "backing-filename" not in image_info(base)
+    assert image_info(top)["backing-filename"] == str(mid)
 
 
 async def test_active_commit_soft_and_forced_cancel(harness: Harness, tmp_path: Path) -> None:

@@ -11,24 +11,21 @@ the job has copied something).
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import json
 import re
-import subprocess
-import sys
 import time
-import warnings
 from pathlib import Path
 from typing import Any
 
 import pytest
-from qemu.qmp.legacy import QEMUMonitorProtocol
-from reference import QSD_10 as QSD
-from stream.streamtools import KIB, MIB, create, tool, write
+from kit.chains import blockdev_args, qcow2
+from kit.cli import BLOCKD
+from kit.compare import flatten_json_names
+from kit.daemons import daemon, monitor_args
+from kit.qemu import KIB, MIB, QSD_10, check, create, image_info, qemu_img, write
+from kit.qmp import legacy_client, legacy_quit
 
-pytestmark = pytest.mark.skipif(QSD is None, reason="QEMU 10.0 qemu-storage-daemon missing")
-BLOCKD = [sys.executable, "-m", "blockd"]
+pytestmark = pytest.mark.skipif(QSD_10 is None, reason="QEMU 10.0 qemu-storage-daemon missing")
 TIMEOUT = 30
 
 Step = Any  # ["command", {arguments}] | ["UNTIL", event-or-status] | "POLL"
@@ -39,23 +36,17 @@ def make_chain(d: Path) -> None:
     d.mkdir()
     create(d / "base.qcow2", 4 * MIB)
     write(d / "base.qcow2", 0, MIB, 1)
-    tool("qemu-img", "create", "-q", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2",
-         d / "mid.qcow2")  # fmt: skip
+    qemu_img("create", "-q", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2", d / "mid.qcow2")
     write(d / "mid.qcow2", 512 * KIB, MIB, 2)
-    tool("qemu-img", "create", "-q", "-f", "qcow2", "-b", "mid.qcow2", "-F", "qcow2",
-         d / "top.qcow2")  # fmt: skip
+    qemu_img("create", "-q", "-f", "qcow2", "-b", "mid.qcow2", "-F", "qcow2", d / "top.qcow2")
     write(d / "top.qcow2", 2 * MIB, 64 * KIB, 3)
 
 
 def blockdevs(d: Path) -> list[dict[str, Any]]:
-    def image(name: str, **extra: Any) -> dict[str, Any]:
-        file = {"driver": "file", "filename": str(d / f"{name}.qcow2")}
-        return {"driver": "qcow2", "node-name": name, "file": file, **extra}
-
     return [
-        image("base", **{"read-only": True}),
-        image("mid", backing="base", **{"read-only": True}),
-        image("top", backing="mid"),
+        qcow2(d / "base.qcow2", "base", **{"read-only": True}),
+        qcow2(d / "mid.qcow2", "mid", backing="base", **{"read-only": True}),
+        qcow2(d / "top.qcow2", "top", backing="mid"),
     ]
 
 
@@ -63,26 +54,15 @@ def run(cmd: list[str], d: Path, sock_dir: Path, steps: list[Step]) -> list[Any]
     """Start the daemon ``cmd`` on a fresh chain in ``d``, run ``steps``; what it said."""
     make_chain(d)
     sock = sock_dir / f"{d.name}.sock"
-    args = [a for b in blockdevs(d) for a in ("--blockdev", json.dumps(b))]
-    proc = subprocess.Popen(
-        [*cmd, *args, "--chardev", f"socket,id=m0,path={sock},server=on,wait=off",
-         "--monitor", "chardev=m0"],
-        stdin=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
     seen: list[Any] = []
-    try:
+    argv = [*cmd, *blockdev_args(blockdevs(d)), *monitor_args(sock)]
+    with daemon(argv, ready=sock) as proc, legacy_client(sock) as qmp:
         deadline = time.monotonic() + TIMEOUT
-        while not sock.exists():
-            assert proc.poll() is None, proc.communicate()[1]
-            assert time.monotonic() < deadline
-            time.sleep(0.01)
-        qmp = QEMUMonitorProtocol(str(sock))
-        qmp.connect(negotiate=True)
         mark = 0
         for step in steps:
             if step == "POLL":
                 while not qmp.cmd_raw("query-block-jobs")["return"][0]["offset"]:
-                    assert time.monotonic() < deadline + TIMEOUT
+                    assert time.monotonic() < deadline
                     time.sleep(0.01)
                 continue
             name, arguments = step
@@ -101,38 +81,13 @@ def run(cmd: list[str], d: Path, sock_dir: Path, steps: list[Step]) -> list[Any]
             seen.extend(["EV", e["event"], e.get("data", {})] for e in qmp.get_events())
             qmp.clear_events()
             seen.append([name, reply])
-        assert qmp.cmd_raw("quit") == {"return": {}}
-        with contextlib.suppress(EOFError):
-            qmp.close()
+        legacy_quit(qmp)
         assert proc.wait(timeout=TIMEOUT) == 0
-    finally:
-        proc.kill()
-        proc.wait()
-        if proc.stderr:
-            proc.stderr.close()
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", DeprecationWarning)
-            loop = asyncio.get_event_loop()
-        loop.close()
-        asyncio.set_event_loop(None)
     for name in ("base", "mid", "top"):
-        tool("qemu-img", "check", "-q", d / f"{name}.qcow2")
-        header = json.loads(tool("qemu-img", "info", "--output=json", d / f"{name}.qcow2").stdout)
+        check(d / f"{name}.qcow2")
+        header = image_info(d / f"{name}.qcow2")
         seen.append([name, header.get("backing-filename"), header.get("backing-filename-format")])
     return seen
-
-
-def flatten(value: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(value, dict):
-        items: list[tuple[str, Any]] = list(value.items())
-    elif isinstance(value, list):
-        items = [(str(i), v) for i, v in enumerate(value)]
-    else:
-        return {prefix: value}
-    flat: dict[str, Any] = {}
-    for key, item in items:
-        flat.update(flatten(item, f"{prefix}.{key}" if prefix else key))
-    return flat
 
 
 def normalize(seen: list[Any], d: Path) -> Any:
@@ -143,17 +98,13 @@ def normalize(seen: list[Any], d: Path) -> Any:
     text = re.sub(r"#block\d+", lambda m: names.setdefault(m.group(0), f"#{len(names)}"), text)
 
     def fix(value: Any) -> Any:
-        if isinstance(value, str) and value.startswith("json:"):
-            return {"json": flatten(json.loads(value[5:]))}
         if isinstance(value, dict):
-            return {
-                k: fix(v) for k, v in value.items() if k not in ("children", "actual-size")
-            }
+            return {k: fix(v) for k, v in value.items() if k not in ("children", "actual-size")}
         if isinstance(value, list):
             return [fix(v) for v in value]
         return value
 
-    return fix(json.loads(text))
+    return fix(flatten_json_names(json.loads(text)))
 
 
 def replies_last(seen: list[Any], loose: tuple[str, ...]) -> list[Any]:
@@ -175,8 +126,8 @@ def replies_last(seen: list[Any], loose: tuple[str, ...]) -> list[Any]:
 def same_as_qemu(
     tmp_path: Path, sock_dir: Path, steps: list[Step], loose: tuple[str, ...] = ()
 ) -> None:
-    assert QSD is not None
-    qemu = normalize(run([QSD], tmp_path / "qemu", sock_dir, steps), tmp_path / "qemu")
+    assert QSD_10 is not None
+    qemu = normalize(run([QSD_10], tmp_path / "qemu", sock_dir, steps), tmp_path / "qemu")
     ours = normalize(run(BLOCKD, tmp_path / "blockd", sock_dir, steps), tmp_path / "blockd")
     qemu, ours = replies_last(qemu, loose), replies_last(ours, loose)
     for i, (a, b) in enumerate(zip(ours, qemu, strict=False)):
@@ -290,9 +241,10 @@ def test_active_soft_cancel_from_standby(tmp_path: Path, sock_dir: Path) -> None
 
 def test_active_not_ready(tmp_path: Path, sock_dir: Path) -> None:
     """Refusals before ready, then a forced cancel once the first copy is done."""
+    # fmt: off
     steps: list[Step] = [
         ["block-commit", {"device": "top", "job-id": "j", "speed": 4096,
-                          "auto-finalize": False, "auto-dismiss": False}],  # fmt: skip
+                          "auto-finalize": False, "auto-dismiss": False}],
         ["job-complete", {"id": "j"}],
         ["block-job-complete", {"device": "j"}],
         "POLL",
@@ -305,4 +257,5 @@ def test_active_not_ready(tmp_path: Path, sock_dir: Path) -> None:
         ["job-dismiss", {"id": "j"}],
         NODES,
     ]
+    # fmt: on
     same_as_qemu(tmp_path, sock_dir, steps, loose=("job-cancel",))

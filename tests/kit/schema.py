@@ -42,7 +42,7 @@ from kit.repo import SCHEMA
 #: The URI the schema directory is mounted at inside the registry.
 BASE_URI: Final = "https://blockd.invalid/schema/"
 KINDS: Final = ("commands", "events", "types")
-#: the ranges of the ``x-qmp-int`` types (``int64`` for a plain integer), derived from the widths here
+#: the ranges of the ``x-qmp-int`` types (``int64`` for a plain integer), from their widths
 #: (not read from ``blockd.qmp.validate``: the oracle stays independent of what it judges)
 INT_RANGES: Final = {
     "int64": (-(1 << 63), (1 << 63) - 1),

@@ -12,12 +12,9 @@ from __future__ import annotations
 
 import json
 import random
-import shutil
 import socket
 import string
 import subprocess
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -26,10 +23,9 @@ from kit.daemons import daemon, monitor_args
 from kit.qemu import QSD10
 from kit.wire import NEGOTIATE, NEGOTIATE_OOB, blockd_replies, qemu_replies
 
-from blockd.qmp.connection import NEED_DATA, Connection, Output, Request
+from blockd.qmp.connection import NEED_DATA, Connection, Output
 from blockd.qmp.messages import version_info
 from blockd.qmp.schema import Schema
-
 
 pytestmark = pytest.mark.skipif(not QSD10.exists(), reason="QEMU 10 qemu-storage-daemon missing")
 
