@@ -87,14 +87,22 @@ class Rule:
 
 PURE = ("blockd.qmp", "blockd.nbd", "blockd.qdict", "blockd.errors", "blockd.options")
 PURE_JOBS = ("blockd.jobs.state", "blockd.jobs.policy", "blockd.jobs.ratelimit")
+ENGINE = (
+    *PURE_JOBS,
+    "blockd.jobs.job",
+    "blockd.jobs.manager",
+    "blockd.jobs.setup",
+    "blockd.jobs.holds",
+    "blockd.jobs.window",
+)
 DAEMON = ("blockd.server", "blockd.run", "blockd.cli", "blockd.daemon", "blockd.demo")
 RULES = (
     Rule(
         "protocol cores are sans-IO",
-        (*PURE, *PURE_JOBS, "blockd.block.qcow2.format"),
+        (*PURE, *PURE_JOBS, "blockd.block.qcow2.format", "blockd.block.dirty"),
         ("trio", "socket", "asyncio", "threading"),
-        "the QMP and NBD cores, the job tables and the qcow2 math are pure: bytes or values "
-        "in, values out; the trio edge drives them",
+        "the QMP and NBD cores, the job tables, the qcow2 math and dirty bitmaps are pure: "
+        "bytes or values in, values out; the trio edge drives them",
     ),
     Rule(
         "protocol cores know no block layer",
@@ -116,6 +124,7 @@ RULES = (
             "blockd.block.drivers.raw",
             "blockd.block.drivers.blkdebug",
             "blockd.block.drivers.copy_on_read",
+            "blockd.block.drivers.job_filters",
             "blockd.block.qcow2.driver",
         ),
         "they ask the driver through its interface (blockd.block.driver); only the driver "
@@ -132,6 +141,12 @@ RULES = (
         ),
         ("blockd.block.graph", "blockd.block.permissions"),
         "only the graph opens and links nodes; drivers see their node and its children",
+    ),
+    Rule(
+        "the job engine knows no job algorithm",
+        ENGINE,
+        ("blockd.jobs.stream", "blockd.jobs.commit", "blockd.jobs.mirror"),
+        "the engine runs any job through the Job seams; stream, commit and mirror plug in",
     ),
     Rule(
         "jobs know no commands",

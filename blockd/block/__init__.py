@@ -9,11 +9,13 @@ The core, at this level:
 * :mod:`~blockd.block.graph` -- the only module that opens, links, reparents and closes
   nodes; :mod:`~blockd.block.permissions` computes what each node's users may do;
 * :mod:`~blockd.block.chain` -- walks along backing chains (allocation, base lookup);
+* :mod:`~blockd.block.dirty` -- dirty bitmaps: which granules of a node were written;
 * :mod:`~blockd.block.request_lock` -- serialising overlapping requests on a node.
 
 Its families, one folder each:
 
-* :mod:`blockd.block.drivers` -- ``file``, ``raw``, ``blkdebug``, ``copy-on-read``, and the
+* :mod:`blockd.block.drivers` -- ``file``, ``raw``, ``blkdebug``, ``copy-on-read``, the
+  filters commit jobs insert (``commit_top``, ``mirror_top``), and the
   table that maps QMP driver names to classes;
 * :mod:`blockd.block.qcow2` -- the qcow2 format: on-disk math, refcounts, caches,
   snapshots, reads, writes, creation;

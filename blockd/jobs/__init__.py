@@ -1,1 +1,2 @@
-"""Jobs: QEMU's job state machine, its policies, and the jobs blockd runs (stream)."""
+"""Jobs: QEMU's job state machine, its policies, the engine, and the jobs blockd runs
+(stream, commit, and the active commit on the mirror machinery)."""
