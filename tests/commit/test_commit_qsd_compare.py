@@ -259,3 +259,32 @@ def test_active_not_ready(tmp_path: Path, sock_dir: Path) -> None:
     ]
     # fmt: on
     same_as_qemu(tmp_path, sock_dir, steps, loose=("job-cancel",))
+
+
+def test_overlapping_jobs(tmp_path: Path, sock_dir: Path) -> None:
+    """Stream and commit refuse each other with QEMU's texts, both ways."""
+    # fmt: off
+    steps: list[Step] = [
+        ["block-stream", {"device": "top", "job-id": "s", "speed": 1, "filter-node-name": "sf",
+                          "base-node": "base"}],
+        ["block-commit", {"device": "top", "job-id": "c"}],
+        ["block-commit", {"device": "sf", "job-id": "c"}],
+        ["block-commit", {"device": "sf", "job-id": "c", "top-node": "mid"}],
+        ["block-job-cancel", {"device": "s"}],
+        ["UNTIL", "null"],
+        ["block-commit", {"device": "top", "job-id": "c", "top-node": "mid", "speed": 1}],
+        ["block-stream", {"device": "top", "job-id": "s"}],
+        ["block-stream", {"device": "mid", "job-id": "s"}],
+        ["block-stream", {"device": "base", "job-id": "s"}],
+        ["block-commit", {"device": "top", "job-id": "c2"}],
+        ["block-commit", {"device": "top", "job-id": "c"}],
+        ["job-cancel", {"id": "c"}],
+        ["UNTIL", "null"],
+        ["block-commit", {"device": "top", "job-id": "c", "speed": 1}],
+        ["block-commit", {"device": "top", "job-id": "c2", "top-node": "mid"}],
+        ["block-stream", {"device": "top", "job-id": "s"}],
+        ["job-cancel", {"id": "c"}],
+        ["UNTIL", "null"],
+    ]
+    # fmt: on
+    same_as_qemu(tmp_path, sock_dir, steps, loose=("job-cancel", "block-job-cancel"))
