@@ -351,3 +351,50 @@ async def test_job_complete_while_standby_and_after_a_cancel(
         "The active block job 'k' cannot be completed"
     )
     assert (await harness.wait_done("k"))["event"] == "BLOCK_JOB_COMPLETED"
+
+
+async def test_pause_and_resume(harness: Harness, tmp_path: Path) -> None:
+    base, mid, top = chain3(tmp_path)
+    expected = snapshot(top, tmp_path / "expected.qcow2")
+    await add_chain(harness, base, mid, top)
+    await harness.cmd("block-commit", device="top", job_id="j", top_node="mid", speed=64 * KIB)
+    await harness.wait_progress("j")
+    await harness.cmd("job-pause", id="j")
+    await harness.wait_event("JOB_STATUS_CHANGE", status="paused")
+    [job] = await harness.cmd("query-block-jobs")
+    assert (job["paused"], job["status"]) == (True, "paused")
+    await harness.cmd("block-job-set-speed", device="j", speed=0)
+    await harness.cmd("job-resume", id="j")
+    assert (await harness.wait_done("j"))["event"] == "BLOCK_JOB_COMPLETED"
+    await harness.cmd("quit")
+    compare(top, expected)
+
+
+@pytest.mark.parametrize("on_error", ["stop", "report"])
+async def test_active_commit_write_errors(harness: Harness, tmp_path: Path, on_error: str) -> None:
+    """A failed write into the base: the run is dirty again; stop pauses (and the
+    resume copies it), report fails the job and the top stays the active layer."""
+    base, mid, top = chain3(tmp_path)
+    expected = snapshot(top, tmp_path / "expected.qcow2")
+    await harness.raw("blockdev-add", failing_base(base, 5, once=True))
+    await harness.raw("blockdev-add", qcow2("mid", mid, backing="base", **{"read-only": True}))
+    await harness.raw("blockdev-add", qcow2("top", top, backing="mid"))
+    await harness.cmd("block-commit", device="top", job_id="j", on_error=on_error)
+    error = await harness.wait_event("BLOCK_JOB_ERROR")
+    assert error == {"device": "j", "operation": "write", "action": on_error}
+    if on_error == "stop":
+        await harness.wait_event("JOB_STATUS_CHANGE", status="paused")
+        await harness.cmd("job-resume", id="j")
+        await harness.wait_event("BLOCK_JOB_READY")
+        await harness.cmd("job-complete", id="j")
+        assert (await harness.wait_done("j"))["event"] == "BLOCK_JOB_COMPLETED"
+        assert node(harness, "top").parents == []
+    else:
+        done = await harness.wait_done("j")
+        assert done["error"] == "Input/output error"
+        assert node(harness, "top").backing is node(harness, "mid")
+        assert [n for n in harness.d.graph.nodes.values() if n.drv == "mirror_top"] == []
+    await harness.cmd("quit")
+    compare(top, expected)
+    if on_error == "stop":
+        compare(base, expected)
