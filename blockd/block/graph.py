@@ -122,6 +122,17 @@ class Graph:
     def find(self, name: str) -> BlockNode | None:
         return self.nodes.get(name)
 
+    def get(self, name: str) -> BlockNode:
+        """The node called ``name``, looked up as QEMU's ``bdrv_lookup_bs(NULL, name)``.
+
+        Raises:
+            RequestError: ``Cannot find device='' nor node-name='<name>'``.
+        """
+        node = self.nodes.get(name)
+        if node is None:
+            raise RequestError(f"Cannot find device='' nor node-name='{name}'")
+        return node
+
     def newest_first(self) -> list[BlockNode]:
         """Every node, newest first (the order of query-named-block-nodes)."""
         return list(reversed(self.nodes.values()))

@@ -25,13 +25,6 @@ if TYPE_CHECKING:
     from blockd.daemon import Daemon
 
 
-def _node(d: Daemon, name: str) -> BlockNode:
-    node = d.graph.find(name)
-    if node is None:
-        raise RequestError(f"Cannot find device='' nor node-name='{name}'")
-    return node
-
-
 @command("block-commit")
 @one_setup_at_a_time
 async def block_commit(
@@ -69,7 +62,7 @@ async def block_commit(
         raise RequestError("'top-node' and 'top' are mutually exclusive")
     top_bs: BlockNode | None = bs
     if top_node is not None:
-        top_bs = _node(d, top_node)
+        top_bs = d.graph.get(top_node)
         if not chain.chain_contains(bs, top_bs):
             raise RequestError(f"'{top_node}' is not in this backing file chain")
     elif top is not None:
@@ -81,7 +74,7 @@ async def block_commit(
     if base_node is not None and base is not None:
         raise RequestError("'base-node' and 'base' are mutually exclusive")
     if base_node is not None:
-        base_bs = _node(d, base_node)
+        base_bs = d.graph.get(base_node)
         if not chain.chain_contains(top_bs, base_bs):
             raise RequestError(f"'{base_node}' is not in this backing file chain")
     elif base is not None:

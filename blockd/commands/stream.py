@@ -23,13 +23,6 @@ if TYPE_CHECKING:
     from blockd.daemon import Daemon
 
 
-def _node(d: Daemon, name: str) -> BlockNode:
-    node = d.graph.find(name)
-    if node is None:
-        raise RequestError(f"Cannot find device='' nor node-name='{name}'")
-    return node
-
-
 def _above_base(base_overlay: BlockNode, base: BlockNode | None) -> BlockNode:
     """The node directly above ``base``, filters counted (``stream_start``)."""
     above = base_overlay
@@ -83,13 +76,13 @@ async def block_stream(
         if base_bs is None:
             raise RequestError(f"Can't find '{base}' in the backing chain")
     if base_node is not None:
-        base_bs = _node(d, base_node)
+        base_bs = d.graph.get(base_node)
         if base_bs is top or not chain.chain_contains(top, base_bs):
             raise RequestError(f"Node '{base_node}' is not a backing image of '{device}'")
 
     bottom_bs: BlockNode | None = None
     if bottom is not None:
-        bottom_bs = _node(d, bottom)
+        bottom_bs = d.graph.get(bottom)
         if bottom_bs.is_filter:
             raise RequestError(f"Node '{bottom}' is a filter, use a non-filter node as 'bottom'")
         if not chain.chain_contains(top, bottom_bs):

@@ -36,6 +36,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, Final
 
@@ -194,6 +195,21 @@ class CommitFilterJob(Job):
                 shared |= Perm.CONSISTENT_READ
             self.holds.take(walk, NodeUser(self.who, role, PERM_NONE, shared))
             walk = walk.filtered
+
+    async def bounded_release(self, steps: Callable[[], Awaitable[None]]) -> None:
+        """Run a clean-up's ``steps`` shielded (a cancel cannot leave half of them done)
+        and bounded by :data:`CLEAN_SECONDS`: past it a hung disk is logged and the job
+        ends anyway."""
+        with trio.CancelScope(shield=True):
+            with trio.move_on_after(CLEAN_SECONDS) as bound:
+                await steps()
+        if bound.cancelled_caught:
+            log.error(
+                "%s: releasing the chain did not finish within %gs (storage not "
+                "responding); nodes may stay blocked",
+                self.who,
+                CLEAN_SECONDS,
+            )
 
     def check_not_same(self) -> None:
         """Raises: RequestError: top and base are one image (filters skipped)."""
@@ -356,20 +372,16 @@ class CommitJob(CommitFilterJob):
                 await self.graph.reopen(overlay, read_only=True)
 
     async def abort(self) -> None:
-        with trio.CancelScope(shield=True), trio.move_on_after(CLEAN_SECONDS):
+        async def steps() -> None:
             await self.holds.release(skip=self.filter_node)
             await self.drop_filter()
 
+        await self.bounded_release(steps)
+
     async def clean(self) -> None:
-        with trio.CancelScope(shield=True):
-            with trio.move_on_after(CLEAN_SECONDS) as bound:
-                await self.drop_filter()
-                await self.holds.release()
-                await self.restore_base()
-        if bound.cancelled_caught:
-            log.error(
-                "%s: releasing the chain did not finish within %gs (storage not "
-                "responding); nodes may stay blocked",
-                self.who,
-                CLEAN_SECONDS,
-            )
+        async def steps() -> None:
+            await self.drop_filter()
+            await self.holds.release()
+            await self.restore_base()
+
+        await self.bounded_release(steps)

@@ -46,7 +46,7 @@ from blockd.block.drivers.job_filters import MirrorTopDriver
 from blockd.block.host.locking import PERM_ALL, PERM_NONE, Perm
 from blockd.block.node import NodeUser
 from blockd.errors import QMPError, RequestError
-from blockd.jobs.commit import CLEAN_SECONDS, CommitFilterJob, CopyError
+from blockd.jobs.commit import CommitFilterJob, CopyError
 from blockd.jobs.policy import IoOperationType
 from blockd.jobs.state import JobStatus
 
@@ -259,23 +259,18 @@ class MirrorJob(CommitFilterJob):
 
     async def clean(self) -> None:
         failed = self.error is not None
-        with trio.CancelScope(shield=True):
-            with trio.move_on_after(CLEAN_SECONDS) as bound:
-                self.release_bitmap()
-                drained = self.filter_node is not None and self.mirror_filter.drained
-                await self.holds.release(skip=self.filter_node)
-                await self.drop_filter_and_resume(drained)
-                if failed:
-                    await self.restore_base()
-                else:
-                    self.base_read_only = False  # the base keeps the top's mode
-        if bound.cancelled_caught:
-            log.error(
-                "%s: releasing the chain did not finish within %gs (storage not "
-                "responding); nodes may stay blocked",
-                self.who,
-                CLEAN_SECONDS,
-            )
+
+        async def steps() -> None:
+            self.release_bitmap()
+            drained = self.filter_node is not None and self.mirror_filter.drained
+            await self.holds.release(skip=self.filter_node)
+            await self.drop_filter_and_resume(drained)
+            if failed:
+                await self.restore_base()
+            else:
+                self.base_read_only = False  # the base keeps the top's mode
+
+        await self.bounded_release(steps)
 
     async def drop_filter_and_resume(self, drained: bool) -> None:
         """Take the filter out, then let the writes it held back go on (into what is

@@ -9,7 +9,9 @@ cleanly, and the images end up as the client expects.
 
 from __future__ import annotations
 
+import contextlib
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -60,6 +62,21 @@ def add_libvirt_disk(qmp: Any, images: list[Path]) -> None:
         backing = fmt
 
 
+@contextlib.contextmanager
+def libvirt_disk(sock_dir: Path, images: list[Path]) -> Iterator[Any]:
+    """A blockd process with ``images`` added as libvirt adds a disk; a client for the
+    ``with`` block; then ``quit``, and the daemon must exit 0."""
+    daemon = start_blockd(sock_dir)
+    try:
+        with legacy_client(daemon.sock) as qmp:
+            add_libvirt_disk(qmp, images)
+            yield qmp
+            legacy_quit(qmp)
+        assert daemon.proc.wait(timeout=30) == 0
+    finally:
+        stop(daemon.proc)
+
+
 def ok(reply: dict[str, Any]) -> Any:
     assert "return" in reply, reply
     return reply["return"]
@@ -72,38 +89,31 @@ def wait_status(qmp: Any, status: str) -> None:
 def test_virsh_blockcommit_active_pivot(tmp_path: Path, sock_dir: Path) -> None:
     images = libvirt_chain(tmp_path)
     expected = snapshot(images[-1], tmp_path / "expected.qcow2")
-    daemon = start_blockd(sock_dir)
-    try:
-        with legacy_client(daemon.sock) as qmp:
-            add_libvirt_disk(qmp, images)
-            job = "commit-vda-libvirt-3-format"
-            ok(qmp.cmd_raw("block-commit", {
-                "device": "libvirt-3-format", "job-id": job, "top-node": "libvirt-3-format",
-                "base-node": "libvirt-1-format", "auto-finalize": True, "auto-dismiss": False,
-                "backing-mask-protocol": True,
-            }))  # fmt: skip
-            wait_status(qmp, "ready")
-            [info] = ok(qmp.cmd_raw("query-block-jobs"))
-            assert (info["type"], info["ready"], info["len"]) == ("commit", True, info["offset"])
-            bitmap = {"type": "block-dirty-bitmap-add", "data": {
-                "node": "libvirt-1-format", "name": "libvirt-tmp-activewrite",
-                "persistent": False, "disabled": False}}  # fmt: skip
-            refused = qmp.cmd_raw("transaction", {"actions": [bitmap]})
-            assert refused["error"]["class"] == "CommandNotFound"  # libvirt ignores it
-            ok(qmp.cmd_raw("job-complete", {"id": job}))
-            wait_status(qmp, "concluded")
-            [done] = ok(qmp.cmd_raw("query-jobs"))
-            assert "error" not in done
-            ok(qmp.cmd_raw("job-dismiss", {"id": job}))
-            nodes = {n["node-name"]: n for n in ok(qmp.cmd_raw("query-named-block-nodes"))}
-            assert nodes["libvirt-1-format"]["ro"] is False  # the active layer now
-            for name in ("libvirt-3-format", "libvirt-3-storage", "libvirt-2-format",
-                         "libvirt-2-storage"):  # fmt: skip
-                ok(qmp.cmd_raw("blockdev-del", {"node-name": name}))
-            legacy_quit(qmp)
-        assert daemon.proc.wait(timeout=30) == 0
-    finally:
-        stop(daemon.proc)
+    with libvirt_disk(sock_dir, images) as qmp:
+        job = "commit-vda-libvirt-3-format"
+        ok(qmp.cmd_raw("block-commit", {
+            "device": "libvirt-3-format", "job-id": job, "top-node": "libvirt-3-format",
+            "base-node": "libvirt-1-format", "auto-finalize": True, "auto-dismiss": False,
+            "backing-mask-protocol": True,
+        }))  # fmt: skip
+        wait_status(qmp, "ready")
+        [info] = ok(qmp.cmd_raw("query-block-jobs"))
+        assert (info["type"], info["ready"], info["len"]) == ("commit", True, info["offset"])
+        bitmap = {"type": "block-dirty-bitmap-add", "data": {
+            "node": "libvirt-1-format", "name": "libvirt-tmp-activewrite",
+            "persistent": False, "disabled": False}}  # fmt: skip
+        refused = qmp.cmd_raw("transaction", {"actions": [bitmap]})
+        assert refused["error"]["class"] == "CommandNotFound"  # libvirt ignores it
+        ok(qmp.cmd_raw("job-complete", {"id": job}))
+        wait_status(qmp, "concluded")
+        [done] = ok(qmp.cmd_raw("query-jobs"))
+        assert "error" not in done
+        ok(qmp.cmd_raw("job-dismiss", {"id": job}))
+        nodes = {n["node-name"]: n for n in ok(qmp.cmd_raw("query-named-block-nodes"))}
+        assert nodes["libvirt-1-format"]["ro"] is False  # the active layer now
+        for name in ("libvirt-3-format", "libvirt-3-storage", "libvirt-2-format",
+                     "libvirt-2-storage"):  # fmt: skip
+            ok(qmp.cmd_raw("blockdev-del", {"node-name": name}))
     compare(images[0], expected)
     for image in images:
         check(image)
@@ -115,31 +125,24 @@ def test_libvirt_snapshot_delete_non_active(tmp_path: Path, sock_dir: Path) -> N
     base's relative name kept, job-finalize at pending."""
     images = libvirt_chain(tmp_path)
     expected = snapshot(images[-1], tmp_path / "expected.qcow2")
-    daemon = start_blockd(sock_dir)
-    try:
-        with legacy_client(daemon.sock) as qmp:
-            add_libvirt_disk(qmp, images)
-            job = "commit-vda-libvirt-2-format"
-            ok(qmp.cmd_raw("block-commit", {
-                "device": "libvirt-3-format", "job-id": job, "top-node": "libvirt-2-format",
-                "base-node": "libvirt-1-format", "backing-file": "base.qcow2",
-                "auto-finalize": False, "auto-dismiss": False, "backing-mask-protocol": True,
-            }))  # fmt: skip
-            wait_status(qmp, "pending")
-            ok(qmp.cmd_raw("job-finalize", {"id": job}))
-            wait_status(qmp, "concluded")
-            [done] = ok(qmp.cmd_raw("query-jobs"))
-            assert "error" not in done
-            ok(qmp.cmd_raw("job-dismiss", {"id": job}))
-            nodes = {n["node-name"]: n for n in ok(qmp.cmd_raw("query-named-block-nodes"))}
-            assert nodes["libvirt-3-format"]["image"]["backing-filename"] == "base.qcow2"
-            assert nodes["libvirt-1-format"]["ro"] is True  # back to read-only
-            for name in ("libvirt-2-format", "libvirt-2-storage"):
-                ok(qmp.cmd_raw("blockdev-del", {"node-name": name}))
-            legacy_quit(qmp)
-        assert daemon.proc.wait(timeout=30) == 0
-    finally:
-        stop(daemon.proc)
+    with libvirt_disk(sock_dir, images) as qmp:
+        job = "commit-vda-libvirt-2-format"
+        ok(qmp.cmd_raw("block-commit", {
+            "device": "libvirt-3-format", "job-id": job, "top-node": "libvirt-2-format",
+            "base-node": "libvirt-1-format", "backing-file": "base.qcow2",
+            "auto-finalize": False, "auto-dismiss": False, "backing-mask-protocol": True,
+        }))  # fmt: skip
+        wait_status(qmp, "pending")
+        ok(qmp.cmd_raw("job-finalize", {"id": job}))
+        wait_status(qmp, "concluded")
+        [done] = ok(qmp.cmd_raw("query-jobs"))
+        assert "error" not in done
+        ok(qmp.cmd_raw("job-dismiss", {"id": job}))
+        nodes = {n["node-name"]: n for n in ok(qmp.cmd_raw("query-named-block-nodes"))}
+        assert nodes["libvirt-3-format"]["image"]["backing-filename"] == "base.qcow2"
+        assert nodes["libvirt-1-format"]["ro"] is True  # back to read-only
+        for name in ("libvirt-2-format", "libvirt-2-storage"):
+            ok(qmp.cmd_raw("blockdev-del", {"node-name": name}))
     compare(images[-1], expected)
     for image in images:
         check(image)
@@ -155,33 +158,26 @@ def test_proxmox_commit_polling(tmp_path: Path, sock_dir: Path) -> None:
     query-block-jobs polled until the job is gone (non-active) or ready (active)."""
     images = libvirt_chain(tmp_path)
     expected = snapshot(images[-1], tmp_path / "expected.qcow2")
-    daemon = start_blockd(sock_dir)
-    try:
-        with legacy_client(daemon.sock) as qmp:
-            add_libvirt_disk(qmp, images)
-            ok(qmp.cmd_raw("block-commit", {"device": "libvirt-3-format",
-                                            "job-id": "commit-drive-scsi0",
-                                            "top-node": "libvirt-2-format",
-                                            "base-node": "libvirt-1-format"}))  # fmt: skip
-            deadline = time.monotonic() + 30
-            while ok(qmp.cmd_raw("query-block-jobs")):
-                assert time.monotonic() < deadline
-                time.sleep(0.05)
-            ok(qmp.cmd_raw("block-commit", {"device": "libvirt-3-format",
-                                            "job-id": "commit-drive-scsi0",
-                                            "top-node": "libvirt-3-format",
-                                            "base-node": "libvirt-1-format"}))  # fmt: skip
-            while not any(j["ready"] for j in ok(qmp.cmd_raw("query-block-jobs"))):
-                assert time.monotonic() < deadline
-                time.sleep(0.05)
-            ok(qmp.cmd_raw("block-job-complete", {"device": "commit-drive-scsi0"}))
-            while ok(qmp.cmd_raw("query-block-jobs")):
-                assert time.monotonic() < deadline
-                time.sleep(0.05)
-            legacy_quit(qmp)
-        assert daemon.proc.wait(timeout=30) == 0
-    finally:
-        stop(daemon.proc)
+    with libvirt_disk(sock_dir, images) as qmp:
+        ok(qmp.cmd_raw("block-commit", {"device": "libvirt-3-format",
+                                        "job-id": "commit-drive-scsi0",
+                                        "top-node": "libvirt-2-format",
+                                        "base-node": "libvirt-1-format"}))  # fmt: skip
+        deadline = time.monotonic() + 30
+        while ok(qmp.cmd_raw("query-block-jobs")):
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        ok(qmp.cmd_raw("block-commit", {"device": "libvirt-3-format",
+                                        "job-id": "commit-drive-scsi0",
+                                        "top-node": "libvirt-3-format",
+                                        "base-node": "libvirt-1-format"}))  # fmt: skip
+        while not any(j["ready"] for j in ok(qmp.cmd_raw("query-block-jobs"))):
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        ok(qmp.cmd_raw("block-job-complete", {"device": "commit-drive-scsi0"}))
+        while ok(qmp.cmd_raw("query-block-jobs")):
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
     compare(images[0], expected)
     for image in images:
         check(image)
