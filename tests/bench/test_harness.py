@@ -111,7 +111,7 @@ def test_qmp_client_drives_a_stream(qsd: DaemonSpec, tmp_path: Path, sock_dir: P
         finally:
             for c in clients:
                 c.close()
-    figures.verify_stream(top, chain.top, None)
+    figures.verify_image(top, chain.top, None)
 
 
 @needs_qsd
