@@ -12,9 +12,10 @@ background copy mode):
   other, wrapping around at the end: a run is cleared, then copied; a copy that fails
   marks it dirty again and goes through ``on-error`` (``stop`` pauses, ``ignore``
   retries later, ``report`` fails the job). Where the chain's files allow offloaded
-  copies, adjacent dirty runs are taken together, up to :data:`MIRROR_COPY_MERGE`
-  bytes in one copy; if such a copy fails, its range is marked dirty again and copied
-  run by run, so that an error is reported for the run that has it. Progress: ``len``
+  copies and no speed limit is set, adjacent dirty runs are taken together, up to
+  :data:`MIRROR_COPY_MERGE` bytes in one copy; if such a copy fails, its range is
+  marked dirty again and copied run by run, so that an error is reported for the run
+  that has it. Progress: ``len``
   is what was copied plus what is dirty, so it grows while writers keep writing.
 * Ready: the first time nothing is dirty the target is flushed, the job turns ``ready``
   (``JOB_STATUS_CHANGE`` then ``BLOCK_JOB_READY``) and from then on sleeps
@@ -186,11 +187,14 @@ class MirrorJob(CommitFilterJob):
         position = 0
         unmerged_until = 0  # runs below this are copied one by one (a merged copy failed)
         while True:
-            limit = merge if merge and position >= unmerged_until else MIRROR_IO_BYTES
-            found = bitmap.next_dirty(position, limit)
+            # merged copies only without a speed limit: limited, each run pays for itself
+            most = merge if merge and not self.speed else MIRROR_IO_BYTES
+            found = bitmap.next_dirty(
+                position, most if position >= unmerged_until else MIRROR_IO_BYTES
+            )
             if found is None and position:
                 unmerged_until = 0
-                found = bitmap.next_dirty(0, merge or MIRROR_IO_BYTES)
+                found = bitmap.next_dirty(0, most)
             if found is not None:
                 offset, n = found
                 position = offset + n
