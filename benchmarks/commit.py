@@ -34,7 +34,7 @@ from benchmarks.figures import (
     Record,
     RunFailed,
     check_image,
-    close_chain,
+    close_timed,
     open_chain,
     rate_record,
     run_dir,
@@ -102,10 +102,7 @@ def _commit(
                 if active:
                     c.execute("job-complete", {"id": "bench"})
                     completed = wait_job(c, "bench", timeout) - t0
-                cpu = d.cpu_seconds() - cpu0
-                peak = d.peak_rss_mib()
-                close_chain(c, "")
-                stable = time.perf_counter() - t0
+                cpu, peak, stable = close_timed(d, c, cpu0, t0)
         except (QMPError, QMPProtocolError, TimeoutError, OSError) as exc:
             raise RunFailed(f"{type(exc).__name__}: {exc}; daemon: {d.failure_line()}") from exc
     return _Timed(seconds, completed, stable, cpu, peak, d.startup_seconds, noise, samples)

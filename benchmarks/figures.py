@@ -89,6 +89,15 @@ def close_chain(c: QMPClient, prefix: str) -> None:
         c.execute("blockdev-del", {"node-name": f"{prefix}{name}"})
 
 
+def close_timed(d: Daemon, c: QMPClient, cpu0: float, t0: float) -> tuple[float, float, float]:
+    """After a job: the daemon's CPU seconds since ``cpu0`` and its peak RSS; then the
+    chain is closed (:func:`close_chain`), and the seconds from ``t0`` to that end."""
+    cpu = d.cpu_seconds() - cpu0
+    peak = d.peak_rss_mib()
+    close_chain(c, "")
+    return cpu, peak, time.perf_counter() - t0
+
+
 def wait_job(
     c: QMPClient, job: str, timeout: float, *, event: str = "BLOCK_JOB_COMPLETED"
 ) -> float:
@@ -181,10 +190,7 @@ def stream_run(
                     t0 = time.perf_counter()
                     c.execute("block-stream", args)
                     seconds = wait_job(c, "bench", timeout_for(chain.size)) - t0
-                    cpu = d.cpu_seconds() - cpu0
-                    peak = d.peak_rss_mib()
-                    close_chain(c, "")
-                    stable = time.perf_counter() - t0
+                    cpu, peak, stable = close_timed(d, c, cpu0, t0)
             except (QMPError, QMPProtocolError, TimeoutError, OSError) as exc:
                 raise RunFailed(f"{type(exc).__name__}: {exc}; daemon: {d.failure_line()}") from exc
         tv = time.perf_counter()
