@@ -28,7 +28,7 @@ import shutil
 import subprocess
 import time
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 MiB = 1 << 20
@@ -64,6 +64,9 @@ class Chain:
         copy_full: bytes a stream without base must copy (allocated below top).
         copy_to_base: bytes a stream with ``base-node`` = base must copy (allocated in mid
             and not in top).
+        commit_mid: bytes a commit of mid into base copies (all mid stores).
+        commit_active: bytes an active commit of top into base copies (all that top or
+            mid stores).
     """
 
     base: Path
@@ -72,6 +75,8 @@ class Chain:
     size: int
     copy_full: int
     copy_to_base: int
+    commit_mid: int
+    commit_active: int
 
     def fresh_top(self, dest: Path) -> Path:
         """Copy top to ``dest`` (reflink when the filesystem can) and return ``dest``."""
@@ -80,25 +85,22 @@ class Chain:
 
     def empty_top(self, dest: Path) -> Path:
         """Create an empty overlay of mid at ``dest`` (every byte of a stream is copied)."""
-        _run(
-            [
-                "qemu-img",
-                "create",
-                "-q",
-                "-f",
-                "qcow2",
-                "-b",
-                str(self.mid),
-                "-F",
-                "qcow2",
-                str(dest),
-                str(self.size),
-            ]
-        )
+        return empty_image(dest, self.size, backing=self.mid)
+
+    def fresh_base(self, dest: Path) -> Path:
+        """Copy base to ``dest`` (a commit writes into it) and return ``dest``."""
+        _run(["cp", "--reflink=auto", str(self.base), str(dest)])
         return dest
 
     def files(self) -> tuple[Path, Path, Path]:
         return (self.base, self.mid, self.top)
+
+
+def empty_image(dest: Path, size: int, *, backing: Path | None = None) -> Path:
+    """Create an empty qcow2 image of ``size`` at ``dest`` (over ``backing``, if given)."""
+    over = [] if backing is None else ["-b", str(backing), "-F", "qcow2"]
+    _run(["qemu-img", "create", "-q", "-f", "qcow2", *over, str(dest), str(size)])
+    return dest
 
 
 def _extents_of(size: int, seed: int) -> tuple[list[int], list[int]]:
@@ -176,11 +178,12 @@ def _qemu_io_writes(image: Path, extents: Iterable[tuple[int, int, int]]) -> Non
         _run(["qemu-io", "-f", "qcow2", *cmds[i : i + 2000], str(image)])
 
 
-def allocation(top: Path) -> tuple[int, int]:
-    """Return (bytes allocated below top, bytes allocated in top's backing only) from
-    ``qemu-img map``: what a full stream and a stream to ``base-node`` = base copy."""
+def allocation(top: Path) -> tuple[int, int, int]:
+    """Return (bytes allocated below top, bytes allocated in top's backing only, bytes
+    allocated in top or its backing) from ``qemu-img map``: what a full stream, a stream
+    to ``base-node`` = base and an active commit into base copy."""
     out = _run(["qemu-img", "map", "--output=json", "-f", "qcow2", str(top)])
-    full = to_base = 0
+    full = to_base = above_base = 0
     for ext in json.loads(out):
         if not ext.get("data"):
             continue
@@ -189,7 +192,15 @@ def allocation(top: Path) -> tuple[int, int]:
             full += int(ext["length"])
         if depth == 1:
             to_base += int(ext["length"])
-    return full, to_base
+        if depth <= 1:
+            above_base += int(ext["length"])
+    return full, to_base, above_base
+
+
+def _own_data(image: Path) -> int:
+    """Bytes ``image`` stores itself (``qemu-img map`` depth 0)."""
+    out = _run(["qemu-img", "map", "--output=json", "-f", "qcow2", str(image)])
+    return sum(int(e["length"]) for e in json.loads(out) if e.get("data") and not e.get("depth", 0))
 
 
 def build_chain(directory: Path, size: int, *, seed: int = 1, method: str = "random") -> Chain:
@@ -243,8 +254,8 @@ def build_chain(directory: Path, size: int, *, seed: int = 1, method: str = "ran
             _qemu_io_writes(path, ((o, EXTENT, 1 + (o // EXTENT * salt) % 250) for o in extents))
     else:
         raise ValueError(f"unknown method {method!r}")
-    full, to_base = allocation(top)
-    return Chain(base, mid, top, size, full, to_base)
+    full, to_base, above_base = allocation(top)
+    return Chain(base, mid, top, size, full, to_base, _own_data(mid), above_base)
 
 
 def clone_chain(chain: Chain, directory: Path) -> Chain:
@@ -257,7 +268,7 @@ def clone_chain(chain: Chain, directory: Path) -> Chain:
         _run(["cp", "--reflink=auto", str(src), str(dst)])
     _run(["qemu-img", "rebase", "-u", "-f", "qcow2", "-b", str(base), "-F", "qcow2", str(mid)])
     _run(["qemu-img", "rebase", "-u", "-f", "qcow2", "-b", str(mid), "-F", "qcow2", str(top)])
-    return Chain(base, mid, top, chain.size, chain.copy_full, chain.copy_to_base)
+    return replace(chain, base=base, mid=mid, top=top)
 
 
 def remove_chain(chain: Chain) -> None:

@@ -43,17 +43,32 @@ class RunFailed(Exception):
     """A run could not produce a valid figure (the message says why)."""
 
 
-def _rundir(work: Path, tag: str) -> Path:
+def run_dir(work: Path, tag: str) -> Path:
     d = work / f"{tag}-{next(_counter)}"
     d.mkdir(parents=True)
     return d
 
 
-def _timeout_for(nbytes: int) -> float:
+def timeout_for(nbytes: int) -> float:
     return 60.0 + nbytes / (8 * MiB)  # generous: 8 MiB/s would already be a failure
 
 
 # -- chains in a daemon ----------------------------------------------------------------------
+
+
+def add_qcow2(
+    c: QMPClient, name: str, path: Path, *, backing: str | None = None, read_only: bool = False
+) -> None:
+    """``blockdev-add`` a qcow2 node ``name`` over a ``file`` node of ``path``."""
+    args: Record = {
+        "driver": "qcow2",
+        "node-name": name,
+        "read-only": read_only,
+        "file": {"driver": "file", "filename": str(path)},
+    }
+    if backing is not None:
+        args["backing"] = backing
+    c.execute("blockdev-add", args)
 
 
 def open_chain(c: QMPClient, prefix: str, base: Path, mid: Path, top: Path) -> str:
@@ -62,34 +77,9 @@ def open_chain(c: QMPClient, prefix: str, base: Path, mid: Path, top: Path) -> s
     Node names are ``<prefix>base``, ``<prefix>mid``, ``<prefix>top``; base and mid are
     read-only, as QEMU opens backing files.
     """
-    c.execute(
-        "blockdev-add",
-        {
-            "driver": "qcow2",
-            "node-name": f"{prefix}base",
-            "read-only": True,
-            "file": {"driver": "file", "filename": str(base)},
-        },
-    )
-    c.execute(
-        "blockdev-add",
-        {
-            "driver": "qcow2",
-            "node-name": f"{prefix}mid",
-            "read-only": True,
-            "file": {"driver": "file", "filename": str(mid)},
-            "backing": f"{prefix}base",
-        },
-    )
-    c.execute(
-        "blockdev-add",
-        {
-            "driver": "qcow2",
-            "node-name": f"{prefix}top",
-            "file": {"driver": "file", "filename": str(top)},
-            "backing": f"{prefix}mid",
-        },
-    )
+    add_qcow2(c, f"{prefix}base", base, read_only=True)
+    add_qcow2(c, f"{prefix}mid", mid, backing=f"{prefix}base", read_only=True)
+    add_qcow2(c, f"{prefix}top", top, backing=f"{prefix}mid")
     return f"{prefix}top"
 
 
@@ -99,16 +89,31 @@ def close_chain(c: QMPClient, prefix: str) -> None:
         c.execute("blockdev-del", {"node-name": f"{prefix}{name}"})
 
 
-def _completed(c: QMPClient, job: str, timeout: float) -> float:
-    """Wait for ``job``'s BLOCK_JOB_COMPLETED; return its arrival time (perf_counter).
+def close_timed(d: Daemon, c: QMPClient, cpu0: float, t0: float) -> tuple[float, float, float]:
+    """After a job: the daemon's CPU seconds since ``cpu0`` and its peak RSS; then the
+    chain is closed (:func:`close_chain`), and the seconds from ``t0`` to that end."""
+    cpu = d.cpu_seconds() - cpu0
+    peak = d.peak_rss_mib()
+    close_chain(c, "")
+    return cpu, peak, time.perf_counter() - t0
+
+
+def wait_job(
+    c: QMPClient, job: str, timeout: float, *, event: str = "BLOCK_JOB_COMPLETED"
+) -> float:
+    """Wait for ``job``'s BLOCK_JOB_COMPLETED (or ``event``, e.g. BLOCK_JOB_READY);
+    return its arrival time (perf_counter).
 
     Raises:
-        RunFailed: the job reported an error or stopped short of its length.
+        RunFailed: the job reported an error, ended without ``event`` or stopped short
+            of its length.
     """
-    ev = c.wait_event("BLOCK_JOB_COMPLETED", device=job, timeout=timeout)
+    ev = c.wait_event((event, "BLOCK_JOB_COMPLETED"), device=job, timeout=timeout)
     data: Record = ev.get("data", {})
     if "error" in data:
         raise RunFailed(f"job {job} failed: {data['error']}")
+    if ev.get("event") != event:
+        raise RunFailed(f"job {job} completed without {event}: {data}")
     if data.get("offset") != data.get("len"):
         raise RunFailed(f"job {job} completed early: {data}")
     return float(ev[RECEIVED])
@@ -121,24 +126,36 @@ def _qemu_img(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(["qemu-img", *args], capture_output=True, text=True, check=False)
 
 
-def verify_stream(streamed: Path, original: Path, backing: Path | None) -> None:
-    """Check a streamed top: consistent, backed by ``backing`` (None: standalone), and
-    reading exactly what ``original`` (the untouched image, with its chain) reads.
+def check_image(image: Path) -> None:
+    """``qemu-img check`` of ``image``.
+
+    Raises:
+        RunFailed: the image is not consistent.
+    """
+    check = _qemu_img("check", "-q", "-f", "qcow2", str(image))
+    if check.returncode != 0:
+        raise RunFailed(
+            f"qemu-img check {image.name}: {check.stdout.strip()} {check.stderr.strip()}"
+        )
+
+
+def verify_image(image: Path, original: Path, backing: Path | None) -> None:
+    """Check a job's output (a streamed top, a committed overlay or base): consistent,
+    backed by ``backing`` (None: standalone), and reading exactly what ``original`` (the
+    untouched image, with its chain) reads.
 
     Raises:
         RunFailed: any of the three checks fails.
     """
-    check = _qemu_img("check", "-q", "-f", "qcow2", str(streamed))
-    if check.returncode != 0:
-        raise RunFailed(f"qemu-img check: {check.stdout.strip()} {check.stderr.strip()}")
-    info = json.loads(_qemu_img("info", "--output=json", "-f", "qcow2", str(streamed)).stdout)
+    check_image(image)
+    info = json.loads(_qemu_img("info", "--output=json", "-f", "qcow2", str(image)).stdout)
     got = info.get("backing-filename")
     want = None if backing is None else str(backing)
     if got != want:
-        raise RunFailed(f"backing file after stream is {got!r}, expected {want!r}")
-    cmp = _qemu_img("compare", "-q", "-f", "qcow2", "-F", "qcow2", str(streamed), str(original))
+        raise RunFailed(f"backing file of {image.name} is {got!r}, expected {want!r}")
+    cmp = _qemu_img("compare", "-q", "-f", "qcow2", "-F", "qcow2", str(image), str(original))
     if cmp.returncode != 0:
-        raise RunFailed(f"qemu-img compare: streamed image differs ({cmp.stdout.strip()})")
+        raise RunFailed(f"qemu-img compare: {image.name} differs ({cmp.stdout.strip()})")
 
 
 # -- figures 1, 6, 7: one stream --------------------------------------------------------------
@@ -156,7 +173,7 @@ def stream_run(
         daemons, whichever flushed when); the daemon's CPU seconds during the job, its
         peak RSS (VmHWM) and its RSS once the chain is open.
     """
-    rundir = _rundir(work, spec.key)
+    rundir = run_dir(work, spec.key)
     try:
         top = chain.fresh_top(rundir / "top.qcow2")
         copied = chain.copy_to_base if base_node else chain.copy_full
@@ -172,16 +189,13 @@ def stream_run(
                     cpu0 = d.cpu_seconds()
                     t0 = time.perf_counter()
                     c.execute("block-stream", args)
-                    seconds = _completed(c, "bench", _timeout_for(chain.size)) - t0
-                    cpu = d.cpu_seconds() - cpu0
-                    peak = d.peak_rss_mib()
-                    close_chain(c, "")
-                    stable = time.perf_counter() - t0
+                    seconds = wait_job(c, "bench", timeout_for(chain.size)) - t0
+                    cpu, peak, stable = close_timed(d, c, cpu0, t0)
             except (QMPError, QMPProtocolError, TimeoutError, OSError) as exc:
                 raise RunFailed(f"{type(exc).__name__}: {exc}; daemon: {d.failure_line()}") from exc
         tv = time.perf_counter()
         if verify:
-            verify_stream(top, chain.top, chain.base if base_node else None)
+            verify_image(top, chain.top, chain.base if base_node else None)
         return {
             "verify_seconds": time.perf_counter() - tv,
             "seconds": seconds,
@@ -216,6 +230,43 @@ def _slope(samples: Sequence[tuple[float, float]]) -> float:
     return num / den
 
 
+def sample_offsets(
+    c: QMPClient, t0: float, *, until: str, poll: float, deadline: float
+) -> list[tuple[float, int, int]]:
+    """(seconds since ``t0``, ``offset``, ``len``) of job ``bench`` from
+    ``query-block-jobs`` every ``poll`` seconds, until the job sends ``until`` (or
+    completes) or ``deadline`` (perf_counter) passes."""
+    samples: list[tuple[float, int, int]] = []
+    ends = {until, "BLOCK_JOB_COMPLETED"}
+    while not any(e.get("event") in ends for e in c.events) and time.perf_counter() < deadline:
+        for job in c.execute("query-block-jobs"):
+            if job.get("device") == "bench":
+                t = time.perf_counter() - t0
+                samples.append((t, int(job["offset"]), int(job["len"])))
+        time.sleep(poll)
+    return samples
+
+
+def rate_record(
+    samples: Sequence[tuple[float, int, int]], *, speed: int, copied: int, total: float
+) -> Record:
+    """The rate figures from the samples of a job that copies ``copied`` bytes, every one
+    charged, in ``total`` seconds (see :func:`rate_run`)."""
+    expected = copied / speed
+    steady = [(t, float(off)) for t, off, ln in samples if t >= 0.1 * expected and off < ln]
+    if len(steady) < 5:
+        raise RunFailed(f"only {len(steady)} samples in the steady window ({total:.2f} s run)")
+    achieved = _slope(steady)
+    return {
+        "requested_bps": speed,
+        "achieved_bps": achieved,
+        "ratio": achieved / speed,
+        "job_average_ratio": copied / total / speed,
+        "seconds": total,
+        "samples": len(steady),
+    }
+
+
 def rate_run(
     spec: DaemonSpec, work: Path, chain: Chain, *, speed: int, poll: float, verify: bool
 ) -> Record:
@@ -227,7 +278,7 @@ def rate_run(
     the first 10 % of the expected duration, before the job reaches its end. It is
     reported as a fraction of ``speed``; ``job_average`` is size / total job time.
     """
-    rundir = _rundir(work, spec.key)
+    rundir = run_dir(work, spec.key)
     try:
         top = chain.empty_top(rundir / "top.qcow2")
         expected = chain.size / speed
@@ -236,37 +287,19 @@ def rate_run(
                 with d.connect() as c:
                     open_chain(c, "", chain.base, chain.mid, top)
                     settle(chain.size)
-                    samples: list[tuple[float, int, int]] = []
                     t0 = time.perf_counter()
                     c.execute("block-stream", {"job-id": "bench", "device": "top", "speed": speed})
                     deadline = t0 + expected * 3 + 30
-                    while (
-                        not any(e.get("event") == "BLOCK_JOB_COMPLETED" for e in c.events)
-                        and time.perf_counter() < deadline
-                    ):
-                        for job in c.execute("query-block-jobs"):
-                            if job.get("device") == "bench":
-                                t = time.perf_counter() - t0
-                                samples.append((t, int(job["offset"]), int(job["len"])))
-                        time.sleep(poll)
-                    total = _completed(c, "bench", max(1.0, deadline - time.perf_counter())) - t0
+                    samples = sample_offsets(
+                        c, t0, until="BLOCK_JOB_COMPLETED", poll=poll, deadline=deadline
+                    )
+                    total = wait_job(c, "bench", max(1.0, deadline - time.perf_counter())) - t0
                     close_chain(c, "")
             except (QMPError, QMPProtocolError, TimeoutError, OSError) as exc:
                 raise RunFailed(f"{type(exc).__name__}: {exc}; daemon: {d.failure_line()}") from exc
         if verify:
-            verify_stream(top, chain.mid, None)
-        steady = [(t, float(off)) for t, off, ln in samples if t >= 0.1 * expected and off < ln]
-        if len(steady) < 5:
-            raise RunFailed(f"only {len(steady)} samples in the steady window ({total:.2f} s run)")
-        achieved = _slope(steady)
-        return {
-            "requested_bps": speed,
-            "achieved_bps": achieved,
-            "ratio": achieved / speed,
-            "job_average_ratio": chain.size / total / speed,
-            "seconds": total,
-            "samples": len(steady),
-        }
+            verify_image(top, chain.mid, None)
+        return rate_record(samples, speed=speed, copied=chain.size, total=total)
     finally:
         shutil.rmtree(rundir, ignore_errors=True)
 
@@ -320,7 +353,7 @@ def qmp_run(spec: DaemonSpec, work: Path, *, sequential: int, per_client: int) -
     Latencies are send-to-reply times in microseconds; commands/s is commands over the
     wall time (for ten clients: first start to last finish).
     """
-    rundir = _rundir(work, spec.key)
+    rundir = run_dir(work, spec.key)
     try:
         with Daemon(spec, rundir) as d:
             try:
@@ -406,7 +439,7 @@ def concurrent_run(
     """One daemon, one chain per element of ``chains`` (distinct files), all streamed at
     once: jobs started back to back, timed until the last BLOCK_JOB_COMPLETED, and until
     every chain is closed (flushed) as ``stable_seconds``."""
-    rundir = _rundir(work, spec.key)
+    rundir = run_dir(work, spec.key)
     try:
         tops = [ch.fresh_top(rundir / f"top{i}.qcow2") for i, ch in enumerate(chains)]
         total_virtual = sum(ch.size for ch in chains)
@@ -424,7 +457,7 @@ def concurrent_run(
                         c.execute("block-stream", {"job-id": f"j{i}", "device": f"c{i}-top"})
                     seconds = (
                         max(
-                            _completed(c, f"j{i}", _timeout_for(total_virtual))
+                            wait_job(c, f"j{i}", timeout_for(total_virtual))
                             for i in range(len(chains))
                         )
                         - t0
@@ -441,7 +474,7 @@ def concurrent_run(
             with ThreadPoolExecutor(max(1, os.cpu_count() or 1)) as ex:
                 list(
                     ex.map(
-                        lambda p: verify_stream(p[1], p[0].top, None),
+                        lambda p: verify_image(p[1], p[0].top, None),
                         zip(chains, tops, strict=True),
                     )
                 )
@@ -477,7 +510,7 @@ def durable_copy_run(
     a fifth faster here than one ``fdatasync`` at the end) and each file
     ``fdatasync``ed when done; timed until every copy is on disk. A stream that makes its
     copy durable before it completes (as blockd's does) does the same work at least."""
-    rundir = _rundir(work, "durable")
+    rundir = run_dir(work, "durable")
     start_writeback = writeback_call()
     try:
         total = sum(ch.copy_full for ch in chains)
@@ -519,7 +552,7 @@ def durable_copy_run(
 
 def convert_run(work: Path, chain: Chain, qemu_img: str) -> Record:
     """``qemu-img convert -O qcow2`` of the whole chain (read through top) to a new file."""
-    rundir = _rundir(work, "convert")
+    rundir = run_dir(work, "convert")
     try:
         out = rundir / "out.qcow2"
         settle(chain.size)
@@ -541,7 +574,7 @@ def convert_run(work: Path, chain: Chain, qemu_img: str) -> Record:
 def plain_copy_run(work: Path, chain: Chain, *, block: int = 4 * MiB) -> Record:
     """Sequential read+write of ``size`` bytes (from base.qcow2) into a new file with one
     reused buffer, and the same with ``os.copy_file_range``: the practical ceilings."""
-    rundir = _rundir(work, "copy")
+    rundir = run_dir(work, "copy")
     try:
         rec: Record = {}
         buf = bytearray(block)

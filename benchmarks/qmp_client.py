@@ -187,22 +187,24 @@ class QMPClient:
         self.events.append(msg)
 
     def wait_event(
-        self, name: str, *, device: str | None = None, timeout: float = 60.0
+        self, name: str | tuple[str, ...], *, device: str | None = None, timeout: float = 60.0
     ) -> JSONObject:
-        """Return the first queued or incoming event ``name`` (for ``device``, if given).
+        """Return the first queued or incoming event ``name`` (or any of the names in a
+        tuple) for ``device``, if given.
 
         Events that do not match stay queued, in order.
 
         Raises:
             TimeoutError: nothing matched within ``timeout`` seconds.
         """
+        names = (name,) if isinstance(name, str) else name
         deadline = time.monotonic() + timeout
         scanned = 0
         try:
             while True:
                 for i in range(scanned, len(self.events)):
                     ev = self.events[i]
-                    if ev.get("event") == name and (
+                    if ev.get("event") in names and (
                         device is None or ev.get("data", {}).get("device") == device
                     ):
                         del self.events[i]

@@ -206,6 +206,35 @@ def rows_for(plan: Plan, tests: Sequence[Test]) -> list[Row]:
             Row("8", "floor: python -c 'import blockd.run', s", f, "blockd_import_seconds", ".3f"),
             Row("8", "  under -X importtime: cumulative us", f, "importtime_total_us", ".0f"),
         ]
+    return r + _commit_rows(plan, names)
+
+
+def _commit_rows(plan: Plan, names: set[str]) -> list[Row]:
+    """Figure 9's rows (block-commit), for the tests that were planned."""
+    r: list[Row] = []
+    for test, what in (
+        ("commit", f"commit {plan.commit_size // MiB} MiB mid->base"),
+        ("active", f"active commit {plan.active_size // MiB} MiB"),
+    ):
+        if test not in names:
+            continue
+        until = " to ready" if test == "active" else ""
+        r += [
+            Row("9", f"{what}{until}: virtual MiB/s", test, "virtual_mibps", ".0f", ">= 1.5x"),
+            Row("9", f"{what}{until}: copied MiB/s", test, "copied_mibps", ".0f"),
+            Row("9", f"{what}{until}: seconds", test, "seconds", ".3f"),
+        ]
+        if test == "active":
+            label = "  ... then job-complete: s to completed"
+            r.append(Row("9", label, test, "completed_seconds", ".3f"))
+        label = "  ... until closed (data on disk): MiB/s"
+        r.append(Row("9", label, test, "stable_virtual_mibps", ".0f"))
+        r.append(Row("9", "  ... CPU seconds during the job", test, "cpu_seconds", ".2f"))
+    speed = f"{plan.speed // MiB} MiB/s"
+    for test, what in (("commit_rate", "commit"), ("active_rate", "active commit")):
+        if test in names:
+            label = f"{what} rate {speed}: achieved/requested"
+            r.append(Row("9", label, test, "ratio", ".3f", "0.98-1.02"))
     return r
 
 
@@ -382,6 +411,13 @@ def summary(plan: Plan, out: dict[str, dict[str, Outcome]], daemons: Sequence[Da
         absolute("blockctl", "startup", "blockctl_seconds", "{:.3f} s"),
         absolute("idle rss", "startup", "idle_rss_mib", "{:.0f} MiB"),
     ]
+    if 9 in plan.figures:
+        rates = [med(t, "ratio", bd) for t in ("commit_rate", "active_rate")]
+        parts += [
+            f"commit {ratio('commit', 'virtual_mibps')}",
+            f"active {ratio('active', 'virtual_mibps')}",
+            "commit rate " + "/".join("n/a" if v is None else f"{v:.3f}" for v in rates),
+        ]
     line = "summary: " + ", ".join(parts)
     missing = sorted(
         {
@@ -401,6 +437,8 @@ def summary(plan: Plan, out: dict[str, dict[str, Outcome]], daemons: Sequence[Da
             ("startup", med("startup", "blockdev_add_seconds", ref), "{:.3f} s"),
             ("blockctl", med("startup", "blockctl_seconds", ref), "{:.3f} s"),
             ("idle rss", med("startup", "idle_rss_mib", ref), "{:.0f} MiB"),
+            ("commit", med("commit", "virtual_mibps", ref), "{:.0f} MiB/s"),
+            ("active", med("active", "virtual_mibps", ref), "{:.0f} MiB/s"),
         ]
         shown = ", ".join(f"{n} {f.format(v)}" for n, v, f in rv if v is not None)
         why = missing[0].split(";")[0][:100]

@@ -35,7 +35,7 @@ from types import FrameType
 if __package__ in (None, ""):  # run as a script: python benchmarks/run.py
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks import figures, noise, startup
+from benchmarks import commit, figures, noise, startup
 from benchmarks.chains import Chain, GiB, MiB, build_chain, clone_chain
 from benchmarks.daemons import (
     Daemon,
@@ -72,6 +72,8 @@ class Plan:
     verify: str  # "first" (first repetition only), "all" or "none"
     settle_cap: int | None  # bytes; noise control touches at most this much memory
     startup_rounds: int  # figure 8: start-ups of each daemon per repetition
+    commit_size: int  # figure 9: the chain of the non-active commit
+    active_size: int  # figure 9: the chain of the active commit
     figures: frozenset[int]
     seed: int
 
@@ -132,10 +134,12 @@ def probe(spec: DaemonSpec, work: Path) -> tuple[frozenset[str] | None, str]:
 
 def _disk_needed(plan: Plan) -> int:
     chains = [plan.size, plan.rate_size, *plan.scale_sizes]
+    if 9 in plan.figures:
+        chains += [plan.commit_size, plan.active_size]
     need = int(1.6 * sum(set(chains)))  # base + mid + top of each distinct chain
     if 5 in plan.figures:
         need += plan.streams * int(2.6 * plan.stream_size)  # clones + their streamed tops
-    return need + 2 * max(chains) + GiB  # one run's outputs + convert/copy, and a margin
+    return need + 2 * max(chains) + GiB  # one run's outputs + convert/copy/base, and a margin
 
 
 def make_plan(args: argparse.Namespace) -> Plan:
@@ -145,7 +149,7 @@ def make_plan(args: argparse.Namespace) -> Plan:
     figs = (
         frozenset(int(x) for x in args.figures.split(","))
         if args.figures
-        else frozenset(range(1, 9))
+        else frozenset(range(1, 10))
     )
     return Plan(
         quick=quick,
@@ -162,6 +166,8 @@ def make_plan(args: argparse.Namespace) -> Plan:
         settle_cap=(args.settle_cap if args.settle_cap is not None else 1024 if quick else 0) * MiB
         or None,
         startup_rounds=5,
+        commit_size=size if quick else max(MiB, size // 2 // MiB * MiB),
+        active_size=size,
         figures=figs,
         seed=args.seed,
     )
@@ -208,6 +214,21 @@ def build_tests(plan: Plan, work: Path, qemu_img: str) -> list[Test]:
     def floor(spec: DaemonSpec, verify: bool) -> Record:
         return startup.floor_run(work)
 
+    def commit_of(ch: Chain, active: bool) -> DaemonRun:
+        def run(spec: DaemonSpec, verify: bool) -> Record:
+            return commit.commit_run(spec, work, ch, active=active, verify=verify)
+
+        return run
+
+    def commit_rate(active: bool) -> DaemonRun:
+        def run(spec: DaemonSpec, verify: bool) -> Record:
+            ch, speed = chain(plan.rate_size), plan.speed
+            return commit.commit_rate_run(
+                spec, work, ch, active=active, speed=speed, poll=0.02, verify=verify
+            )
+
+        return run
+
     tests: list[Test] = []
     f = plan.figures
     if f & {1, 6}:
@@ -244,6 +265,16 @@ def build_tests(plan: Plan, work: Path, qemu_img: str) -> list[Test]:
         n = plan.startup_rounds
         tests.append(Test("startup", 8, startup.STARTUP_CMDS, start, rounds=n))
         tests.append(Test("startup_floor", 8, daemon_run=floor, rounds=n, only="blockd"))
+    if 9 in f:
+        tests.append(
+            Test("commit", 9, commit.COMMIT_CMDS, commit_of(chain(plan.commit_size), False))
+        )
+        tests.append(
+            Test("active", 9, commit.ACTIVE_CMDS, commit_of(chain(plan.active_size), True))
+        )
+        chain(plan.rate_size)
+        tests.append(Test("commit_rate", 9, commit.RATE_CMDS, commit_rate(False)))
+        tests.append(Test("active_rate", 9, commit.RATE_CMDS, commit_rate(True)))
     return tests
 
 
@@ -346,7 +377,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--blockd", default=None, help="command starting blockd (default: this python -m blockd)"
     )
-    p.add_argument("--figures", default="", help="comma-separated subset of 1-8 (default all)")
+    p.add_argument("--figures", default="", help="comma-separated subset of 1-9 (default all)")
     p.add_argument("--json", type=Path, default=None, help="save all runs and the table here")
     p.add_argument(
         "--workdir",
@@ -413,6 +444,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         rows = rows_for(plan, tests)
         lines, table = render(plan, rows, out, daemons)
         sizes = sorted({plan.size, plan.stream_size, *plan.scale_sizes})
+        if 9 in plan.figures:
+            sizes = sorted({*sizes, plan.commit_size, plan.active_size})
         size_list = ", ".join(f"{s // MiB} MiB" for s in sizes)
         header = [
             f"blockd benchmark, {'quick' if plan.quick else 'full'} mode: {plan.reps} repetitions, "

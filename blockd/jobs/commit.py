@@ -19,7 +19,10 @@ Theory of operation (docs/qemu-behaviour/block-commit.md §3; QEMU's ``block/com
   the base (copied host extent to host extent where the files allow). Progress counts
   every step, copied or not; only copied bytes are charged to the rate limit. An error
   goes through ``on-error``: ``report`` ends the job, ``stop`` pauses it and
-  ``ignore`` retries the step.
+  ``ignore`` retries the step. Copies in flight, as the stream job's
+  (:func:`~blockd.jobs.window.run_steps`): up to :data:`COMMIT_DEPTH` steps queued,
+  adjacent offloaded copies merged into one of up to :data:`COMMIT_COPY_MERGE` bytes
+  (redone step by step if it fails, so errors are reported per step).
 * Prepare (success only): the base is flushed; every parent of the filter (the overlay
   above the top) is linked to the base instead, and each such overlay's header gets the
   new backing file name (``backing-file``, else the base's filename) and format. The
@@ -51,6 +54,7 @@ from blockd.errors import QMPError, RequestError
 from blockd.jobs.holds import Holds
 from blockd.jobs.job import Job
 from blockd.jobs.policy import IoOperationType
+from blockd.jobs.window import Step, StepWindow, run_steps
 
 if TYPE_CHECKING:
     from blockd.block.graph import Graph
@@ -61,6 +65,12 @@ log = logging.getLogger(__name__)
 
 #: the bytes one step examines and copies (QEMU's ``COMMIT_BUFFER_SIZE``)
 COMMIT_CHUNK: Final = 512 * 1024
+
+#: commit steps queued at once (see :mod:`blockd.jobs.window`)
+COMMIT_DEPTH: Final = 4
+
+#: the most bytes the offloaded copies of adjacent steps merge into
+COMMIT_COPY_MERGE: Final = 4 * 1024 * 1024
 
 #: the longest the graph and header changes of ``prepare`` may take; shielded so that
 #: links and headers never disagree. Past it the job fails with ``ETIMEDOUT``.
@@ -113,6 +123,8 @@ class CommitFilterJob(Job):
     job_type: ClassVar[str] = "commit"
     #: the driver of the filter the job inserts above the top
     filter_driver: ClassVar[str]
+    #: the buffer of a copy that cannot be offloaded: it moves at most this much at once
+    copy_buffer: ClassVar[int] = COMMIT_CHUNK
 
     def __init__(
         self,
@@ -224,14 +236,17 @@ class CommitFilterJob(Job):
         shared = Perm.CONSISTENT_READ | Perm.WRITE_UNCHANGED
         return NodeUser(self.who, "base writer", perm, shared, backend=True)
 
-    async def copy(self, offset: int, length: int, buf: bytearray) -> None:
-        """Copy ``[offset, offset + length)`` from the top's view into the base.
+    async def copy(self, offset: int, length: int) -> None:
+        """Copy ``[offset, offset + length)`` from the top's view into the base: as host
+        extents where the files allow, else through a buffer of :attr:`copy_buffer`
+        bytes at most.
 
         Raises:
             CopyError: with the errno, and whether the source failed.
         """
         top, base = self.plan.top, self.plan.base
         pos, end = offset, offset + length
+        buf: bytearray | None = None
         while pos < end:
             try:
                 extents, n = await offload.map_prefix(top, pos, end - pos)
@@ -244,6 +259,8 @@ class CommitFilterJob(Job):
                         continue
                 except OSError as exc:
                     raise CopyError(exc, source=False) from exc
+            if buf is None:
+                buf = bytearray(min(end - pos, self.copy_buffer))
             n = min(n, len(buf))
             view = memoryview(buf)[:n]
             try:
@@ -306,24 +323,35 @@ class CommitJob(CommitFilterJob):
             raise OSError(errno.ENOTSUP, "Operation not supported")
         overlay = chain.find_overlay(top, base)
         assert overlay is not None, "the handler checked that base is below top"
-        buf = bytearray(COMMIT_CHUNK)
-        offset = 0
-        while offset < length:
-            await self.rate_limit_sleep()  # also the pause and cancel point
+        # Adjacent copies merge only where they are offloaded: a copy through buffers
+        # (blkdebug in the chain, O_DIRECT) keeps QEMU's step size, errors included.
+        merge = COMMIT_COPY_MERGE if offload.chain_offloads(top, base) else 0
+
+        async def step(offset: int, merge_limit: int) -> int:
+            """QEMU commit_run's loop body: is the step stored above the base?"""
             try:
                 copy, n = await chain.is_allocated_above(top, overlay, True, offset, COMMIT_CHUNK)
-                if copy:
-                    await self.copy(offset, n, buf)
             except OSError as exc:
-                operation = exc.operation if isinstance(exc, CopyError) else None
-                action = await self.handle_io_error(exc, operation, ignored_fails=False)
-                if action == "report":
-                    return
-                continue  # stop (after the resume) and ignore retry the step
-            self.advance(n)
+                n = min(COMMIT_CHUNK, length - offset)
+                window.add_done(offset, n, exc)
+                return n
             if copy:
+                window.add_copy(offset, n, self.copy, merge_limit)
                 self.charge(n)
-            offset += n
+            else:
+                window.add_done(offset, n)
+            return n
+
+        async def on_error(failed: Step) -> int | None:
+            exc = failed.error
+            assert exc is not None
+            operation = exc.operation if isinstance(exc, CopyError) else None
+            action = await self.handle_io_error(exc, operation, ignored_fails=False)
+            return None if action == "report" else 0  # stop and ignore: the step again
+
+        async with trio.open_nursery() as nursery:
+            window = StepWindow(nursery, COMMIT_DEPTH)
+            await run_steps(self, window, length, merge=merge, step=step, failed=on_error)
 
     async def prepare(self) -> None:
         """QEMU ``commit_prepare`` and ``bdrv_drop_intermediate``."""

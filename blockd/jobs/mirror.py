@@ -11,8 +11,12 @@ background copy mode):
   stores). Then dirty runs of up to :data:`MIRROR_IO_BYTES` are taken one after the
   other, wrapping around at the end: a run is cleared, then copied; a copy that fails
   marks it dirty again and goes through ``on-error`` (``stop`` pauses, ``ignore``
-  retries later, ``report`` fails the job). Progress: ``len`` is what was copied plus
-  what is dirty, so it grows while writers keep writing.
+  retries later, ``report`` fails the job). Where the chain's files allow offloaded
+  copies and no speed limit is set, adjacent dirty runs are taken together, up to
+  :data:`MIRROR_COPY_MERGE` bytes in one copy; if such a copy fails, its range is
+  marked dirty again and copied run by run, so that an error is reported for the run
+  that has it. Progress: ``len``
+  is what was copied plus what is dirty, so it grows while writers keep writing.
 * Ready: the first time nothing is dirty the target is flushed, the job turns ``ready``
   (``JOB_STATUS_CHANGE`` then ``BLOCK_JOB_READY``) and from then on sleeps
   :data:`READY_SLICE_NS` at a time while nothing is dirty, copying new writes as they
@@ -43,6 +47,7 @@ import trio
 from blockd.block import chain
 from blockd.block.dirty import DirtyBitmap
 from blockd.block.drivers.job_filters import MirrorTopDriver
+from blockd.block.host import offload
 from blockd.block.host.locking import PERM_ALL, PERM_NONE, Perm
 from blockd.block.node import NodeUser
 from blockd.errors import QMPError, RequestError
@@ -57,6 +62,10 @@ log = logging.getLogger(__name__)
 
 #: the most bytes one copy moves (QEMU's ``MAX_IO_BYTES``)
 MIRROR_IO_BYTES: Final = 1024 * 1024
+
+#: the most bytes one offloaded copy of adjacent dirty runs moves (QEMU's default
+#: ``buf-size``, what it keeps in flight)
+MIRROR_COPY_MERGE: Final = 16 * 1024 * 1024
 
 #: how long a ready job with nothing to copy sleeps before it looks again
 #: (QEMU's ``BLOCK_JOB_SLICE_TIME``)
@@ -86,6 +95,7 @@ class MirrorJob(CommitFilterJob):
 
     filter_driver: ClassVar[str] = "mirror_top"
     completable: ClassVar[bool] = True
+    copy_buffer: ClassVar[int] = MIRROR_IO_BYTES
 
     bitmap: DirtyBitmap | None = None
     should_complete = False
@@ -171,20 +181,31 @@ class MirrorJob(CommitFilterJob):
             return
         await self.initial_dirty(bitmap)
         self.set_total(self.progress_current + bitmap.dirty_bytes)
-        buf = bytearray(MIRROR_IO_BYTES)
+        # Adjacent runs merge only where copies are offloaded: a copy through buffers
+        # (blkdebug in the chain, O_DIRECT) keeps QEMU's run size, errors included.
+        merge = MIRROR_COPY_MERGE if offload.chain_offloads(source, target) else 0
         position = 0
+        unmerged_until = 0  # runs below this are copied one by one (a merged copy failed)
         while True:
-            found = bitmap.next_dirty(position, MIRROR_IO_BYTES)
+            # merged copies only without a speed limit: limited, each run pays for itself
+            most = merge if merge and not self.speed else MIRROR_IO_BYTES
+            found = bitmap.next_dirty(
+                position, most if position >= unmerged_until else MIRROR_IO_BYTES
+            )
             if found is None and position:
-                found = bitmap.next_dirty(0, MIRROR_IO_BYTES)
+                unmerged_until = 0
+                found = bitmap.next_dirty(0, most)
             if found is not None:
                 offset, n = found
                 position = offset + n
                 bitmap.reset(offset, n)
                 try:
-                    await self.copy(offset, n, buf)
+                    await self.copy(offset, n)
                 except CopyError as exc:
                     bitmap.set(offset, n)
+                    if n > MIRROR_IO_BYTES:
+                        position, unmerged_until = offset, offset + n
+                        continue  # the same range again, run by run
                     action = await self.handle_io_error(exc, exc.operation, ignored_fails=False)
                     if action == "report":
                         return

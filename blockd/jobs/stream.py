@@ -35,6 +35,7 @@ Theory of operation (docs/qemu-behaviour/block-stream.md §4; QEMU's ``block/str
 from __future__ import annotations
 
 import errno
+import functools
 import logging
 import os
 from dataclasses import dataclass
@@ -50,7 +51,7 @@ from blockd.block.names.backing import recorded_format
 from blockd.block.node import BlockNode, NodeUser
 from blockd.errors import QMPError
 from blockd.jobs.job import Job
-from blockd.jobs.window import StepWindow
+from blockd.jobs.window import Step, StepWindow, run_steps
 
 if TYPE_CHECKING:
     from blockd.block.graph import Graph
@@ -297,48 +298,24 @@ class StreamJob(Job):
         # Adjacent copies merge only where they are offloaded: a copy through buffers
         # (blkdebug in the chain, O_DIRECT) keeps QEMU's step size, errors included.
         merge = STREAM_COPY_MERGE if offload.chain_offloads(top, self.base_overlay) else 0
+
+        async def on_error(failed: Step) -> int | None:
+            assert failed.error is not None
+            action = await self.handle_io_error(failed.error)
+            if action == "report":
+                return None  # the engine fails the job with the remembered error
+            return failed.length if action == "ignore" else 0
+
         async with trio.open_nursery() as nursery:
             window = StepWindow(nursery, STREAM_DEPTH)
-            offset = 0
-            merge_from = 0  # adjacent copies merge from here on
-            while True:
-                done, failed = window.settle()
-                self.advance(done)
-                if failed is not None and failed.length > failed.first_length:
-                    # Merged copies failed: copy their steps again one at a time, so
-                    # that an error is reported for the step that has it, as a
-                    # one-step loop reports it.
-                    await window.drain()
-                    offset = failed.offset
-                    merge_from = failed.offset + failed.length
-                    continue
-                if failed is not None:
-                    await window.drain()
-                    assert failed.error is not None
-                    action = await self.handle_io_error(failed.error)
-                    if action == "report":
-                        return  # the engine fails the job with the remembered error
-                    offset = failed.offset
-                    if action == "ignore":
-                        self.advance(failed.length)
-                        offset += failed.length
-                    continue
-                # a pause, a cancel or a rate-limit sleep finds no copy in flight (and
-                # the progress up to date), as in a one-step loop
-                if window and (
-                    offset >= length
-                    or window.full
-                    or self.pause_count > 0
-                    or self.cancelled
-                    or self.rate_limited()
-                ):
-                    await window.wait_head()
-                    continue
-                if offset >= length:
-                    return
-                await self.rate_limit_sleep()  # also the pause and cancel point
-                limit = merge if offset >= merge_from else 0
-                offset += await self._step(cor, top, window, offset, length, limit)
+            await run_steps(
+                self,
+                window,
+                length,
+                merge=merge,
+                step=functools.partial(self._step, cor, top, window, length=length),
+                failed=on_error,
+            )
 
     async def _step(
         self,
@@ -346,8 +323,9 @@ class StreamJob(Job):
         top: BlockNode,
         window: StepWindow,
         offset: int,
-        length: int,
         merge: int,
+        *,
+        length: int,
     ) -> int:
         """Decide the step at ``offset`` and queue it, a copy merged with the one before
         up to ``merge`` bytes (0: not merged); returns its length (the reference:

@@ -20,6 +20,8 @@ Rules:
   allocated and skipped, so nothing is counted twice).
 * A step's task records an ``OSError`` (the on-error policy decides about it); any
   other exception fails the whole nursery, as it would fail a one-step loop.
+
+:func:`run_steps` is the run loop that stream and commit jobs share on top of it.
 """
 
 from __future__ import annotations
@@ -28,8 +30,12 @@ import functools
 from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import trio
+
+if TYPE_CHECKING:
+    from blockd.jobs.job import Job
 
 
 @dataclass(eq=False)
@@ -128,3 +134,60 @@ class StepWindow:
         for step in list(self._steps):
             await step.done.wait()
         self._steps.clear()
+
+
+async def run_steps(
+    job: Job,
+    window: StepWindow,
+    length: int,
+    *,
+    merge: int,
+    step: Callable[[int, int], Awaitable[int]],
+    failed: Callable[[Step], Awaitable[int | None]],
+) -> None:
+    """The run loop of a job that walks ``length`` bytes in steps, up to
+    ``window.depth`` of them in flight (QEMU's one-step loops of ``block/stream.c`` and
+    ``block/commit.c``, with the same progress, pause, cancel, rate-limit and error
+    points).
+
+    ``step(offset, merge_limit)`` decides the step at ``offset``, queues it in
+    ``window`` (a copy merged with the one before up to ``merge_limit`` bytes, 0: not
+    merged) and returns its length. Progress advances by each step as it is settled,
+    in offset order. A pause, a cancel or a rate-limit sleep first waits for every step
+    in flight. Where a merged copy failed, its steps are decided again one at a time,
+    so that an error is reported for the step that has it; a failed step goes to
+    ``failed(step)``, the job's ``on-error`` decision: ``None`` ends the loop (report),
+    else the bytes to move on by, counted as progress (0: the step again).
+    """
+    offset = 0
+    merge_from = 0  # adjacent copies merge from here on
+    while True:
+        done, bad = window.settle()
+        job.advance(done)
+        if bad is not None:
+            await window.drain()
+            offset = bad.offset
+            if bad.length > bad.first_length:
+                merge_from = bad.offset + bad.length
+                continue
+            skip = await failed(bad)
+            if skip is None:
+                return
+            job.advance(skip)
+            offset += skip
+            continue
+        # a pause, a cancel or a rate-limit sleep finds no copy in flight (and the
+        # progress up to date), as in a one-step loop
+        if window and (
+            offset >= length
+            or window.full
+            or job.pause_count > 0
+            or job.cancelled
+            or job.rate_limited()
+        ):
+            await window.wait_head()
+            continue
+        if offset >= length:
+            return
+        await job.rate_limit_sleep()  # also the pause and cancel point
+        offset += await step(offset, merge if offset >= merge_from else 0)

@@ -1,8 +1,8 @@
 """The benchmark harness's own parts, on tiny inputs: the chain builder (judged by
 qemu-img), the raw QMP client and one measured run against a real qemu-storage-daemon
 (skipped when none is installed), one start-up round against it and against the installed
-blockd, and the rule that unavailable figures are never filled in. Nothing here asserts a
-speed."""
+blockd, figure 9's commit runs against both, and the rule that unavailable figures are
+never filled in. Nothing here asserts a speed."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from kit.repo import ROOT, load_package
 
 load_package("benchmarks")  # not an installed package
 
-from benchmarks import figures, report, run, startup  # noqa: E402
+from benchmarks import commit, figures, report, run, startup  # noqa: E402
 from benchmarks.chains import MiB, build_chain, clone_chain  # noqa: E402
 from benchmarks.daemons import (  # noqa: E402
     Daemon,
@@ -57,6 +57,8 @@ def test_chain_layout(tmp_path: Path, method: str) -> None:
     assert 0 < top_bytes < SIZE // 2
     assert chain.copy_full == SIZE - top_bytes
     assert 0 < chain.copy_to_base <= SIZE // 2
+    assert chain.commit_mid == SIZE // 2  # all mid stores
+    assert chain.commit_active == chain.copy_to_base + top_bytes  # all top or mid store
 
 
 def test_chain_is_reproducible_and_clonable(tmp_path: Path) -> None:
@@ -111,7 +113,7 @@ def test_qmp_client_drives_a_stream(qsd: DaemonSpec, tmp_path: Path, sock_dir: P
         finally:
             for c in clients:
                 c.close()
-    figures.verify_stream(top, chain.top, None)
+    figures.verify_image(top, chain.top, None)
 
 
 @needs_qsd
@@ -131,6 +133,68 @@ def test_measured_runs_on_a_tiny_chain(qsd: DaemonSpec, tmp_path: Path) -> None:
     q = figures.qmp_run(qsd, tmp_path, sequential=20, per_client=5)
     assert q["seq_commands"] == 20 and q["conc_commands"] == 50
     assert q["seq_p99_us"] >= q["seq_median_us"] > 0
+
+
+@needs_qsd
+@pytest.mark.parametrize("active", [False, True], ids=["non-active", "active"])
+def test_commit_runs_on_a_tiny_chain(qsd: DaemonSpec, tmp_path: Path, active: bool) -> None:
+    """Each daemon commits (and the first repetition's checks pass); a rate run samples
+    the job's progress until it is done (ready, for an active commit)."""
+    chain = build_chain(tmp_path / "c", SIZE)
+    for spec in (qsd, blockd_spec(None, ROOT)):
+        rec = commit.commit_run(spec, tmp_path, chain, active=active, verify=True)
+        copied = chain.commit_active if active else chain.commit_mid
+        assert rec["copied_bytes"] == copied and rec["verified"]
+        assert 0 < rec["seconds"] <= rec["completed_seconds"] <= rec["stable_seconds"]
+    spec = blockd_spec(None, ROOT) if active else qsd
+    speed = 8 * MiB  # half a second for the 4 MiB base
+    rate = commit.commit_rate_run(
+        spec, tmp_path, chain, active=active, speed=speed, poll=0.02, verify=True
+    )
+    assert rate["samples"] >= 5 and rate["requested_bps"] == speed
+    assert [p.name for p in tmp_path.iterdir()] == ["c"]  # every run cleaned up after itself
+
+
+def test_commit_run_fails_on_a_wrong_guest_view(qsd: DaemonSpec, tmp_path: Path) -> None:
+    """A committed base that does not read as the chain did gets FAILED, not a figure."""
+    chain = build_chain(tmp_path / "c", SIZE)
+    with pytest.raises(figures.RunFailed, match="differs"):
+        commit._verify(chain.base, chain.top, chain.top, active=True)
+
+
+def test_commit_figures_plan_rows_and_summary() -> None:
+    quick = run.make_plan(run.parse_args(["--quick"]))
+    full = run.make_plan(run.parse_args([]))
+    assert 9 in quick.figures and 9 in full.figures
+    assert (quick.commit_size, quick.active_size) == (64 * MiB, 64 * MiB)
+    assert (full.commit_size, full.active_size) == (512 * MiB, 1024 * MiB)
+    plan = run.make_plan(run.parse_args(["--quick", "--figures", "9"]))
+    names = ["commit", "active", "commit_rate", "active_rate"]
+    tests = [run.Test(n, 9, commit.RATE_CMDS) for n in names]
+
+    def job(mibps: float) -> dict[str, float]:
+        return {"virtual_mibps": mibps, "seconds": 64 / mibps, "ratio": mibps / 1000}
+
+    out = {
+        "commit": {
+            "reference": run.Outcome(runs=[job(1000.0), job(1200.0)]),
+            "blockd": run.Outcome(runs=[job(1650.0), job(1650.0)]),
+        },
+        "active": {
+            "reference": run.Outcome(runs=[job(2000.0)]),
+            "blockd": run.Outcome(failure="job bench failed: Input/output error"),
+        },
+        "commit_rate": {"blockd": run.Outcome(runs=[{"ratio": 0.99}, {"ratio": 0.996}])},
+        "active_rate": {"blockd": run.Outcome(unavailable="lacks job-complete")},
+    }
+    lines, _ = report.render(plan, report.rows_for(plan, tests), out, SPECS)
+    rows = {ln[4:48].strip(): ln[48:].split() for ln in lines if ln.startswith("9 ")}
+    assert rows["commit 64 MiB mid->base: virtual MiB/s"] == ["1100", "1650", "1.50x", ">=", "1.5x"]
+    assert rows["active commit 64 MiB to ready: virtual MiB/s"][:3] == ["2000", "FAILED", "-"]
+    assert rows["commit rate 64 MiB/s: achieved/requested"][:2] == ["-", "0.993"]
+    line = report.summary(plan, out, SPECS)
+    assert ", commit 1.50x, active n/a, commit rate 0.993/n/a" in line
+    assert "reference alone:" in line and "commit 1100 MiB/s, active 2000 MiB/s" in line
 
 
 def test_unavailable_blockd_gets_no_numbers(tmp_path: Path) -> None:

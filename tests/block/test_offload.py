@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from kit.chains import Layer, build, close, open_qcow2, read_all
+from kit.chains import Layer, build, close, open_qcow2, qcow2, read_all
 from kit.qemu import assert_clean, io_script, qemu_img, qemu_img_json, to_raw
 
 from blockd.block.driver import Extent, OffloadNotSupported, split_extents
@@ -145,6 +145,32 @@ async def test_allocated_or_unaligned_ranges_are_refused_untouched(tmp_path: Pat
     finally:
         await close(node)
     assert_clean(top)
+
+
+async def test_allocated_clusters_are_overwritten_in_place(tmp_path: Path) -> None:
+    """A commit's copy into a base that stores the range: the extents go over the base's
+    own clusters (no allocation, no table change); a range with a zero cluster in it is
+    refused untouched."""
+    base, mid, _ = chain(tmp_path)
+    expected = bytearray(to_raw(base, tmp_path / "base.raw"))
+    expected[MIB : 2 * MIB] = b"\x22" * MIB
+    host_map = [(e["start"], e.get("offset")) for e in qemu_img_json("map", base)]
+    size = os.path.getsize(base)
+    graph = Graph()
+    dest = await graph.open_node(qcow2(base, "base"), top_level=True)
+    source = await graph.open_node(
+        qcow2(mid, "mid", backing="base", **{"read-only": True}), top_level=True
+    )
+    try:
+        assert await copy_range(source, MIB, MIB, dest)
+        assert not await copy_range(source, 2 * MIB, 2 * MIB, dest)  # the zero cluster at 3M
+        assert await read_all(dest) == expected
+    finally:
+        await graph.close_all()
+    assert_clean(base)
+    assert os.path.getsize(base) == size
+    assert [(e["start"], e.get("offset")) for e in qemu_img_json("map", base)] == host_map
+    assert to_raw(base, tmp_path / "after.raw") == expected
 
 
 async def test_the_last_partial_cluster_of_an_image(tmp_path: Path) -> None:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import importlib
+import random
+from array import array
 from pathlib import Path
 
 import pytest
@@ -12,7 +14,10 @@ from kit.chains import close, open_qcow2, read_all
 from kit.qemu import assert_clean, io_script, qemu_img, qemu_img_json, to_raw
 
 from blockd.block.driver import Status
+from blockd.block.qcow2 import format as fmt
 from blockd.block.qcow2.create import create_qcow2
+from blockd.block.qcow2.format import ClusterKind
+from blockd.block.qcow2.read import _continuing
 from blockd.errors import QMPError
 
 CLUSTER_SIZES = [512, 1024, 4096, 65536, 2 * 1024 * 1024]
@@ -196,3 +201,32 @@ async def test_block_status_skips_empty_tables(tmp_path: Path) -> None:
             assert third.length == (512 << 30) - 65536
     finally:
         await close(node)
+
+
+def naive_continuing(table: list[int], idx: int, last: int, zero_run: bool, want: int) -> int:
+    n = 0
+    while idx + n <= last and table[idx + n] == (0 if zero_run else want + n * 65536):
+        n += 1
+    return n
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_run_scan_counts_the_entries_that_go_on(seed: int) -> None:
+    """The slice scan of block status (``_continuing``) finds, in a few comparisons, as
+    many entries continuing a run as a look at each entry does."""
+    rng = random.Random(seed)
+    cs, flags = 65536, fmt.OFLAG_COPIED
+    table: list[int] = []
+    while len(table) < 512:  # runs of unallocated and of contiguous normal entries
+        n = rng.choice([1, 2, 15, 16, 100, 300])
+        host = rng.randrange(1, 1 << 20) * cs
+        table += [0] * n if rng.random() < 0.5 else [flags | host + i * cs for i in range(n)]
+    arr = array("Q", table[:512])
+    for _ in range(50):
+        idx = rng.randrange(512)
+        last = rng.randrange(idx, 512)
+        entry = arr[idx]
+        zero_run = entry == 0
+        kind = ClusterKind.UNALLOCATED if zero_run else ClusterKind.NORMAL
+        got = _continuing(arr, idx, last, kind, entry, cs)
+        assert got == naive_continuing(list(arr), idx, last, zero_run, entry)

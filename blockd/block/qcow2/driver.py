@@ -415,15 +415,17 @@ class Qcow2Driver(Qcow2Reads, Driver):
         self._l2.changed(at, table)
 
     async def copy_in(self, offset: int, extents: Sequence[Extent]) -> None:
-        """Take host extents into new clusters (an offloaded copy-on-read).
+        """Take host extents into the guest range they cover (an offloaded copy).
 
         The guest range must start on a cluster boundary and end on one or at the end
-        of the image, and be unallocated here (as a copy from the backing chain finds
-        it). Under the lock, one contiguous run of new clusters per L2 table is
-        allocated; the ``file`` node copies the data there without the lock, so other
-        requests (the next copies among them) go on meanwhile, and reads of the range
-        still see the backing chain's identical data; then, under the lock again, the
-        L2 entries point at the new clusters.
+        of the image, and be either all unallocated here (as a copy from the backing
+        chain finds it) or all normal clusters written in place (as a commit finds an
+        allocated base; :meth:`_copy_in_place`). For an unallocated range, under the
+        lock, one contiguous run of new clusters per L2 table is allocated; the
+        ``file`` node copies the data there without the lock, so other requests (the
+        next copies among them) go on meanwhile, and reads of the range still see the
+        backing chain's identical data; then, under the lock again, the L2 entries
+        point at the new clusters.
 
         Raises:
             OffloadNotSupported: the range does not qualify, or the ``file`` node
@@ -443,6 +445,9 @@ class Qcow2Driver(Qcow2Reads, Driver):
             runs: list[tuple[int, int, int, list[Extent]]] = []  # guest, count, host, data
             async with self._lock:
                 first, run = await self._status_run(offset, end)
+                if _KIND(first) is _NORMAL and run == end - offset:
+                    await self._copy_in_place(offset, end, extents)
+                    return
                 if _KIND(first) is not _UNALLOCATED or run != end - offset:
                     raise OffloadNotSupported
                 await self._prepare_write()
@@ -468,6 +473,41 @@ class Qcow2Driver(Qcow2Reads, Driver):
             async with self._lock:
                 for guest, count, host, _part in runs:
                     await self._link_copied(guest, count, host)
+
+    async def _copy_in_place(self, offset: int, end: int, extents: Sequence[Extent]) -> None:
+        """The copy into ``[offset, end)`` (under the lock, as an in-place :meth:`write`
+        is): when every cluster there is a normal one written in place (``COPIED``, not
+        shared), each L2 slice's part with the same flags and the host clusters
+        following each other (what :meth:`_status_run` found contiguous), the ``file``
+        node copies the extents over them; no metadata changes.
+
+        Raises:
+            OffloadNotSupported: a cluster does not qualify; nothing was written.
+        """
+        h = self.header
+        cb = h.cluster_bits
+        cs = h.cluster_size
+        span_bits = cb + self._slice_bits
+        mask = self._slice_mask
+        entry = 0
+        pos = offset
+        while pos < end:
+            l2off = self._l2_table(pos >> (cb + h.l2_bits))
+            span_end = min(((pos >> span_bits) + 1) << span_bits, end)
+            _, table = await self._slice(l2off, pos)
+            idx, last = (pos >> cb) & mask, ((span_end - 1) >> cb) & mask
+            if not entry:
+                entry = table[idx]
+                if not entry & fmt.OFLAG_COPIED:
+                    raise OffloadNotSupported
+            want = entry + (pos - offset)
+            if table[idx : last + 1] != array("Q", range(want, want + (last - idx + 1) * cs, cs)):
+                raise OffloadNotSupported
+            pos = span_end
+        self._check_data_run(entry, (end - offset + cs - 1) >> cb)
+        await self._prepare_write()
+        self._file.debug_event("write_aio")
+        await self._file.copy_in(entry & fmt.OFFSET_MASK, extents)
 
     async def _link_copied(self, guest: int, count: int, host: int) -> None:
         """Point the unallocated guest clusters from ``guest`` on (within one L2 table)

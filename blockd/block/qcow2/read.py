@@ -42,19 +42,40 @@ def _fill_zeros(view: memoryview) -> None:
         part[:] = _ZEROS[: len(part)]
 
 
-def _same_run(
-    table: array[int], idx: int, last: int, entry: int, kind: ClusterKind, cs: int
-) -> bool:
-    """Whether entries ``idx + 1 .. last`` continue the run of ``entry`` (``table[idx]``):
-    all zero after an unallocated zero entry, or the next host clusters with the same
-    flags after a normal one. ``False`` only means "look entry by entry"."""
-    if kind is _UNALLOCATED and entry == 0:
-        return table[idx + 1 : last + 1].count(0) == last - idx
-    if kind is _NORMAL:
-        return table[idx + 1 : last + 1] == array(
-            "Q", range(entry + cs, entry + (last - idx + 1) * cs, cs)
-        )
-    return False
+def _continuing(
+    table: array[int], idx: int, last: int, kind: ClusterKind, want: int, cs: int
+) -> int:
+    """How many of the entries ``idx .. last`` surely go on with a run of ``kind`` whose
+    next entry would be ``want``: zero entries of an unallocated run of them, or normal
+    entries for the host clusters from ``want`` on with its flags. Fewer than go on
+    only means "look at the next entry by itself"."""
+    if kind is _UNALLOCATED and want == 0:
+        raw = table[idx : last + 1].tobytes()
+        return (len(raw) - len(raw.lstrip(b"\0"))) >> 3
+    if kind is not _NORMAL:
+        return 0
+    n = last - idx + 1
+    if _matches(table, idx, 0, n, want, cs):
+        return n
+    # the longest matching prefix: galloping from 1 (runs are often short), then halving;
+    # each comparison covers only entries not compared yet
+    lo, k = 0, 1
+    while k < n and _matches(table, idx, lo, k, want, cs):
+        lo, k = k, k << 1
+    hi = min(k, n) - 1
+    while lo < hi:
+        k = (lo + hi + 1) >> 1
+        if _matches(table, idx, lo, k, want, cs):
+            lo = k
+        else:
+            hi = k - 1
+    return lo
+
+
+def _matches(table: array[int], idx: int, start: int, stop: int, want: int, cs: int) -> bool:
+    """Whether entries ``idx + start .. idx + stop - 1`` are ``want + i * cs``."""
+    first = want + start * cs
+    return table[idx + start : idx + stop] == array("Q", range(first, want + stop * cs, cs))
 
 
 class Qcow2Reads:
@@ -245,7 +266,7 @@ class Qcow2Reads:
         mask = self._slice_mask
         first: int | None = None
         kind = _UNALLOCATED
-        nxt = 0
+        nxt = last_entry = 0
         pos = offset
         while pos < end:
             l1i = pos >> table_bits
@@ -259,26 +280,30 @@ class Qcow2Reads:
                 continue
             span_end = min(((pos >> span_bits) + 1) << span_bits, end)
             _, table = await self._slice(l2off, pos)
+            last = ((span_end - 1) >> cb) & mask
             while pos < span_end:
                 idx = (pos >> cb) & mask
-                e = table[idx]
                 if first is None:
-                    first, kind = e, _KIND(e)
+                    e = first = table[idx]
+                    kind = _KIND(e)
                     nxt = (e & fmt.OFFSET_MASK) + cs
-                    # the usual case in one comparison: the rest of this slice's part is
-                    # unallocated, or the following host clusters with the same flags
-                    last = ((span_end - 1) >> cb) & mask
-                    if last > idx and _same_run(table, idx, last, e, kind, cs):
-                        nxt += (last - idx) * cs
-                        pos = span_end
-                        continue
                 else:
+                    # the entries that surely go on with the run, in one comparison
+                    want = (last_entry + cs) if kind is _NORMAL else first
+                    k = _continuing(table, idx, last, kind, want, cs)
+                    if k:
+                        nxt += k * cs
+                        last_entry += k * cs
+                        pos = min(((pos >> cb) + k) << cb, span_end)
+                        continue
+                    e = table[idx]
                     if _KIND(e) is not kind:
                         return first, pos - offset
                     if kind is _NORMAL:
                         if e & fmt.OFFSET_MASK != nxt:
                             return first, pos - offset
                         nxt += cs
+                last_entry = e
                 pos = min(((pos >> cb) + 1) << cb, span_end)
         assert first is not None
         return first, min(pos, end) - offset
