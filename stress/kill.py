@@ -47,13 +47,15 @@ def main() -> int:
     parser.add_argument("--chains", type=int, default=6, help="chains (jobs) per round")
     parser.add_argument("--kills", type=int, default=2, help="kills per round")
     parser.add_argument("--mib", type=int, default=16, help="virtual size of each chain")
+    parser.add_argument("--cluster", type=int, default=65536,
+                        help="cluster size of the image the jobs write")  # fmt: skip
     args = parser.parse_args()
     rnd = random.Random(args.seed)
     problems: list[str] = []
     points: list[Point] = []
     start = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="blockd-kill-") as tmp:
-        templates = Templates(Path(tmp, "templates"), args.mib << 20)
+        templates = Templates(Path(tmp, "templates"), args.mib << 20, args.cluster)
         for i in range(args.rounds):
             kinds = [args.kinds[(i + j) % len(args.kinds)] for j in range(args.chains)]
             result = kill_round(Path(tmp, f"r{i}"), rnd, kinds, templates, args.kills)
@@ -61,8 +63,8 @@ def main() -> int:
             points += result.points
     elapsed = time.monotonic() - start
     print(f"kill -9: {args.rounds} rounds of {args.chains} jobs, {args.rounds * args.kills} "
-          f"kills, {len(points)} kill points (jobs interrupted) in {elapsed:.0f}s; "
-          f"seed {args.seed}, chains of {args.mib} MiB")  # fmt: skip
+          f"kills, {len(points)} kill points (jobs interrupted) in {elapsed:.0f}s; seed "
+          f"{args.seed}, chains of {args.mib} MiB, written clusters of {args.cluster}")  # fmt: skip
     print("\n".join(summary(points)))
     print(f"problems: {len(problems)}")
     for problem in problems[:20]:

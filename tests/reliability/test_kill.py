@@ -24,8 +24,9 @@ COPIED = 1 << 63
 
 @pytest.fixture(scope="module")
 def templates(tmp_path_factory: pytest.TempPathFactory) -> Templates:
-    """Small chains (4 MiB): a commit round runs eight jobs."""
-    return Templates(tmp_path_factory.mktemp("templates"), 4 << 20)
+    """Small chains (4 MiB; 4 KiB clusters in the base, many tables to write): a commit
+    round runs ten jobs."""
+    return Templates(tmp_path_factory.mktemp("templates"), 4 << 20, cluster=4096)
 
 
 @pytest.mark.parametrize("chains", [1, 2])
