@@ -86,6 +86,9 @@ async def test_report_fails_cleanly_then_runs_again(
     ended = [await settle(h, c.job_id) for c in pair]  # an active commit may turn ready
     errors = [e["data"].get("error") for e in ended]
     assert "No space left on device" in errors, ended
+    actions = [(e["data"]["operation"], e["data"]["action"]) for e in h.events
+               if e["event"] == "BLOCK_JOB_ERROR"]  # fmt: skip
+    assert (OPERATION[kind], "report") in actions, actions
     for chain, event in zip(pair, ended, strict=True):
         if event["event"] == "BLOCK_JOB_READY":
             await h.cmd("block-job-cancel", device=chain.job_id, force=True)
@@ -95,7 +98,6 @@ async def test_report_fails_cleanly_then_runs_again(
     filler.unlink()
     for chain in pair:
         chain.job_id = f"k{chain.job_id}"
-        chain.backing_file = None
         await start(h, chain)
     for chain in pair:
         done = await finish(h, chain)
