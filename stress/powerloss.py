@@ -1,14 +1,25 @@
-"""Power loss during block-stream: record the file layer, replay prefixes.
+"""Power loss during a block job: record the file layer, replay crash states.
 
 :func:`recording` is a recording mode of the ``file`` driver: while active, every write
-(offset and bytes) and every flush that blockd issues to the files named is logged, in
-order, before it is performed. :func:`record_stream` streams a chain in-process under it.
-:func:`crash_images` then rebuilds what a disk could hold after a power cut: every write
-before the last completed flush, plus any subset of the writes issued after it (a disk
-may persist them in any order), and :func:`judge` checks each with ``qemu-img check``
-(no corruption; leaks allowed) and ``qemu-img compare`` against the pre-stream copy.
+blockd makes to the files named is logged (file, offset, bytes) once it has completed,
+and every flush twice, when it starts and when it ends: a flush makes stable the writes
+completed before it started, and only once it ended. :func:`record_job` runs a job
+(:class:`~stress.killkit.Kind`: a stream, a non-active commit, an active commit)
+in-process on a copy of a template chain under it.
 
-Run long: ``python -m stress.powerloss --replays 2000``.
+:func:`crash_states` then rebuilds what the disks could hold after a power cut at some
+point of the log: for each file, every write that a flush ended before the cut covers,
+plus any subset of its other writes (a disk may persist them in any order). Enumerated
+per epoch (the operations between the ends of two flushes of any file): the state right
+after the flush (nothing pending survived), every in-order prefix (everything issued
+reached the disk) and random subsets of what was pending at the epoch's end.
+:func:`replay` rebuilds each distinct state in a folder of its own (:class:`Replay`) and
+judges it with :func:`stress.killkit.judge`: every image changed checks without
+corruption (leaks allowed), the top's guest view through whatever its header names
+equals the pre-job copy, and the header names what it may; the state with every write
+is judged as the job's end.
+
+Run long: ``python -m stress.powerloss --kind commit --replays 2000``.
 """
 
 from __future__ import annotations
@@ -16,10 +27,9 @@ from __future__ import annotations
 import argparse
 import os
 import random
-import shutil
 import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,15 +40,18 @@ import trio
 from blockd.block.drivers.file import FileDriver
 from blockd.commands.registry import load_all
 from blockd.daemon import Daemon
-from stress.killkit import check_image, same_view, tool
+from stress.killkit import LAYERS, Chain, Kind, Templates, job_commands, judge
 
 
 @dataclass(frozen=True)
 class Op:
-    """One logged operation: a write (``data`` set) or a flush (``data`` None)."""
+    """One logged operation on file ``path``: a write (``data`` set), the start of a
+    flush, or its end (``started``: the log position of its start)."""
 
-    offset: int
-    data: bytes | None
+    path: str
+    offset: int = 0
+    data: bytes | None = None
+    started: int | None = None
 
 
 @contextmanager
@@ -48,19 +61,24 @@ def recording(paths: set[str]) -> Iterator[list[Op]]:
     write, flush, copy_in = FileDriver.write, FileDriver.flush, FileDriver.copy_in
 
     async def rec_write(self: FileDriver, offset: int, data: Any) -> None:
-        if self.path in paths:
-            log.append(Op(offset, bytes(memoryview(data).cast("B"))))
         await write(self, offset, data)
+        if self.path in paths:
+            log.append(Op(self.path, offset, bytes(memoryview(data).cast("B"))))
 
     async def rec_copy_in(self: FileDriver, offset: int, extents: Any) -> None:
         await copy_in(self, offset, extents)
         if self.path in paths:  # an offloaded copy: log the bytes it wrote
-            log.append(Op(offset, os.pread(self.fd, sum(e.length for e in extents), offset)))
+            data = os.pread(self.fd, sum(e.length for e in extents), offset)
+            log.append(Op(self.path, offset, data))
 
     async def rec_flush(self: FileDriver) -> None:
-        if self.path in paths and not self.no_flush:
-            log.append(Op(0, None))
+        logged = self.path in paths and not self.no_flush
+        start = len(log)
+        if logged:
+            log.append(Op(self.path))
         await flush(self)
+        if logged:
+            log.append(Op(self.path, started=start))
 
     FileDriver.write, FileDriver.flush = rec_write, rec_flush  # type: ignore[method-assign]
     FileDriver.copy_in = rec_copy_in  # type: ignore[method-assign]
@@ -71,134 +89,197 @@ def recording(paths: set[str]) -> Iterator[list[Op]]:
         FileDriver.copy_in = copy_in  # type: ignore[method-assign]
 
 
-def make_chain(directory: Path, size: str = "24M", cluster: int = 4096) -> Path:
-    """base ← mid ← top (``cluster``-byte clusters in top) with data in every layer."""
-    base, mid, top = (directory / f"{n}.qcow2" for n in ("base", "mid", "top"))
-    tool("qemu-img", "create", "-q", "-f", "qcow2", base, size)
-    tool("qemu-io", "-f", "qcow2", "-c", f"write -P 0x11 0 {size}", base)
-    tool("qemu-img", "create", "-q", "-f", "qcow2", "-b", base.name, "-F", "qcow2", mid)
-    tool("qemu-io", "-f", "qcow2", "-c", "write -P 0x22 1M 1M", "-c", "write -P 0x23 9M 3M", mid)
-    tool("qemu-img", "create", "-q", "-f", "qcow2", "-o", f"cluster_size={cluster}",
-         "-b", mid.name, "-F", "qcow2", top)  # fmt: skip
-    tool("qemu-io", "-f", "qcow2", "-c", "write -P 0x33 0 64k", "-c", "write -P 0x44 3M 8k", top)
-    return top
+#: small qcow2 metadata caches for the image the job writes: tables are evicted and
+#: written back during the job, not only at its end
+TINY_CACHES = {"l2-cache-size": 8192, "refcount-cache-size": 8192}
 
 
-async def _stream(top: Path) -> None:
+async def _run_job(chain: Chain) -> None:
     daemon = Daemon()
     commands = load_all()
+
+    async def call(name: str, arguments: dict[str, Any]) -> Any:
+        return await commands[name].call(daemon, arguments)
+
     async with trio.open_nursery() as nursery:
         await nursery.start(daemon.run)
-        await commands["blockdev-add"].call(daemon, {
-            "driver": "qcow2", "node-name": "top", "l2-cache-size": 8192,
-            "refcount-cache-size": 8192,
-            "file": {"driver": "file", "filename": str(top)}})  # fmt: skip
-        await commands["block-stream"].call(daemon, {"device": "top", "job-id": "j"})
+        for name, arguments in job_commands(chain, written=TINY_CACHES):
+            await call(name, arguments)
         with trio.fail_after(60):
-            while (job := daemon.jobs.find("j")) is not None and job.status != "null":
+            while (job := daemon.jobs.find(chain.job_id)) is not None and job.status != "null":
+                if job.status == "ready":
+                    await call("job-complete", {"id": chain.job_id})
                 await trio.sleep(0.005)
-        await commands["blockdev-del"].call(daemon, {"node-name": "top"})
+        for name in chain.node_names():
+            await call("blockdev-del", {"node-name": name})
         daemon.request_shutdown()
 
 
-def record_stream(directory: Path) -> tuple[Path, bytes, list[Op]]:
-    """Stream a fresh chain in ``directory`` under :func:`recording`; returns the top,
-    its bytes before the stream and the log. The stream's result is checked too."""
-    top = make_chain(directory)
-    before = directory / "before.qcow2"
-    tool("qemu-img", "convert", "-O", "qcow2", top, before)
-    initial = top.read_bytes()
-    with recording({str(top)}) as log:
-        trio.run(_stream, top)
-    problems = [p for p in (check_image(top), same_view(top, before)) if p]
+@dataclass
+class Recording:
+    """A job run under :func:`recording`: the chain it ran on, the templates it was
+    copied from (the files before the job) and the log."""
+
+    chain: Chain
+    templates: Templates
+    log: list[Op]
+
+    def initial(self) -> dict[str, bytes]:
+        """The chain's files (by name) before the job."""
+        folder = self.chain.template
+        return {f"{layer}.qcow2": (folder / f"{layer}.qcow2").read_bytes() for layer in LAYERS}
+
+
+def record_job(directory: Path, kind: Kind, size: int = 24 << 20) -> Recording:
+    """Run a job of ``kind`` on a copy of a template chain (``size``, 4 KiB clusters in
+    the image the job writes) in ``directory``, under :func:`recording`; the job's result
+    is judged too, and the log must rebuild the files as they are after it."""
+    templates = Templates(directory / "templates", size, cluster=4096)
+    chain = templates.chain(kind, directory / "job", "j", backing_file="base.qcow2")
+    with recording({str(chain.path(layer)) for layer in LAYERS}) as log:
+        trio.run(_run_job, chain)
+    problems = judge(chain, finished=True)
     assert not problems, problems
-    return top, initial, log
+    rec = Recording(chain, templates, log)
+    rebuilt = crash_files(rec.initial(), log, range(len(log)))
+    for name, data in rebuilt.items():
+        assert data == (chain.directory / name).read_bytes(), f"the log does not rebuild {name}"
+    return rec
 
 
-def epochs(log: list[Op]) -> list[list[Op]]:
-    """The writes between flushes: epoch ``i`` is stable once flush ``i`` completed."""
-    out: list[list[Op]] = [[]]
-    for op in log:
-        if op.data is None:
-            out.append([])
-        else:
-            out[-1].append(op)
+def epochs(log: list[Op]) -> list[range]:
+    """The log positions between the ends of flushes (of any file): epoch ``i`` ends
+    where flush ``i`` ended (the last epoch at the end of the log)."""
+    out: list[range] = []
+    start = 0
+    for i, op in enumerate(log):
+        if op.started is not None:
+            out.append(range(start, i))
+            start = i + 1
+    out.append(range(start, len(log)))
     return out
 
 
-def crash_image(initial: bytes, groups: list[list[Op]], upto: int, chosen: list[Op]) -> bytes:
-    """The file after all writes of ``groups[:upto]`` and then ``chosen`` (in order)."""
-    image = bytearray(initial)
-    for op in [w for g in groups[:upto] for w in g] + chosen:
-        assert op.data is not None
+def cut(log: list[Op], at: int) -> tuple[list[int], list[int]]:
+    """A power cut before ``log[at]``: the writes already stable (a flush of their file
+    started after them and ended before the cut) and those that may or may not have
+    reached the disk, as log positions."""
+    covered: dict[str, int] = {}  # per file: writes before this position are stable
+    for op in log[:at]:
+        if op.started is not None:
+            covered[op.path] = max(covered.get(op.path, 0), op.started)
+    stable: list[int] = []
+    pending: list[int] = []
+    for i, op in enumerate(log[:at]):
+        if op.data is not None:
+            (stable if i < covered.get(op.path, 0) else pending).append(i)
+    return stable, pending
+
+
+def crash_states(log: list[Op], rnd: random.Random,
+                 per_epoch: int) -> Iterator[tuple[str, list[int]]]:  # fmt: skip
+    """``(description, log positions of the writes on disk)`` of crash states: first
+    every write (``"everything"``); then per epoch the state right after the flush that
+    opens it, every in-order prefix of its writes, and ``per_epoch`` random subsets of
+    what is pending at its end. Together the prefixes are every prefix of the log."""
+    yield "everything", [i for i, op in enumerate(log) if op.data is not None]
+    for i, epoch in enumerate(epochs(log)):
+        stable, _ = cut(log, epoch.start)
+        yield f"after flush {i}", stable
+        if not epoch:
+            continue
+        for k in range(1, len(epoch) + 1):
+            stable, pending = cut(log, epoch.start + k)
+            yield f"epoch {i}: first {k}/{len(epoch)} operations", stable + pending
+        stable, pending = cut(log, epoch.stop)
+        for _ in range(per_epoch):
+            subset = [p for p in pending if rnd.random() < 0.5]
+            yield (
+                f"epoch {i}: {len(subset)}/{len(pending)} pending writes in any order",
+                stable + subset,
+            )
+
+
+def crash_files(initial: Mapping[str, bytes], log: list[Op],
+                chosen: Iterable[int]) -> dict[str, bytes]:  # fmt: skip
+    """The files (by name) after the writes at log positions ``chosen``, in log order,
+    over their ``initial`` bytes."""
+    files = {name: bytearray(data) for name, data in initial.items()}
+    for i in sorted(chosen):
+        op = log[i]
+        if op.data is None:
+            continue
+        image = files[Path(op.path).name]
         end = op.offset + len(op.data)
         if end > len(image):
             image.extend(bytes(end - len(image)))
         image[op.offset : end] = op.data
-    return bytes(image)
+    return {name: bytes(data) for name, data in files.items()}
 
 
-def crash_states(initial: bytes, log: list[Op], rnd: random.Random,
-                 per_epoch: int) -> Iterator[tuple[str, bytes]]:  # fmt: skip
-    """``(description, file bytes)`` of crash states: each flush boundary, plus per epoch
-    ``per_epoch`` in-order prefixes and ``per_epoch`` random subsets (reordered)."""
-    groups = epochs(log)
-    for i, group in enumerate(groups):
-        yield f"after flush {i}", crash_image(initial, groups, i, [])
-        if not group:
+class Replay:
+    """A folder where crash states of ``rec`` are rebuilt, one after the other."""
+
+    def __init__(self, rec: Recording) -> None:
+        self.rec = rec
+        self.initial = rec.initial()
+        self.on_disk = dict(self.initial)
+        job = rec.chain
+        self.chain = rec.templates.chain(job.kind, job.directory.parent / "replay", "r",
+                                         backing_file=job.backing_file)  # fmt: skip
+
+    def judge(self, chosen: Iterable[int], *, finished: bool) -> list[str]:
+        """Rebuild the state with the writes at log positions ``chosen`` and judge it
+        (:func:`stress.killkit.judge`; ``finished``: as the job's end)."""
+        for name, data in crash_files(self.initial, self.rec.log, chosen).items():
+            if data != self.on_disk[name]:
+                (self.chain.directory / name).write_bytes(data)
+                self.on_disk[name] = data
+        return judge(self.chain, finished=finished)
+
+
+def replay(rec: Recording, states: Iterable[tuple[str, list[int]]],
+           limit: int) -> tuple[int, list[str]]:  # fmt: skip
+    """Judge up to ``limit`` distinct ``states``, the one with every write as finished;
+    (states judged, problems)."""
+    folder = Replay(rec)
+    every = tuple(i for i, op in enumerate(rec.log) if op.data is not None)
+    seen: set[tuple[int, ...]] = set()
+    problems: list[str] = []
+    for desc, chosen in states:
+        key = tuple(sorted(chosen))
+        if key in seen:
             continue
-        for _ in range(per_epoch):
-            k = rnd.randrange(1, len(group) + 1)
-            yield (
-                f"epoch {i}: first {k}/{len(group)} writes",
-                crash_image(initial, groups, i, group[:k]),
-            )
-        for _ in range(per_epoch):
-            subset = [op for op in group if rnd.random() < 0.5]
-            yield (
-                f"epoch {i}: {len(subset)}/{len(group)} writes in any order",
-                crash_image(initial, groups, i, subset),
-            )
-    yield "everything", crash_image(initial, groups, len(groups), [])
+        seen.add(key)
+        problems += [f"{desc}: {p}" for p in folder.judge(key, finished=key == every)]
+        if len(seen) >= limit:
+            break
+    return len(seen), problems
 
 
-def judge(image: bytes, path: Path, before: Path) -> list[str]:
-    path.write_bytes(image)
-    return [p for p in (check_image(path), same_view(path, before)) if p]
-
-
-def run(replays: int, seed: int) -> tuple[int, int, list[str]]:
-    """Record one stream and judge up to ``replays`` crash states; returns (log length,
-    states judged, problems)."""
+def run(replays: int, seed: int, kind: Kind = Kind.STREAM) -> tuple[int, int, list[str]]:
+    """Record one job of ``kind`` and judge up to ``replays`` distinct crash states;
+    returns (log length, states judged, problems)."""
     rnd = random.Random(seed)
     with tempfile.TemporaryDirectory(prefix="blockd-power-") as tmp:
-        directory = Path(tmp)
-        top, initial, log = record_stream(directory)
-        groups = epochs(log)
-        # rounded up, so that the states cover ``replays`` (the loop stops there)
-        per_epoch = max(1, -(-replays // (2 * max(1, sum(1 for g in groups if g)))))
-        replay = directory / "replay" / top.name
-        replay.parent.mkdir()
-        for name in ("mid.qcow2", "base.qcow2"):
-            shutil.copy(directory / name, replay.parent / name)
-        problems: list[str] = []
-        count = 0
-        for desc, image in crash_states(initial, log, rnd, per_epoch):
-            count += 1
-            problems += [f"{desc}: {p}" for p in judge(image, replay, directory / "before.qcow2")]
-            if count >= replays:
-                break
-    return len(log), count, problems
+        rec = record_job(Path(tmp), kind)
+        # the prefixes, then enough random subsets to cover ``replays`` (rounded up)
+        groups = epochs(rec.log)
+        spare = replays - sum(op.data is not None for op in rec.log) - len(groups)
+        per_epoch = max(1, -(-spare // max(1, sum(1 for e in groups if e))))
+        count, problems = replay(rec, crash_states(rec.log, rnd, per_epoch), replays)
+    return len(rec.log), count, problems
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--replays", type=int, default=2000)
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--kind", type=Kind, choices=list(Kind), default=Kind.STREAM)
     args = parser.parse_args()
-    ops, count, problems = run(args.replays, args.seed)
-    print(f"power loss: {ops} logged operations, {count} crash states judged; "
-          f"problems: {len(problems)}")  # fmt: skip
+    ops, count, problems = run(args.replays, args.seed, args.kind)
+    print(f"power loss ({args.kind}): {ops} logged operations, {count} crash states "
+          f"judged; problems: {len(problems)}")  # fmt: skip
     for problem in problems[:20]:
         print("  FAIL", problem)
     return 0 if not problems else 1

@@ -15,9 +15,10 @@ background copy mode):
   copies and no speed limit is set, adjacent dirty runs are taken together, up to
   :data:`MIRROR_COPY_MERGE` bytes in one copy; if such a copy fails, its range is
   marked dirty again and copied run by run, so that an error is reported for the run
-  that has it. Progress: ``len``
-  is what was copied plus what is dirty, so it grows while writers keep writing.
-* Ready: the first time nothing is dirty the target is flushed, the job turns ``ready``
+  that has it. Progress: ``len`` is what was copied plus what is dirty, so it grows
+  while writers keep writing.
+* Ready: the first time nothing is dirty the target is flushed (a failed flush goes
+  through ``on-error`` and is tried again), the job turns ``ready``
   (``JOB_STATUS_CHANGE`` then ``BLOCK_JOB_READY``) and from then on sleeps
   :data:`READY_SLICE_NS` at a time while nothing is dirty, copying new writes as they
   come.
@@ -52,6 +53,7 @@ from blockd.block.host.locking import PERM_ALL, PERM_NONE, Perm
 from blockd.block.node import NodeUser
 from blockd.errors import QMPError, RequestError
 from blockd.jobs.commit import CommitFilterJob, CopyError
+from blockd.jobs.job import ErrorChoice
 from blockd.jobs.policy import IoOperationType
 from blockd.jobs.state import JobStatus
 
@@ -216,8 +218,14 @@ class MirrorJob(CommitFilterJob):
             finish = False
             if not bitmap:
                 if not self.is_ready:
-                    if not await self._flush_target():
+                    failed = await self._flush_target()
+                    if failed == "report":
                         return
+                    if failed is not None:
+                        # QEMU mirror_run: ready only after a flush that worked; the
+                        # failed one is tried again (after a pause point)
+                        await self.rate_limit_sleep()
+                        continue
                     if bitmap:
                         continue
                     self.ready()
@@ -231,14 +239,14 @@ class MirrorJob(CommitFilterJob):
             else:
                 await self.rate_limit_sleep()
 
-    async def _flush_target(self) -> bool:
-        """Flush the target; an error goes through ``on-error`` (false: report)."""
+    async def _flush_target(self) -> ErrorChoice | None:
+        """Flush the target (QEMU ``mirror_flush``): None when it worked, else what
+        ``on-error`` chose for the failure (after the resume, for ``stop``)."""
         try:
             await self.plan.base.flush()
         except OSError as exc:
-            action = await self.handle_io_error(exc, IoOperationType.WRITE, ignored_fails=False)
-            return action != "report"
-        return True
+            return await self.handle_io_error(exc, IoOperationType.WRITE, ignored_fails=False)
+        return None
 
     async def _converge(self) -> bool:
         """Drain the filter; true when nothing is dirty and the target is flushed (the

@@ -262,6 +262,41 @@ async def test_errors_follow_on_error(
         check(image)
 
 
+async def test_active_commit_is_ready_only_after_a_flush_that_worked(
+    harness: Harness, tmp_path: Path
+) -> None:
+    """The base's flush at the end of the first pass fails (full disk, ``on-error:
+    stop``): once resumed the job flushes again and only then turns ready (QEMU
+    ``mirror_run``: a failed ``mirror_flush`` goes round the loop again). blkdebug's
+    state counts the flushes of the base."""
+    base, mid, top = chain3(tmp_path)
+    expected = snapshot(top, tmp_path / "expected.qcow2")
+    flushes = [{"event": "flush_to_disk", "state": s, "new_state": s + 1} for s in (1, 2, 3)]
+    blkdebug = {
+        "driver": "blkdebug",
+        "image": file_ref(base),
+        "inject-error": [{"event": "flush_to_disk", "state": 1, "errno": 28, "once": True}],
+        "set-state": flushes,
+    }
+    await harness.raw("blockdev-add", {"driver": "qcow2", "node-name": "base", "file": blkdebug})
+    await harness.raw("blockdev-add", qcow2("mid", mid, backing="base", **{"read-only": True}))
+    await harness.raw("blockdev-add", qcow2("top", top, backing="mid"))
+    await harness.cmd("block-commit", device="top", job_id="j", on_error="stop")
+    error = await harness.wait_event("BLOCK_JOB_ERROR")
+    assert error == {"device": "j", "operation": "write", "action": "stop"}
+    await harness.wait_event("JOB_STATUS_CHANGE", status="paused")
+    rules = node(harness, "base").file.driver.rules
+    assert rules.state == 2  # one flush, failed
+    await harness.cmd("block-job-resume", device="j")
+    await harness.wait_event("BLOCK_JOB_READY")
+    assert rules.state == 3  # flushed again before ready
+    await harness.cmd("job-complete", id="j")
+    assert "error" not in await harness.wait_done("j")
+    await harness.cmd("quit")
+    compare(base, expected)
+    check(base)
+
+
 async def test_active_commit_keeps_up_with_writes(harness: Harness, tmp_path: Path) -> None:
     """Writes into the top before and after ready all reach the base; the pivot moves
     the top's parents onto the base; no header changes (iotest 040 TestActive)."""
