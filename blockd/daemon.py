@@ -27,10 +27,20 @@ class Daemon:
     def __init__(self, schema: Schema | None = None) -> None:
         self.events = EventBus()
         self.graph = Graph()
+        self.graph.corruption_sink = self._image_corrupted
         self.jobs = JobManager(self.events)
         self._schema = schema
         self._shutdown = trio.Event()
         self._jobs_hung = False
+
+    def _image_corrupted(self, node_name: str, message: str) -> None:
+        """QEMU's ``qapi_event_send_block_image_corrupted`` for a node without a device:
+        blockd never marks an image corrupt (it writes nothing to a broken image), so
+        the corruption is never ``fatal``."""
+        self.events.emit(
+            "BLOCK_IMAGE_CORRUPTED",
+            {"device": "", "node-name": node_name, "msg": message, "fatal": False},
+        )
 
     @property
     def schema(self) -> Schema:

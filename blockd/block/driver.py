@@ -18,7 +18,10 @@ Division of labour (mirrors the contract of QEMU's ``struct BlockDriver``):
 * :meth:`block_status` answers for this node's own layer only; walking a backing chain
   (``is_allocated_above``) is the graph's job.
 * I/O failures are raised as ``OSError`` with the errno (error policies depend on it);
-  broken image metadata as :class:`~blockd.errors.ImageError`.
+  broken image metadata as :class:`~blockd.errors.ImageError` (QEMU's text for the
+  corruption, naming the offending offsets). The node turns an ``ImageError`` met by a
+  request into a corruption report and ``EIO`` for the caller, as QEMU's
+  ``qcow2_signal_corruption`` does (:meth:`BlockNode.read`).
 
 Buffers: reads fill a caller-provided ``memoryview`` so the copy path can reuse one large
 buffer; writes take any bytes-like object.
@@ -214,6 +217,11 @@ class Driver(ABC):
         """Whether this node's data can be the source of an offloaded copy (a protocol
         node whose bytes sit in a host file that :meth:`copy_in` can read)."""
         return False
+
+    def file_identity(self) -> tuple[int, int] | None:
+        """``(st_dev, st_ino)`` of the host file a protocol driver has open, else None:
+        the same file under any name (the graph refuses backing chains that loop)."""
+        return None
 
     # -- image headers (format drivers only) ---------------------------------------
 

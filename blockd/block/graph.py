@@ -61,7 +61,7 @@ import contextlib
 import logging
 import random
 import re
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, replace
 from typing import Any, Final
 
@@ -71,7 +71,12 @@ from blockd.block import permissions
 from blockd.block.driver import Driver
 from blockd.block.drivers import DRIVERS, JOB_FILTERS
 from blockd.block.host.locking import PERM_ALL, LockError, Perm
-from blockd.block.names.backing import check_header_name_passes, header_backing_options
+from blockd.block.names.backing import (
+    check_header_name_passes,
+    header_backing_options,
+    image_path,
+)
+from blockd.block.names.filename import node_filename
 from blockd.block.node import BlockNode, NodeUser
 from blockd.errors import HostError, QMPError, RequestError
 
@@ -98,6 +103,37 @@ class _Inherit:
     force_share: bool = False
 
 
+@dataclass(frozen=True)
+class _Level:
+    """One backing link of a chain being opened: ``child`` becomes the backing node of
+    ``parent``. ``existing``: a node given by name (its chain is complete already);
+    ``implicit``: from the image header. ``options``/``inherit``: what ``child`` was
+    opened with (its own backing comes from them)."""
+
+    parent: BlockNode
+    child: BlockNode
+    options: Mapping[str, Any]
+    inherit: _Inherit
+    existing: bool
+    implicit: bool
+
+
+def _prefixed(exc: QMPError, times: int) -> QMPError:
+    """``exc`` as the backing opens ``times`` levels up report it (QEMU prefixes the
+    error of each ``bdrv_open_backing_file``)."""
+    return type(exc)("Could not open backing file: " * times + exc.desc)
+
+
+class _LinkFailed(Exception):
+    """A backing link of a chain being opened was refused with ``error`` at ``depth``
+    (0: the top's link)."""
+
+    def __init__(self, depth: int, error: QMPError) -> None:
+        super().__init__(error.desc)
+        self.depth = depth
+        self.error = error
+
+
 class Graph:
     """All nodes of the daemon, oldest first in :attr:`nodes`; see the module docstring."""
 
@@ -116,6 +152,9 @@ class Graph:
         self.unflushed: list[str] = []
         #: The node being flushed and closed right now, if any (for a shutdown report).
         self.closing: str | None = None
+        #: Told ``(node-name, message)`` when a request finds a node's image corrupt
+        #: (the daemon sends ``BLOCK_IMAGE_CORRUPTED``).
+        self.corruption_sink: Callable[[str, str], None] | None = None
 
     # -- lookup ----------------------------------------------------------------------
 
@@ -192,6 +231,23 @@ class Graph:
     async def _open(
         self, options: Mapping[str, Any], inherit: _Inherit, *, job_filter: bool = False
     ) -> BlockNode:
+        """Open the node tree ``options``: the node, its ``file`` child, then its backing
+        chain (:meth:`_open_backing_chain`). A failure closes what the call opened."""
+        node, child_inherit = await self._open_one(options, inherit, job_filter=job_filter)
+        if self._classes[node].supports_backing:
+            try:
+                await self._open_backing_chain(node, options, child_inherit)
+            except BaseException:
+                await self._discard(node)
+                raise
+        return node
+
+    async def _open_one(
+        self, options: Mapping[str, Any], inherit: _Inherit, *, job_filter: bool = False
+    ) -> tuple[BlockNode, _Inherit]:
+        """Open one node and its ``file`` child (recursively: options nest at most
+        :data:`blockd.qmp.validate.MAX_DEPTH` deep), not its backing; the node and what
+        its children inherit."""
         driver_name = options.get("driver")
         cls = (JOB_FILTERS if job_filter else DRIVERS).get(str(driver_name))
         if cls is None:
@@ -250,6 +306,7 @@ class Graph:
             raise
         node = BlockNode(str(name), opts, read_only=read_only)
         node.child_role = cls.child_role
+        node.on_corruption = self._corrupted
         self.nodes[node.name] = node
         self._classes[node] = cls
         if "read-only" not in options:
@@ -266,52 +323,161 @@ class Graph:
             node.driver = await cls.open(node, opts)
             header = node.driver.header_backing()
             node.auto_backing_file = header[0] if header is not None else ""
-            if cls.supports_backing:
-                await self._open_backing(node, options, child_inherit)
         except BaseException:
-            before = self.linked([node])
-            await self._unref(node)  # shielded and bounded inside
-            # the children it held (an existing node named as its file) give up the
-            # permissions and lock bytes it took; fewer permissions never conflict
-            with contextlib.suppress(QMPError):
-                self.refresh_permissions(before)
+            await self._discard(node)
             raise
-        return node
+        return node, child_inherit
+
+    async def _discard(self, node: BlockNode) -> None:
+        """Close ``node``, opened by a call that failed, and what only it held."""
+        before = self.linked([node])
+        await self._unref(node)  # shielded and bounded inside
+        # the children it held (an existing node named as its file) give up the
+        # permissions and lock bytes it took; fewer permissions never conflict
+        with contextlib.suppress(QMPError):
+            self.refresh_permissions(before)
+
+    async def _open_backing_chain(
+        self, top: BlockNode, options: Mapping[str, Any], inherit: _Inherit
+    ) -> None:
+        """Open the backing chain below the format node ``top`` (opened from ``options``)
+        and link it, as QEMU's recursive ``bdrv_open_backing_file`` does, in a loop: a
+        chain of any length opens without recursion.
+
+        Each image down the chain is opened (its ``file`` child first, its backing not
+        yet), then the next one below it, until an image has no backing file or the
+        backing is an existing node; then the links are made from the bottom up. An
+        error at depth ``k`` carries ``k`` times QEMU's ``Could not open backing file:``
+        prefix, as the recursion would give it. Images named by headers must not repeat
+        (the same host file in the same format): such a chain never ends, so it is
+        refused (``creates an infinite loop``) instead of opened until memory runs out.
+        On failure every image the call opened is closed again.
+        """
+        levels: list[_Level] = []  # the links to make, top first
+        node, opts, inh = top, options, inherit
+        seen = {(self._identity(top), top.drv)}
+        prefixes = 0
+        try:
+            while True:
+                prefixes = len(levels) + 1
+                level = await self._open_backing(node, opts, inh, seen)
+                if level is None:
+                    break
+                levels.append(level)
+                if level.existing or not self._classes[level.child].supports_backing:
+                    break
+                node, opts, inh = level.child, level.options, level.inherit
+            self._link_chain(top, levels)
+        except BaseException as exc:
+            for level in reversed(levels):  # linked children close with their parents
+                if not level.existing:
+                    await self._discard(level.child)
+            if isinstance(exc, _LinkFailed):  # the link at depth k: k prefixes
+                raise _prefixed(exc.error, exc.depth) from exc.error
+            if isinstance(exc, QMPError) and prefixes:
+                raise _prefixed(exc, prefixes) from exc
+            raise
 
     async def _open_backing(
-        self, node: BlockNode, options: Mapping[str, Any], inherit: _Inherit
-    ) -> None:
+        self,
+        node: BlockNode,
+        options: Mapping[str, Any],
+        inherit: _Inherit,
+        seen: set[tuple[tuple[int, int] | None, str]],
+    ) -> _Level | None:
+        """Open the backing node of ``node`` (opened from ``options``), not its own
+        backing; None when ``node`` has none. ``seen``: the host files (and formats) of
+        the chain above, for the loop check; the new image is added.
+
+        Raises:
+            QMPError: QEMU's text, without the ``Could not open backing file`` prefix;
+                nothing stays open then.
+        """
         backing_inherit = replace(inherit, read_only=True, auto_read_only=False)
         ref = options.get("backing")
         if "backing" in options and (ref is None or ref == ""):
-            return
+            return None
         header = node.driver.header_backing()
         if "backing" not in options and (header is None or not header[0]):
-            return
-        try:  # QEMU prefixes the errors of finding or opening the backing node
-            if "backing" in options:
-                if isinstance(ref, Mapping) and header is not None and header[0]:
-                    check_header_name_passes(ref)
+            return None
+        if "backing" in options:
+            if isinstance(ref, Mapping) and header is not None and header[0]:
+                check_header_name_passes(ref)
+            if not isinstance(ref, Mapping):
                 child = await self._open_ref(ref, backing_inherit)
-            else:
-                assert header is not None
-                backing_options = header_backing_options(
-                    node, *header, allow_json=self.allow_header_json
-                )
-                child = await self._open(backing_options, backing_inherit)
-        except QMPError as exc:
-            raise type(exc)(f"Could not open backing file: {exc.desc}") from exc
+                return _Level(node, child, {}, backing_inherit, existing=True, implicit=False)
+            child_options: Mapping[str, Any] = ref
+        else:
+            assert header is not None
+            child_options = await header_backing_options(
+                node, *header, allow_json=self.allow_header_json
+            )
+        child, child_inherit = await self._open_one(child_options, backing_inherit)
+        image = (self._identity(child), child.drv)
+        if image in seen and header is not None and "backing" not in options:
+            await self._discard(child)
+            raise RequestError(
+                f"Backing file '{header[0]}' of '{image_path(node)}' creates an infinite loop"
+            )
+        seen.add(image)
+        return _Level(
+            node, child, child_options, child_inherit, existing=False,
+            implicit="backing" not in options,
+        )  # fmt: skip
+
+    def _link_chain(self, top: BlockNode, levels: list[_Level]) -> None:
+        """Make the links of ``levels`` from the bottom up, as the recursion did.
+
+        The permissions are refreshed once, for the whole chain: refreshing them after
+        each link would plan the growing chain again and again. A chain that the single
+        refresh refuses is unlinked and linked again with one refresh per link, so that
+        the error is the one the recursion met (fewer links never conflict more).
+
+        Raises:
+            _LinkFailed: a cycle (a node given by name) or a permission conflict at a
+                depth; that link is not made, the ones below it are.
+        """
+        names: dict[BlockNode, str] = {}  # filenames of the chain, bottom up
+        for depth in range(len(levels) - 1, -1, -1):
+            self._link_backing(levels[depth], names, depth)
+        try:
+            self.refresh_permissions([top])
+            return
+        except QMPError:
+            for level in levels:
+                self._detach(level.parent, "backing")
+        for depth in range(len(levels) - 1, -1, -1):
+            self._link_backing(levels[depth], names, depth)
+            try:
+                self.refresh_permissions([levels[depth].parent])
+            except QMPError as exc:
+                self._detach(levels[depth].parent, "backing")
+                raise _LinkFailed(depth, exc) from exc
+
+    def _link_backing(self, level: _Level, names: dict[BlockNode, str], depth: int) -> None:
+        """Make ``level.child`` the backing node of ``level.parent`` (permissions not
+        refreshed); ``names``: the filenames of the nodes below, kept by the caller.
+
+        Raises:
+            _LinkFailed: the link would make a cycle; it is not made.
+        """
+        node, child = level.parent, level.child
         try:
             self._check_cycle(node, "backing", child)
-        except RequestError:
-            if not isinstance(ref, str):
-                await self._unref(child)
-            raise
-        if "backing" not in options:
+        except RequestError as exc:
+            raise _LinkFailed(depth, exc) from exc
+        if level.implicit:
             node.implicit_backing = True
-            node.auto_backing_file = child.filename
+            node.auto_backing_file = node_filename(child, names)
         self._attach(node, "backing", child)
-        self.refresh_permissions([node])
+
+    @staticmethod
+    def _identity(node: BlockNode) -> tuple[int, int] | None:
+        """The host file under ``node`` (its protocol node's), as ``(st_dev, st_ino)``."""
+        below = node
+        while not below.is_protocol and below.file is not None:
+            below = below.file
+        return below.driver.file_identity()
 
     # -- links and references --------------------------------------------------------
 
@@ -346,24 +512,37 @@ class Graph:
         return child
 
     async def _unref(self, node: BlockNode) -> None:
-        """Drop a reference; close ``node`` (then its orphaned children) when none is left."""
-        if node.parents or node.users or node.monitor_owned or node not in self._classes:
-            return  # still referenced, or closed already
-        if self.nodes.get(node.name) is node:
-            del self.nodes[node.name]
-        self._classes.pop(node, None)
-        self._inherits_ro.discard(node)
-        if hasattr(node, "driver"):
-            await self._close_driver(node)
-        for role in list(node.children):
-            child = self._detach(node, role)
-            if child is not None:
-                await self._unref(child)
+        """Drop a reference; close ``node`` (then its orphaned children, depth first, in
+        a loop: a backing chain of any length) when none is left."""
+        stack = [node]
+        while stack:
+            node = stack.pop()
+            if node.parents or node.users or node.monitor_owned or node not in self._classes:
+                continue  # still referenced, or closed already
+            if self.nodes.get(node.name) is node:
+                del self.nodes[node.name]
+            self._classes.pop(node, None)
+            self._inherits_ro.discard(node)
+            if hasattr(node, "driver"):
+                await self._close_driver(node)
+            orphans = [self._detach(node, role) for role in list(node.children)]
+            stack.extend(child for child in reversed(orphans) if child is not None)
+
+    def _corrupted(self, node: BlockNode, message: str) -> None:
+        """A request found ``node``'s image corrupt (:meth:`BlockNode.corrupted`): log it
+        as QEMU does (nothing is written to the image) and tell the sink."""
+        log.error(
+            "%s: Image is corrupt: %s; further non-fatal corruption events will be suppressed",
+            node.drv,
+            message,
+        )
+        if self.corruption_sink is not None:
+            self.corruption_sink(node.name, message)
 
     async def _close_driver(self, node: BlockNode) -> None:
         """Flush and close ``node``'s driver; shielded, bounded by :attr:`close_seconds`.
 
-        A failed flush does not keep the node open (as QEMU). A flush or close still
+        A failed flush or close does not keep the node open (as QEMU). A flush or close still
         running at the deadline is given up: the node is logged as an error and listed in
         :attr:`unflushed`, and the caller goes on with the next node.
         """
@@ -371,9 +550,12 @@ class Graph:
         try:
             with trio.CancelScope(shield=True):
                 with trio.move_on_after(self.close_seconds) as bound:
-                    with contextlib.suppress(OSError):
+                    with contextlib.suppress(OSError, QMPError):
                         await node.driver.flush()
-                    await node.driver.close()
+                    try:
+                        await node.driver.close()
+                    except Exception:  # a close cannot fail the caller (QEMU's cannot)
+                        log.exception("node '%s': closing failed", node.name)
         finally:
             self.closing = None
         if bound.cancelled_caught:

@@ -7,13 +7,19 @@ requests are widened with read-modify-write), then call the driver.
 Bounds (as QEMU): format and filter nodes refuse requests past their length with
 ``EINVAL``. Protocol nodes are different: a read past the end returns zeros and a write
 past the end grows the node, which is how format drivers append clusters to their file.
+
+Corruption (QEMU's ``qcow2_signal_corruption``): a driver that finds broken metadata
+while serving a request raises :class:`~blockd.errors.ImageError` with QEMU's text. The
+node reports it once (:attr:`BlockNode.on_corruption`: the ``BLOCK_IMAGE_CORRUPTED``
+event) and fails the request with ``EIO``, so that callers meet an I/O error like any
+other: a job applies its ``on-error`` policy to it.
 """
 
 from __future__ import annotations
 
 import errno
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,7 +27,7 @@ from blockd.block.dirty import DirtyBitmap
 from blockd.block.driver import BlockStatus, Driver, Extent, OffloadNotSupported, Status
 from blockd.block.host.locking import PERM_ALL, PERM_NONE, Perm
 from blockd.block.names.filename import full_open_options, node_filename
-from blockd.errors import RequestError
+from blockd.errors import ImageError, RequestError
 
 
 def _error(code: int) -> OSError:
@@ -86,6 +92,9 @@ class BlockNode:
             them from all its parents and users.
         dirty_bitmaps: the node's dirty bitmaps: every completed write or discard on
             it marks those that record (:mod:`blockd.block.dirty`).
+        on_corruption: called with the node and QEMU's message the first time a
+            request finds the image corrupt (set by the graph).
+        corruption_reported: that report was made (QEMU suppresses further ones).
     """
 
     name: str
@@ -106,6 +115,8 @@ class BlockNode:
     perm: Perm = PERM_NONE
     shared: Perm = PERM_ALL
     dirty_bitmaps: list[DirtyBitmap] = field(default_factory=list)
+    on_corruption: Callable[[BlockNode, str], None] | None = field(default=None, repr=False)
+    corruption_reported: bool = False
 
     # -- blockers ---------------------------------------------------------------------
 
@@ -224,10 +235,13 @@ class BlockNode:
         self._check(offset, len(view), write=False)
         if not view:
             return
-        padded = await self._read_padded(offset, len(view))
-        if padded is None:
-            await self.driver.read(offset, view)
-            return
+        try:
+            padded = await self._read_padded(offset, len(view))
+            if padded is None:
+                await self.driver.read(offset, view)
+                return
+        except ImageError as exc:
+            raise self.corrupted(exc) from exc
         start, bounce = padded
         view[:] = bounce[offset - start : offset - start + len(view)]
 
@@ -243,13 +257,16 @@ class BlockNode:
         self._check(offset, len(view), write=True)
         if not view:
             return
-        padded = await self._read_padded(offset, len(view))
-        if padded is None:
-            await self.driver.write(offset, view)
-        else:
-            start, bounce = padded  # read-modify-write of the aligned range
-            bounce[offset - start : offset - start + len(view)] = view
-            await self.driver.write(start, bounce)
+        try:
+            padded = await self._read_padded(offset, len(view))
+            if padded is None:
+                await self.driver.write(offset, view)
+            else:
+                start, bounce = padded  # read-modify-write of the aligned range
+                bounce[offset - start : offset - start + len(view)] = view
+                await self.driver.write(start, bounce)
+        except ImageError as exc:
+            raise self.corrupted(exc) from exc
         self._mark_dirty(offset, len(view))
 
     def _mark_dirty(self, offset: int, length: int) -> None:
@@ -271,7 +288,10 @@ class BlockNode:
         if offset % align or length % align:
             raise OffloadNotSupported
         if length:
-            await self.driver.copy_in(offset, extents)
+            try:
+                await self.driver.copy_in(offset, extents)
+            except ImageError as exc:
+                raise self.corrupted(exc) from exc
             self._mark_dirty(offset, length)
 
     async def discard(self, offset: int, length: int) -> None:
@@ -279,7 +299,10 @@ class BlockNode:
         :meth:`Driver.discard`); a read-only node or a bad range is left alone."""
         if offset < 0 or length <= 0 or self.read_only:
             return
-        await self.driver.discard(offset, length)
+        try:
+            await self.driver.discard(offset, length)
+        except ImageError as exc:
+            raise self.corrupted(exc) from exc
         self._mark_dirty(offset, length)
 
     async def _read_padded(self, offset: int, length: int) -> tuple[int, bytearray] | None:
@@ -307,11 +330,26 @@ class BlockNode:
         if file is not None:
             file.debug_event("flush_to_os")
             file.debug_event("flush_to_disk")
-        await self.driver.flush()
+        try:
+            await self.driver.flush()
+        except ImageError as exc:
+            raise self.corrupted(exc) from exc
 
     async def block_status(self, offset: int, length: int) -> BlockStatus:
         """This layer's status of ``[offset, offset + length)``, clamped to the node."""
         size = self.length()
         if offset >= size:
             return BlockStatus(Status.NONE, 0)
-        return await self.driver.block_status(offset, min(length, size - offset))
+        try:
+            return await self.driver.block_status(offset, min(length, size - offset))
+        except ImageError as exc:
+            raise self.corrupted(exc) from exc
+
+    def corrupted(self, exc: ImageError) -> OSError:
+        """The ``EIO`` a request that found the image corrupt (``exc``) fails with; the
+        first time, the corruption is reported (:attr:`on_corruption`)."""
+        if not self.corruption_reported:
+            self.corruption_reported = True
+            if self.on_corruption is not None:
+                self.on_corruption(self, exc.desc)
+        return _error(errno.EIO)

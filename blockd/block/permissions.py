@@ -101,12 +101,11 @@ def plan(
     uses: dict[BlockNode, list[Use]] = {}
     done: dict[BlockNode, tuple[int, int]] = {}
 
-    def cumulative(node: BlockNode) -> tuple[int, int]:
-        if node in done:
-            return done[node]
+    def cumulative(node: BlockNode) -> None:
+        """Record ``node``'s uses; its parents' are recorded already."""
         mine = [Use(u.description, u.child_name, int(u.perm), int(u.shared)) for u in node.users]
         for parent in dict.fromkeys(node.parents):
-            p_perm, p_shared = cumulative(parent)
+            p_perm, p_shared = done[parent]
             for role, child in parent.children.items():
                 if child is node:
                     perm, shared = link_perms(
@@ -121,10 +120,20 @@ def plan(
             mine = [replace(use, shared=_ALL) for use in mine]
         uses[node] = mine
         done[node] = totals(mine)
-        return done[node]
 
-    for node in nodes:
-        cumulative(node)
+    # parents before children, depth first in the order given: a loop, not a recursion,
+    # so that a backing chain of any length is planned (the graph has no cycles)
+    for start in nodes:
+        stack: list[tuple[BlockNode, bool]] = [(start, False)]
+        while stack:
+            node, parents_done = stack.pop()
+            if node in done:
+                continue
+            if parents_done:
+                cumulative(node)
+                continue
+            stack.append((node, True))
+            stack.extend((p, False) for p in reversed(dict.fromkeys(node.parents)) if p not in done)
     return uses
 
 

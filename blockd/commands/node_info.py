@@ -35,7 +35,17 @@ def actual_size(node: BlockNode) -> int | None:
 
 
 def image_info(node: BlockNode, *, flat: bool) -> dict[str, Any]:
-    """The ImageInfo of ``node``; ``backing-image`` recurses unless ``flat``."""
+    """The ImageInfo of ``node``; ``backing-image`` nests the chain below unless
+    ``flat`` (built in a loop: a chain of any length)."""
+    top = _one_image_info(node)
+    level, below = top, node.filtered
+    while not flat and below is not None:
+        level["backing-image"] = _one_image_info(below)
+        level, below = level["backing-image"], below.filtered
+    return top
+
+
+def _one_image_info(node: BlockNode) -> dict[str, Any]:
     info: dict[str, Any] = {
         "filename": node.filename,
         "format": node.drv,
@@ -57,9 +67,6 @@ def image_info(node: BlockNode, *, flat: bool) -> dict[str, Any]:
         info["full-backing-filename"] = resolve_backing_path(image_path(node), name)
         if fmt:
             info["backing-filename-format"] = fmt
-    below = node.filtered
-    if not flat and below is not None:
-        info["backing-image"] = image_info(below, flat=False)
     return info
 
 

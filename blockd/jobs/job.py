@@ -179,13 +179,18 @@ ErrorChoice = Literal["retry", "ignore", "report"]
 
 
 def error_text(exc: BaseException) -> tuple[int, str]:
-    """The errno and the ``error`` text QEMU shows for a job that failed with ``exc``."""
+    """The errno and the ``error`` text QEMU shows for a job that failed with ``exc``:
+    an ``OSError``'s ``strerror``, a :class:`QMPError`'s text. A nursery's exception
+    group counts as its first exception. Anything else is a bug of blockd's (logged
+    where it was caught) and shows as ``EIO``'s text, never as the exception's own."""
+    while isinstance(exc, BaseExceptionGroup) and exc.exceptions:
+        exc = exc.exceptions[0]
     if isinstance(exc, OSError):
         code = exc.errno if exc.errno else errno.EIO
         return code, os.strerror(code)
     if isinstance(exc, QMPError):
         return getattr(exc, "errno", errno.EIO), exc.desc
-    return errno.EIO, str(exc) or os.strerror(errno.EIO)
+    return errno.EIO, os.strerror(errno.EIO)
 
 
 class Job:

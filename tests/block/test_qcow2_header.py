@@ -11,9 +11,10 @@ import pytest
 from kit.chains import close, open_qcow2
 from kit.qemu import assert_clean, image_info, io_script, qemu_img
 
+from blockd.block.graph import Graph
 from blockd.block.qcow2 import format as fmt
 from blockd.block.qcow2.create import create_qcow2
-from blockd.errors import QMPError
+from blockd.errors import ImageError, QMPError
 
 
 async def change(path: Path, name: str | None, backing_fmt: str | None) -> None:
@@ -225,10 +226,13 @@ async def test_in_place_write_into_metadata_refused(tmp_path: Path) -> None:
     path.write_bytes(bytes(data))
     node = await open_qcow2(path)
     try:
-        with pytest.raises(QMPError, match="overlaps image metadata"):
+        with pytest.raises(OSError) as info:
             await node.write(0, b"\xff" * 512)
     finally:
         await close(node)
+    assert info.value.errno == errno.EIO  # as any I/O error, for the on-error policy
+    assert isinstance(info.value.__cause__, ImageError)
+    assert "overlaps image metadata" in info.value.__cause__.desc
     assert path.read_bytes() == bytes(data)
 
 
@@ -238,12 +242,21 @@ async def test_unaligned_data_cluster_refused(tmp_path: Path) -> None:
     entry = struct.unpack(">Q", data[l2 : l2 + 8])[0]
     data[l2 : l2 + 8] = struct.pack(">Q", entry + 512)
     path.write_bytes(bytes(data))
-    node = await open_qcow2(path)
+    graph = Graph()
+    reports: list[tuple[str, str]] = []
+    graph.corruption_sink = lambda name, message: reports.append((name, message))
+    node = await open_qcow2(path, graph=graph)
     try:
-        with pytest.raises(QMPError, match="unaligned"):
-            await node.pread(0, 4096)
-        with pytest.raises(QMPError, match="unaligned"):
-            await node.write(0, b"\xff" * 512)
+        for request in (node.pread(0, 4096), node.write(0, b"\xff" * 512)):
+            with pytest.raises(OSError) as info:
+                await request
+            assert info.value.errno == errno.EIO
+            assert isinstance(info.value.__cause__, ImageError)
     finally:
         await close(node)
+    # QEMU's text, reported once (qcow2_signal_corruption suppresses the others)
+    host = (entry & fmt.OFFSET_MASK) + 512
+    assert reports == [
+        ("top", f"Cluster allocation offset {host:#x} unaligned (L2 offset: {l2:#x}, L2 index: 0)")
+    ]
     assert path.read_bytes() == bytes(data)

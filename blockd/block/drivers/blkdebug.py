@@ -37,6 +37,7 @@ from typing import Any, ClassVar, Final
 import trio
 
 from blockd.block.driver import BlockStatus, Driver
+from blockd.block.host import files
 from blockd.block.node import BlockNode
 from blockd.errors import HostError, RequestError
 
@@ -61,6 +62,10 @@ EVENTS: Final = frozenset(
 #: BlkdebugIOType; without ``iotype`` a rule applies to all but ``block-status``.
 IO_TYPES: Final = ("read", "write", "write-zeroes", "discard", "flush", "block-status")
 DEFAULT_IO_TYPES: Final = frozenset(IO_TYPES[:5])
+
+#: The largest config file read (QEMU reads lines of at most 1,023 bytes, one rule takes
+#: a few of them): a bigger file, or ``/dev/zero``, is refused as ``File too large``.
+CONFIG_MAX_BYTES: Final = 1 << 20
 
 
 @dataclass(eq=False)
@@ -224,6 +229,33 @@ def parse_config(text: str) -> tuple[list[InjectRule], list[SetStateRule]]:
     return injects, set_states
 
 
+async def read_config(path: str) -> str:
+    """The text of the config file ``path``: a file or a device as QEMU's ``fopen``
+    reads it, at most :data:`CONFIG_MAX_BYTES`, off the event loop and bounded in time
+    (:mod:`blockd.block.host.files`); undecodable bytes become U+FFFD.
+
+    Raises:
+        HostError: ``Could not read blkdebug config file: <why>``: the file's errno
+            (``File too large`` past the bound, ``Connection timed out``), or the kind
+            of file for a FIFO (QEMU would wait for a writer forever).
+    """
+    try:
+        data = await files.read_bounded(path, CONFIG_MAX_BYTES)
+    except OSError as exc:
+        code = exc.errno if exc.errno is not None else _errno.EIO
+        raise HostError(
+            f"Could not read blkdebug config file: {os.strerror(code)}", errno=code
+        ) from exc
+    except files.WrongKind as exc:
+        if exc.kind == "directory":
+            code = _errno.EISDIR
+            raise HostError(
+                f"Could not read blkdebug config file: {os.strerror(code)}", errno=code
+            ) from exc
+        raise HostError(f"Could not read blkdebug config file: {exc}") from exc
+    return data.decode("utf-8", "replace")
+
+
 def legacy_options(filename: str, base_dir: str = "") -> dict[str, Any] | None:
     """Blockdev options of a legacy ``blkdebug:<config>:<image>`` filename, or ``None``
     when ``filename`` has no ``blkdebug:`` prefix. Relative paths are taken relative
@@ -275,14 +307,7 @@ class BlkdebugDriver(Driver):
         set_states: list[SetStateRule] = []
         config = options.get("config")
         if config is not None:
-            try:
-                text = await trio.Path(str(config)).read_text()
-            except OSError as exc:
-                code = exc.errno if exc.errno is not None else _errno.EIO
-                raise HostError(
-                    f"Could not read blkdebug config file: {os.strerror(code)}", errno=code
-                ) from exc
-            injects, set_states = parse_config(text)
+            injects, set_states = parse_config(await read_config(str(config)))
         injects += [parse_inject(rule) for rule in options.get("inject-error", [])]
         set_states += [parse_set_state(rule) for rule in options.get("set-state", [])]
         align = _int(options.get("align", 0), "align")

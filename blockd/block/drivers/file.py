@@ -24,7 +24,6 @@ import errno
 import functools
 import mmap
 import os
-import stat
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, ClassVar, TypeVar
 
@@ -32,6 +31,7 @@ import trio
 import trio.lowlevel
 
 from blockd.block.driver import BlockStatus, Driver, Extent, OffloadNotSupported, Status
+from blockd.block.host import files
 from blockd.block.host import io as hostio
 from blockd.block.host.locking import FileLocks
 from blockd.block.host.writebehind import WriteBehind
@@ -154,27 +154,29 @@ class FileDriver(Driver):
         self._unflushed = True
         #: the lock bytes held on the file; ``None`` with ``locking: off``
         self.locks: FileLocks | None = FileLocks(fd) if locking else None
-        self._size = os.fstat(fd).st_size
+        info = os.fstat(fd)
+        self._size = info.st_size
+        self._identity = (info.st_dev, info.st_ino)
 
     @classmethod
-    def _open_fd(cls, path: str, *, read_only: bool, direct: bool) -> int:
+    async def _open_fd(cls, path: str, *, read_only: bool, direct: bool) -> int:
+        """Open the regular file ``path`` off the event loop (:mod:`blockd.block.host.files`:
+        kinds checked before the open, never blocking on a FIFO, bounded in time).
+
+        Raises:
+            HostError: QEMU's texts: ``Could not open '<path>': <strerror>`` (a socket
+                gives ``No such device or address``, a directory opened read-write
+                ``Is a directory``, a stuck open ``Connection timed out``), and
+                ``'file' driver requires '<path>' to be a regular file`` for FIFOs,
+                devices and directories opened read-only.
+        """
         try:
-            if "\0" in path:  # no such name can exist (a header's name bytes may hold one)
-                raise OSError(errno.EINVAL, os.strerror(errno.EINVAL))
-            fd = os.open(path, _open_flags(read_only, direct))
+            return await files.open_regular(path, _open_flags(read_only, direct))
         except OSError as exc:
             code = exc.errno if exc.errno is not None else errno.EIO
             raise HostError(f"Could not open '{path}': {os.strerror(code)}", errno=code) from exc
-        mode = os.fstat(fd).st_mode
-        if stat.S_ISDIR(mode):
-            os.close(fd)
-            raise HostError(
-                f"Could not open '{path}': {os.strerror(errno.EISDIR)}", errno=errno.EISDIR
-            )
-        if not stat.S_ISREG(mode):
-            os.close(fd)
-            raise HostError(f"'file' driver requires '{path}' to be a regular file")
-        return fd
+        except files.WrongKind as exc:
+            raise HostError(f"'file' driver requires '{path}' to be a regular file") from exc
 
     @classmethod
     async def open(cls, node: BlockNode, options: Mapping[str, Any]) -> FileDriver:
@@ -204,13 +206,13 @@ class FileDriver(Driver):
                 f"No persistent reservation manager with id '{options['pr-manager']}'"
             )
         try:
-            fd = cls._open_fd(path, read_only=node.read_only, direct=direct)
+            fd = await cls._open_fd(path, read_only=node.read_only, direct=direct)
         except HostError as exc:
             fallback = (errno.EACCES, errno.EPERM, errno.EROFS)
             if node.read_only or not options.get("auto-read-only") or exc.errno not in fallback:
                 raise
             node.read_only = True
-            fd = cls._open_fd(path, read_only=True, direct=direct)
+            fd = await cls._open_fd(path, read_only=True, direct=direct)
         return cls(node, path, fd, direct=direct, locking=locking)
 
     async def reopen(self, read_only: bool) -> None:
@@ -220,13 +222,16 @@ class FileDriver(Driver):
             HostError: the new mode cannot be opened; the old descriptor stays in use.
         """
         await self._quiesce()
-        fd = self._open_fd(self.path, read_only=read_only, direct=self.direct)
+        fd = await self._open_fd(self.path, read_only=read_only, direct=self.direct)
         if self.locks is not None:
             locks = FileLocks(fd)
             locks.apply(self.locks.perm, ~self.locks.unshared)
             self.locks = locks
         old, self.fd = self.fd, fd
         os.close(old)
+
+    def file_identity(self) -> tuple[int, int] | None:
+        return self._identity
 
     def length(self) -> int:
         # QEMU counts lengths in 512-byte sectors: a file's tail reads as zeros

@@ -17,6 +17,7 @@ from collections.abc import Mapping
 from typing import Any, Final
 
 from blockd.block.drivers import DRIVERS
+from blockd.block.host import files
 from blockd.block.node import BlockNode
 from blockd.errors import RequestError
 
@@ -61,12 +62,11 @@ def _unflatten(flat: Mapping[str, Any]) -> dict[str, Any]:
     return tree
 
 
-def _probe_format(path: str) -> str:
-    try:
-        with open(path, "rb") as image:
-            magic = image.read(4)
-    except OSError:
-        return "raw"  # the open proper reports the error
+async def _probe_format(path: str) -> str:
+    """qcow2 or raw, from the first bytes of ``path``: read off the event loop, only from
+    a regular file (a FIFO named by a header must not block the daemon); anything else
+    probes as raw and the open proper reports why it cannot be used."""
+    magic = await files.read_prefix(path, len(QCOW2_MAGIC))
     return "qcow2" if magic == QCOW2_MAGIC else "raw"
 
 
@@ -100,7 +100,7 @@ def check_header_name_passes(options: Mapping[str, Any]) -> None:
         node = child
 
 
-def header_backing_options(
+async def header_backing_options(
     node: BlockNode, name: str, fmt: str | None, *, allow_json: bool
 ) -> dict[str, Any]:
     """The blockdev options that open the backing file ``name`` recorded in the
@@ -136,10 +136,10 @@ def header_backing_options(
     legacy = _legacy_options(name, os.path.dirname(image_path(node)))
     if legacy is not None:  # blkdebug:<config>:<image>, under the recorded format
         image = legacy["image"]["filename"]
-        return {"driver": fmt or _probe_format(image), "file": legacy}
+        return {"driver": fmt or await _probe_format(image), "file": legacy}
     path = resolve_backing_path(image_path(node), name)
     if fmt is None:
-        fmt = _probe_format(path)
+        fmt = await _probe_format(path)
     cls = DRIVERS.get(fmt)
     if cls is not None and cls.protocol_name is not None:
         return {"driver": fmt, "filename": path}

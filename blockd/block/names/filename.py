@@ -122,14 +122,42 @@ def full_open_options(node: BlockNode) -> dict[str, Any]:
     return options
 
 
-def node_filename(node: BlockNode) -> str:
+def node_filename(node: BlockNode, known: dict[BlockNode, str] | None = None) -> str:
     """QEMU's filename of ``node``: the driver's, ``blkdebug:<config>:<image>``, or
     ``json:{...}`` when options or an overridden backing link make a plain path ambiguous
-    (``bdrv_refresh_filename``)."""
+    (``bdrv_refresh_filename``).
+
+    Whether a backing link is overridden depends on the backing node's filename, which
+    depends on its own backing link: the names are worked out from the bottom of the
+    backing chain up, in a loop, so that a chain of any length is named without
+    recursion (and each image once). ``known``: names of nodes whose subtree has not
+    changed since, kept by a caller that names a chain level by level (and filled in).
+    """
+    names = {} if known is None else known
+    chain = [node]
+    below = node.backing if node.driver.supports_backing else None
+    while below is not None and below not in names:
+        chain.append(below)
+        below = below.backing if below.driver.supports_backing else None
+    for image in reversed(chain):
+        names[image] = _filename(image, _overridden(image, names))
+    return names[node]
+
+
+def _overridden(node: BlockNode, names: dict[BlockNode, str]) -> bool:
+    """:attr:`BlockNode.backing_overridden`, with the backing node's name from ``names``
+    when it is there."""
+    backing = node.backing
+    if not node.driver.supports_backing or backing is None or backing not in names:
+        return node.backing_overridden
+    return node.auto_backing_file != names[backing]
+
+
+def _filename(node: BlockNode, overridden: bool) -> str:
     if (node.implicit or node.driver.names_as_child) and node.file is not None:
         return node.file.filename
     strong = [key for key in STRONG_OPTIONS.get(node.drv, ()) if key in node.options]
-    if node.drv in ALWAYS_JSON or node.backing_overridden:
+    if node.drv in ALWAYS_JSON or overridden:
         return json_filename(full_open_options(node))
     if node.drv == "blkdebug" and node.file is not None:
         image = node.file.filename

@@ -293,7 +293,7 @@ class Qcow2Driver(Qcow2Reads, Driver):
         if old:
             # a shared table is never changed here, so the file holds all of it
             if old & (cs - 1):
-                raise ImageError(f"L2 table offset {old:#x} unaligned")
+                raise ImageError(fmt.unaligned_l2(old, l1i))
             content = await self._file.pread(old, cs)
         else:
             content = bytes(cs)

@@ -417,6 +417,26 @@ class ClusterKind(enum.Enum):
     COMPRESSED = "compressed"
 
 
+def c_hex(value: int) -> str:
+    """``value`` as C's ``%#x`` prints it in QEMU's messages: ``0`` for zero, else
+    ``0x...``."""
+    return f"{value:#x}" if value else "0"
+
+
+def unaligned_cluster(host: int, l2_offset: int, l2_index: int) -> str:
+    """QEMU's corruption message for a data cluster at an unaligned host offset
+    (``qcow2_get_host_offset``); ``l2_index``: the entry's index in its whole L2 table."""
+    return (
+        f"Cluster allocation offset {c_hex(host)} unaligned "
+        f"(L2 offset: {c_hex(l2_offset)}, L2 index: {c_hex(l2_index)})"
+    )
+
+
+def unaligned_l2(l2_offset: int, l1_index: int) -> str:
+    """QEMU's corruption message for an L2 table at an unaligned offset (``l2_load``)."""
+    return f"L2 table offset {c_hex(l2_offset)} unaligned (L1 index: {c_hex(l1_index)})"
+
+
 def cluster_kind(entry: int) -> ClusterKind:
     """Classify an L2 entry (reference: ``qcow2_get_cluster_type``)."""
     if entry & OFLAG_COMPRESSED:

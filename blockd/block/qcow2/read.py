@@ -110,11 +110,17 @@ class Qcow2Reads:
         and its host offset; entry ``(guest >> cluster_bits) & _slice_mask``."""
         h = self.header
         if l2off & (h.cluster_size - 1):
-            raise ImageError(f"L2 table offset {l2off:#x} unaligned")
+            raise ImageError(fmt.unaligned_l2(l2off, guest >> (h.cluster_bits + h.l2_bits)))
         sb = self._slice_bits
         index = (guest >> (h.cluster_bits + sb)) & ((1 << (h.l2_bits - sb)) - 1)
         at = l2off + (index << (sb + 3))
         return at, await self._l2.get(at)
+
+    def _unaligned(self, entry: int, l2off: int, guest: int) -> str:
+        """QEMU's message for the unaligned data cluster ``entry`` mapping ``guest``."""
+        h = self.header
+        index = (guest >> h.cluster_bits) & ((1 << h.l2_bits) - 1)
+        return fmt.unaligned_cluster(entry & fmt.OFFSET_MASK, l2off, index)
 
     # -- read ------------------------------------------------------------------------
 
@@ -151,9 +157,7 @@ class Qcow2Reads:
                 run_end = min(((cur >> cb) + 1) << cb, offset + span_end)
                 if kind is _NORMAL:
                     if entry & fmt.OFFSET_MASK & (cs - 1):
-                        raise ImageError(
-                            f"Cluster allocation offset {entry & fmt.OFFSET_MASK:#x} unaligned"
-                        )
+                        raise ImageError(self._unaligned(entry, l2off, cur))
                     host = (entry & fmt.OFFSET_MASK) + (cur & (cs - 1))
                     nxt = (entry & fmt.OFFSET_MASK) + cs
                     while run_end < offset + span_end:
@@ -200,8 +204,10 @@ class Qcow2Reads:
         self._file.debug_event("read_compressed")
         raw = await self._file.pread(coffset, csize)
         try:
+            # at most one cluster comes out, whatever the compressed bytes claim (as
+            # QEMU's qcow2_co_decompress, whose output buffer is one cluster)
             if self.header.compression_type == fmt.COMPRESSION_ZSTD:
-                data = self._zstd.ZstdDecompressor().decompressobj().decompress(raw)
+                data = self._zstd_cluster(raw, cs)
             else:
                 data = zlib.decompressobj(-12).decompress(raw, cs)
         except Exception as exc:
@@ -211,6 +217,19 @@ class Qcow2Reads:
         data = bytes(data[:cs])
         self._last_compressed = (entry, data)
         return data
+
+    def _zstd_cluster(self, raw: bytes, cs: int) -> bytes:
+        """The first ``cs`` bytes ``raw`` decompresses to (fewer if it holds less)."""
+        reader = self._zstd.ZstdDecompressor().stream_reader(raw)
+        parts: list[bytes] = []
+        got = 0
+        while got < cs:
+            piece = reader.read(cs - got)
+            if not piece:
+                break
+            parts.append(piece)
+            got += len(piece)
+        return b"".join(parts)
 
     async def _old_cluster(self, guest: int, entry: int, out: memoryview) -> None:
         """Fill ``out`` with the current contents of the guest bytes at ``guest``
@@ -238,10 +257,6 @@ class Qcow2Reads:
         cs = self.header.cluster_size
         kind = _KIND(first)
         if kind is _NORMAL:
-            if first & fmt.OFFSET_MASK & (cs - 1):
-                raise ImageError(
-                    f"Cluster allocation offset {first & fmt.OFFSET_MASK:#x} unaligned"
-                )
             return BlockStatus(
                 Status.DATA | Status.ALLOCATED | Status.OFFSET_VALID,
                 run,
@@ -286,6 +301,8 @@ class Qcow2Reads:
                 if first is None:
                     e = first = table[idx]
                     kind = _KIND(e)
+                    if kind is _NORMAL and e & fmt.OFFSET_MASK & (cs - 1):
+                        raise ImageError(self._unaligned(e, l2off, pos))
                     nxt = (e & fmt.OFFSET_MASK) + cs
                 else:
                     # the entries that surely go on with the run, in one comparison

@@ -45,6 +45,7 @@ from typing import TYPE_CHECKING
 
 from blockd.block.qcow2.format import (
     REFTABLE_OFFSET_MASK,
+    c_hex,
     decode_refblock,
     decode_table,
     encode_refblock,
@@ -97,7 +98,10 @@ class RefcountTable:
             self._entries.pop(index, None)
 
     def __iter__(self) -> Iterator[int]:
-        return (self._entries.get(i, 0) for i in range(self._capacity))
+        dense = [0] * self._capacity
+        for index, offset in self._entries.items():
+            dense[index] = offset
+        return iter(dense)
 
     def chunk(self, start: int, stop: int) -> array[int]:
         """Entries ``[start, stop)`` as a table to write."""
@@ -191,7 +195,10 @@ class Refcounts:
         if index >= len(self.table) or not self.table[index]:
             return None
         if self.table[index] % self.cluster_size:
-            raise ImageError(f"qcow2: refcount block offset {self.table[index]:#x} unaligned")
+            raise ImageError(
+                f"Refblock offset {c_hex(self.table[index])} unaligned "
+                f"(reftable index: {c_hex(index)})"
+            )
         self.file.debug_event("refblock_load")
         # decoded at once: the raw bytes are dropped before anything else can run
         sl = decode_refblock(
